@@ -1,0 +1,86 @@
+"""``vsm-sidecar``: run the sidecar, query it, and try it out on a local cluster."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Sequence
+
+from . import __version__, config, logs
+
+EXIT_CONFIG = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vsm-sidecar",
+        description="etcd-backed leader election that makes the ThinLinc VSM server highly "
+                    "available")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run the sidecar beside a VSM server")
+    config.add_arguments(run)
+    run.set_defaults(func=_cmd_run)
+
+    status = commands.add_parser("status", help="print the role of a running sidecar")
+    status.add_argument("--grpc", default="127.0.0.1:50051", metavar="ADDR",
+                        help="the sidecar's gRPC address [127.0.0.1:50051]")
+    status.add_argument("--json", action="store_true", help="print JSON")
+    status.add_argument("--timeout", type=float, default=3.0, help="seconds to wait [3]")
+    status.set_defaults(func=_cmd_status)
+
+    demo = commands.add_parser("demo", help="run a local cluster and show a failover")
+    demo.add_argument("--duration", type=float, default=None, metavar="SECONDS",
+                      help="stop after this long (default: run the scenes, then until Ctrl-C)")
+    demo.add_argument("--ttl", type=int, default=2, help="lease TTL of the demo sidecars [2]")
+    demo.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except config.ConfigError as exc:
+        print(f"vsm-sidecar: error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        return 130
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from . import service
+
+    settings = config.load(vars(args))
+    logs.configure(settings.log_format, settings.log_level)
+    return asyncio.run(service.run(settings))
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from . import client
+
+    try:
+        status = client.get_role(args.grpc, timeout=args.timeout)
+    except client.Unreachable as exc:
+        print(f"vsm-sidecar: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(status, indent=2, sort_keys=True))
+    else:
+        print(client.format_status(status))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from . import demo
+
+    return demo.main(duration=args.duration, ttl=args.ttl)
+
+
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""A small client of a sidecar's gRPC API, for the CLI, the demo and the tests."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+from google.protobuf import json_format
+
+from .api import role_pb2, role_pb2_grpc
+
+
+class Unreachable(Exception):
+    """The sidecar did not answer."""
+
+
+def to_dict(message: Any) -> dict[str, Any]:
+    return json_format.MessageToDict(message, preserving_proto_field_name=True)
+
+
+def get_role(address: str, timeout: float = 3.0) -> dict[str, Any]:
+    """GetRole as a dict (the shape ``grpcurl`` prints)."""
+    with grpc.insecure_channel(address) as channel:
+        stub = role_pb2_grpc.RoleServiceStub(channel)
+        try:
+            return to_dict(stub.GetRole(role_pb2.GetRoleRequest(), timeout=timeout))
+        except grpc.RpcError as exc:
+            raise Unreachable(f"no answer from {address}: {exc.code().name} "
+                              f"{exc.details()}") from None
+
+
+def watch_role(channel: grpc.Channel) -> Iterator[role_pb2.RoleStatus]:
+    """The WatchRole stream (current status first, then each change)."""
+    return iter(role_pb2_grpc.RoleServiceStub(channel).WatchRole(role_pb2.WatchRoleRequest()))
+
+
+def role_name(status: dict[str, Any]) -> str:
+    return str(status.get("role", "ROLE_UNSPECIFIED")).removeprefix("ROLE_")
+
+
+def format_status(status: dict[str, Any]) -> str:
+    """The status as a few aligned lines for a terminal."""
+    rows = [
+        ("node", status.get("node_id", "")),
+        ("cluster", status.get("cluster", "")),
+        ("role", role_name(status)),
+        ("epoch", status.get("epoch", "0")),
+        ("leader", f"{status.get('leader_id', '-')} ({status.get('leader_address', '-')})"),
+        ("since", status.get("role_since", "")),
+        ("reason", status.get("reason", "")),
+    ]
+    if "lease_time_left" in status:
+        rows.append(("lease left", status["lease_time_left"]))
+    members = ", ".join(f"{m.get('node_id')}={role_name(m)}" for m in status.get("members", []))
+    rows.append(("members", members or "-"))
+    return "\n".join(f"{key:<11} {value}" for key, value in rows)

@@ -1,0 +1,344 @@
+"""Settings: a TOML file, ``VSM_SIDECAR_*`` environment variables and command-line flags.
+
+Every setting is declared once, as a field of :class:`Settings` whose metadata carries its help
+text and its parser; the file keys, the environment names and the flags are all derived from that
+table, so they cannot drift apart. Precedence: flags beat environment beat file beat defaults.
+Values are validated once and the result is frozen. Anything wrong raises :class:`ConfigError`
+naming the setting; the CLI turns that into one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import re
+import socket
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+ENV_PREFIX = "VSM_SIDECAR_"
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+LOG_FORMATS = ("auto", "json", "console")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+MIN_TTL, MAX_TTL = 2, 300
+MIN_MARGIN = 0.1
+
+
+class ConfigError(Exception):
+    """A setting is missing, unknown or invalid. ``str()`` is the one line an operator sees."""
+
+    def __init__(self, setting: str, problem: str) -> None:
+        super().__init__(f"setting '{setting}': {problem}")
+        self.setting = setting
+        self.problem = problem
+
+
+Parser = Callable[[Any], Any]
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {type(value).__name__}")
+    return value.strip()
+
+
+def _optional_text(value: Any) -> str | None:
+    text = _text(value)
+    return text or None
+
+
+def _optional_path(value: Any) -> Path | None:
+    text = _text(value)
+    return Path(text) if text else None
+
+
+def _number(kind: type[int] | type[float]) -> Parser:
+    def parse(value: Any) -> int | float:
+        if isinstance(value, bool) or not isinstance(value, int | float | str):
+            raise ValueError(f"expected a number, got {type(value).__name__}")
+        try:
+            number = kind(value)
+        except ValueError:
+            raise ValueError(f"expected {'a whole number' if kind is int else 'a number'}, "
+                             f"got {value!r}") from None
+        if isinstance(number, float) and not math.isfinite(number):
+            raise ValueError(f"expected a finite number, got {value!r}")
+        return number
+
+    return parse
+
+
+def _optional_float(value: Any) -> float | None:
+    if isinstance(value, str) and not value.strip():
+        return None
+    return float(_number(float)(value))
+
+
+def _string_list(value: Any) -> tuple[str, ...]:
+    """A list from TOML, or a comma separated string from a flag or the environment."""
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list | tuple) or not all(isinstance(i, str) for i in items):
+        raise ValueError("expected a list of strings or a comma separated string")
+    return tuple(i.strip() for i in items if i.strip())
+
+
+def _choice(*choices: str) -> Parser:
+    def parse(value: Any) -> str:
+        text = _text(value).lower()
+        if text not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}, got {value!r}")
+        return text
+
+    return parse
+
+
+def _setting(default: Any, parse: Parser, help: str, *, metavar: str | None = None) -> Any:
+    return field(default=default, metadata={"parse": parse, "help": help, "metavar": metavar})
+
+
+def default_node_id() -> str:
+    """The host name, cut to what a node id may contain."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname().split(".")[0])[:63]
+    return name if NAME_PATTERN.match(name) else "node"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """All settings of one sidecar. Field order is the order of ``--help``."""
+
+    node_id: str = _setting(
+        "", _text, "this node's id in etcd (default: the host name)", metavar="ID")
+    cluster: str = _setting(
+        "thinlinc", _text, "cluster name: keys live under /thinlinc-ha/<cluster>/", metavar="NAME")
+    etcd_endpoints: tuple[str, ...] = _setting(
+        ("http://127.0.0.1:2379",), _string_list,
+        "etcd client URLs, comma separated; calls fail over between them", metavar="URLS")
+    etcd_ca: Path | None = _setting(
+        None, _optional_path, "CA bundle that signed the etcd servers' certificates",
+        metavar="FILE")
+    etcd_cert: Path | None = _setting(
+        None, _optional_path, "client certificate for etcd (with --etcd-key)", metavar="FILE")
+    etcd_key: Path | None = _setting(
+        None, _optional_path, "client key for etcd (with --etcd-cert)", metavar="FILE")
+    etcd_user: str | None = _setting(
+        None, _optional_text, "etcd user name (with --etcd-password-file)", metavar="USER")
+    etcd_password_file: Path | None = _setting(
+        None, _optional_path, "file holding the etcd user's password", metavar="FILE")
+    etcd_timeout: float = _setting(
+        1.0, _number(float), "deadline in seconds of each etcd call on the control path",
+        metavar="SECONDS")
+    ttl: int = _setting(
+        3, _number(int), f"lease TTL in whole seconds ({MIN_TTL}-{MAX_TTL}): how long etcd keeps "
+        "a silent primary's leadership", metavar="SECONDS")
+    keepalive_fraction: float = _setting(
+        0.2, _number(float), "send a lease keepalive every ttl x this fraction", metavar="FRACTION")
+    safety_margin: float | None = _setting(
+        None, _optional_float, "give up the primary role this long before the local lease "
+        "deadline (default: max(0.25, ttl / 10))", metavar="SECONDS")
+    grpc_listen: str = _setting(
+        "127.0.0.1:50051", _text, "gRPC listen address: HOST:PORT or unix:PATH", metavar="ADDR")
+    advertise_address: str | None = _setting(
+        None, _optional_text, "gRPC address other nodes and operators use to reach this node, "
+        "published in etcd (default: --grpc-listen)", metavar="ADDR")
+    log_format: str = _setting(
+        "auto", _choice(*LOG_FORMATS), "json, console, or auto (console on a terminal)",
+        metavar="FORMAT")
+    log_level: str = _setting("info", _choice(*LOG_LEVELS), "lowest level logged", metavar="LEVEL")
+
+    @property
+    def keepalive_interval(self) -> float:
+        return self.ttl * self.keepalive_fraction
+
+    @property
+    def margin(self) -> float:
+        """The safety margin in force (explicit, or derived from the TTL)."""
+        if self.safety_margin is not None:
+            return self.safety_margin
+        return max(0.25, self.ttl / 10)
+
+    @property
+    def published_address(self) -> str:
+        return self.advertise_address or self.grpc_listen
+
+    @property
+    def prefix(self) -> str:
+        return f"/thinlinc-ha/{self.cluster}/"
+
+
+SETTING_NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Settings))
+
+
+def env_name(setting: str) -> str:
+    return ENV_PREFIX + setting.upper()
+
+
+def flag_name(setting: str) -> str:
+    return "--" + setting.replace("_", "-")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``--config`` and one flag per setting; unset flags stay out of the namespace."""
+    parser.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
+                        help=f"TOML file with the same keys (also {env_name('config')})")
+    for f in dataclasses.fields(Settings):
+        default = f.default if f.default not in (None, "") else "none"
+        if isinstance(default, tuple):
+            default = ",".join(default)
+        parser.add_argument(
+            flag_name(f.name), dest=f.name, metavar=f.metadata["metavar"],
+            default=argparse.SUPPRESS,
+            help=f"{f.metadata['help']} [{default}; env {env_name(f.name)}]")
+
+
+def load(flags: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Settings:
+    """Merge file, environment and flags (in rising precedence) into validated settings."""
+    environ = os.environ if environ is None else environ
+    config_file = flags.get("config") or environ.get(env_name("config"))
+    raw: dict[str, Any] = {}
+    if config_file:
+        raw.update(read_file(Path(config_file)))
+    raw.update(_from_environ(environ))
+    raw.update({k: v for k, v in flags.items() if k in SETTING_NAMES})
+    return build(raw)
+
+
+def read_file(path: Path) -> dict[str, Any]:
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError("config", f"cannot read {path}: {exc.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError("config", f"{path} is not valid TOML: {exc}") from None
+    for key in data:
+        if key.replace("-", "_") not in SETTING_NAMES:
+            raise ConfigError(key, f"unknown key in {path}{_suggest(key)}")
+    return {key.replace("-", "_"): value for key, value in data.items()}
+
+
+def _from_environ(environ: Mapping[str, str]) -> dict[str, str]:
+    values = {}
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX) or name == env_name("config"):
+            continue
+        setting = name[len(ENV_PREFIX):].lower()
+        if setting not in SETTING_NAMES:
+            raise ConfigError(name, f"unknown environment variable{_suggest(setting)}")
+        values[setting] = value
+    return values
+
+
+def _suggest(key: str) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(key.replace("-", "_").lower(), SETTING_NAMES, n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def build(raw: Mapping[str, Any]) -> Settings:
+    """Parse raw values (strings or TOML values) and validate the whole."""
+    fields = {f.name: f for f in dataclasses.fields(Settings)}
+    values: dict[str, Any] = {}
+    for name, value in raw.items():
+        try:
+            values[name] = fields[name].metadata["parse"](value)
+        except ValueError as exc:
+            raise ConfigError(name, str(exc)) from None
+    settings = Settings(**values)
+    if not settings.node_id:
+        settings = dataclasses.replace(settings, node_id=default_node_id())
+    validate(settings)
+    return settings
+
+
+def validate(s: Settings) -> None:
+    """Check each setting and the rules that tie them together."""
+    for name in ("node_id", "cluster"):
+        if not NAME_PATTERN.match(getattr(s, name)):
+            raise ConfigError(name, "must be 1-63 characters of letters, digits, '.', '_' or '-', "
+                                    f"starting with a letter or digit (got {getattr(s, name)!r})")
+    _validate_endpoints(s.etcd_endpoints)
+    _validate_credentials(s)
+    _validate_timing(s)
+    _validate_listen("grpc_listen", s.grpc_listen)
+
+
+def _validate_endpoints(endpoints: Sequence[str]) -> None:
+    if not endpoints:
+        raise ConfigError("etcd_endpoints", "at least one URL is needed")
+    for url in endpoints:
+        parts = urlsplit(url)
+        try:
+            port = parts.port
+        except ValueError:
+            port = -1
+        if parts.scheme not in ("http", "https") or not parts.hostname or port in (None, -1):
+            raise ConfigError("etcd_endpoints",
+                              f"{url!r} is not a URL like http://HOST:2379 or https://HOST:2379")
+        if parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise ConfigError("etcd_endpoints", f"{url!r} must not have a path or query")
+    schemes = {urlsplit(u).scheme for u in endpoints}
+    if len(schemes) > 1:
+        raise ConfigError("etcd_endpoints", "mixes http and https URLs")
+
+
+def _validate_credentials(s: Settings) -> None:
+    if (s.etcd_cert is None) != (s.etcd_key is None):
+        missing = "etcd_key" if s.etcd_key is None else "etcd_cert"
+        raise ConfigError(missing, "etcd_cert and etcd_key go together")
+    if (s.etcd_user is None) != (s.etcd_password_file is None):
+        missing = "etcd_password_file" if s.etcd_password_file is None else "etcd_user"
+        raise ConfigError(missing, "etcd_user and etcd_password_file go together")
+    tls_files = (s.etcd_ca, s.etcd_cert, s.etcd_key)
+    if any(tls_files) and urlsplit(s.etcd_endpoints[0]).scheme != "https":
+        raise ConfigError("etcd_endpoints", "TLS files are set but the URLs are http://")
+    for name in ("etcd_ca", "etcd_cert", "etcd_key", "etcd_password_file"):
+        path = getattr(s, name)
+        if path is not None:
+            _check_readable(name, path)
+
+
+def _check_readable(setting: str, path: Path) -> None:
+    try:
+        with path.open("rb") as handle:
+            handle.read(1)
+    except OSError as exc:
+        raise ConfigError(setting, f"cannot read {path}: {exc.strerror}") from None
+
+
+def _validate_timing(s: Settings) -> None:
+    if not MIN_TTL <= s.ttl <= MAX_TTL:
+        raise ConfigError("ttl", f"must be {MIN_TTL}-{MAX_TTL} seconds (got {s.ttl}); etcd "
+                                 "raises shorter leases to 1.5 x its election timeout anyway")
+    if not 0.02 <= s.keepalive_fraction <= 0.5:
+        raise ConfigError("keepalive_fraction",
+                          f"must be 0.02-0.5 (got {s.keepalive_fraction}): at most every half TTL")
+    if not 0.05 <= s.etcd_timeout <= 30:
+        raise ConfigError("etcd_timeout", f"must be 0.05-30 seconds (got {s.etcd_timeout})")
+    if s.margin < MIN_MARGIN:
+        raise ConfigError("safety_margin", f"must be at least {MIN_MARGIN} s (got {s.margin})")
+    # The primary must survive one lost keepalive: two intervals plus the margin fit in a TTL.
+    budget = s.ttl - 2 * s.keepalive_interval
+    if s.margin >= budget:
+        raise ConfigError(
+            "safety_margin", f"{s.margin:g} s leaves no room to miss a keepalive: must be below "
+            f"ttl - 2 x keepalive interval = {budget:g} s")
+    if s.etcd_timeout >= s.ttl - s.margin:
+        raise ConfigError("etcd_timeout", f"must be shorter than ttl - safety margin "
+                                          f"({s.ttl - s.margin:g} s)")
+
+
+def _validate_listen(setting: str, address: str) -> None:
+    if address.startswith("unix:"):
+        path = address[len("unix:"):]
+        if not path or not Path(path).parent.is_dir():
+            raise ConfigError(setting, f"{address!r}: the socket's folder does not exist")
+        return
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(setting, f"{address!r} is not HOST:PORT or unix:PATH")

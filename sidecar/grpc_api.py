@@ -1,0 +1,124 @@
+"""gRPC: RoleService, the standard health service, and server reflection (for grpcurl).
+
+The servicers only ask the node; they never touch etcd. Health has three names: "" (the process
+is working), ``thinlinc.ha.v1.RoleService``, and ``thinlinc.ha.v1.Primary``, which is SERVING only
+while this node is PRIMARY, so a plain gRPC health probe can find the primary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import AsyncIterator
+
+import grpc
+import structlog
+from google.protobuf import duration_pb2, timestamp_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from .api import role_pb2, role_pb2_grpc
+from .node import Node, Role, Status
+
+log = structlog.get_logger(__name__)
+
+PRIMARY_HEALTH_SERVICE = "thinlinc.ha.v1.Primary"
+ROLE_SERVICE = role_pb2.DESCRIPTOR.services_by_name["RoleService"].full_name
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def status_message(status: Status) -> role_pb2.RoleStatus:
+    """Translate the node's status into the API message."""
+    message = role_pb2.RoleStatus(
+        node_id=status.node_id, cluster=status.cluster, role=status.role.value,
+        epoch=status.epoch, reason=status.reason)
+    if status.leader is not None:
+        message.leader_id = status.leader.node_id
+        message.leader_address = status.leader.address
+    since = timestamp_pb2.Timestamp()
+    since.FromNanoseconds(int(status.role_since * 1e9))
+    message.role_since.CopyFrom(since)
+    left = status.lease_time_left()
+    if left is not None:
+        message.lease_time_left.CopyFrom(duration_pb2.Duration(
+            seconds=int(left), nanos=int((left - int(left)) * 1e9)))
+    for member in status.members:
+        message.members.add(
+            node_id=str(member.get("node_id", "")), address=str(member.get("address", "")),
+            role=_role_value(member.get("role")), epoch=_int(member.get("epoch")))
+    return message
+
+
+def _role_value(name: object) -> int:
+    try:
+        return role_pb2.Role.Value(str(name))
+    except ValueError:
+        return role_pb2.ROLE_UNSPECIFIED
+
+
+def _int(value: object) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+class RoleServicer(role_pb2_grpc.RoleServiceServicer):
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    async def GetRole(self, request: role_pb2.GetRoleRequest,
+                      context: grpc.aio.ServicerContext[object, object]) -> role_pb2.RoleStatus:
+        return status_message(self.node.status())
+
+    async def WatchRole(self, request: role_pb2.WatchRoleRequest,
+                        context: grpc.aio.ServicerContext[object, object],
+                        ) -> AsyncIterator[role_pb2.RoleStatus]:
+        async for status in self.node.watch():
+            yield status_message(status)
+
+
+class GrpcServer:
+    """The aio server with our services, health and reflection."""
+
+    def __init__(self, node: Node, listen: str) -> None:
+        self.node = node
+        self.listen = listen
+        self.server = grpc.aio.server()
+        self.health = health_aio.HealthServicer()
+        role_pb2_grpc.add_RoleServiceServicer_to_server(RoleServicer(node), self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.services = [ROLE_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                         reflection.SERVICE_NAME]
+        self._follower: asyncio.Task[None] | None = None
+
+    def add_service(self, full_name: str) -> None:
+        """Register one more service name for reflection (call before :meth:`start`)."""
+        self.services.append(full_name)
+
+    async def start(self) -> None:
+        reflection.enable_server_reflection(self.services, self.server)
+        port = self.server.add_insecure_port(self.listen)
+        if port == 0:
+            raise OSError(f"cannot listen on {self.listen}")
+        await self.server.start()
+        if self.listen.startswith("unix:"):
+            # Owner only: the socket is as powerful as the API behind it.
+            os.chmod(self.listen[len("unix:"):], 0o600)
+        await self.health.set("", SERVING)
+        await self.health.set(ROLE_SERVICE, SERVING)
+        self._follower = asyncio.create_task(self._follow_role(), name="health")
+        log.info("grpc_listening", address=self.listen)
+
+    async def _follow_role(self) -> None:
+        async for status in self.node.watch():
+            primary = status.role is Role.PRIMARY
+            await self.health.set(PRIMARY_HEALTH_SERVICE, SERVING if primary else NOT_SERVING)
+
+    async def stop(self, grace: float = 1.0) -> None:
+        if self._follower is not None:
+            self._follower.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._follower
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)

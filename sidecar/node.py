@@ -1,0 +1,339 @@
+"""The role state machine: it decides; the election, the resource IP and the mirror act.
+
+One straight line per lease: grant a lease, then keep it alive while following or holding the
+leadership, until the lease is lost (FENCED, then a new lease) or the process stops (STOPPING:
+hand over). Every decision is one log event saying what was decided and why.
+
+Rule 4 of DESIGN.md is enforced in one place, :meth:`Node._set_role`: any move away from PRIMARY
+runs the release actions synchronously, before anything else can run, and none of them may wait
+on etcd, a hook or an RPC. Rule 3 is enforced twice: a watchdog task wakes at the local deadline,
+and every reader of the role (:meth:`Node.status`, the write path) checks the deadline itself
+first, because after a process pause (SIGSTOP, a VM freeze) other callbacks may run before the
+watchdog does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field, replace
+from enum import Enum
+from typing import Any
+
+import structlog
+
+from . import __version__, logs
+from .config import Settings
+from .election import CampaignResult, Election, LeaderInfo, Lease, LeaseLost, decode_leader
+from .etcd import Etcd, EtcdAccessDenied, EtcdError, EventType, retry_policy
+
+log = structlog.get_logger(__name__)
+
+# A standby re-reads the leader key this often even if its watch reports nothing: a watch alone
+# can miss a change (a member cut off from the quorum, a bug), a read cannot.
+LEADER_REREAD_SECONDS = 10.0
+MEMBERS_REFRESH_SECONDS = 2.0
+
+
+class Role(Enum):
+    STARTING = "ROLE_STARTING"
+    STANDBY = "ROLE_STANDBY"
+    PRIMARY = "ROLE_PRIMARY"
+    FENCED = "ROLE_FENCED"
+    STOPPING = "ROLE_STOPPING"
+
+
+@dataclass(frozen=True)
+class Status:
+    """What a node reports about itself; replaced whole on every change."""
+
+    node_id: str
+    cluster: str
+    role: Role = Role.STARTING
+    reason: str = "starting"
+    leader: LeaderInfo | None = None
+    epoch: int = 0
+    role_since: float = field(default_factory=time.time)
+    deadline: float | None = None  # monotonic; PRIMARY only
+    members: tuple[dict[str, Any], ...] = ()
+
+    def lease_time_left(self, now: float | None = None) -> float | None:
+        if self.role is not Role.PRIMARY or self.deadline is None:
+            return None
+        return max(0.0, self.deadline - (time.monotonic() if now is None else now))
+
+
+class Deposed(Exception):
+    """The leader key is no longer ours although our lease is alive (deleted by someone)."""
+
+
+class Node:
+    """One sidecar's role, driven by :meth:`run` until the stop event is set."""
+
+    def __init__(self, settings: Settings, etcd: Etcd, election: Election | None = None) -> None:
+        self.settings = settings
+        self.etcd = etcd
+        self.election = election or Election(etcd, settings)
+        self._status = Status(settings.node_id, settings.cluster)
+        self._lease: Lease | None = None
+        self._subscribers: set[asyncio.Queue[Status]] = set()
+        self._member_dirty = asyncio.Event()
+        # Actions run synchronously whenever the node stops being PRIMARY (release the
+        # resource IP, refuse writes). They must be fast and must not wait on anything.
+        self.on_release: list[Callable[[str], None]] = []
+        self.role_changes = 0
+
+    # -- reading the role ------------------------------------------------------------------
+
+    def status(self) -> Status:
+        """The current status, after enforcing the lease deadline."""
+        self.enforce_deadline()
+        return self._snapshot()
+
+    def _snapshot(self) -> Status:
+        lease = self._lease
+        if self._status.role is Role.PRIMARY and lease is not None:
+            return replace(self._status, deadline=lease.deadline - lease.margin)
+        return self._status
+
+    def is_primary(self) -> bool:
+        return self.status().role is Role.PRIMARY
+
+    def enforce_deadline(self) -> None:
+        """Give up the primary role now if the local lease deadline has passed (rule 3)."""
+        lease = self._lease
+        if self._status.role is Role.PRIMARY and (lease is None or lease.expired()):
+            self._set_role(Role.FENCED, "lease deadline passed without an answer from etcd")
+
+    async def watch(self) -> AsyncIterator[Status]:
+        """The current status, then every change."""
+        queue: asyncio.Queue[Status] = asyncio.Queue()
+        self._subscribers.add(queue)
+        try:
+            yield self.status()
+            while True:
+                yield await queue.get()
+        finally:
+            self._subscribers.discard(queue)
+
+    # -- changing the role ------------------------------------------------------------------
+
+    def _set_role(self, role: Role, reason: str, *, leader: LeaderInfo | None = None,
+                  epoch: int | None = None) -> None:
+        old = self._status
+        if old.role is Role.PRIMARY and role is not Role.PRIMARY:
+            self._release(reason)
+        if leader is None and role in (Role.FENCED, Role.STARTING, Role.STOPPING):
+            leader = old.leader
+        new_epoch = epoch if epoch is not None else (leader.epoch if leader else 0)
+        changed = (role, new_epoch, leader) != (old.role, old.epoch, old.leader)
+        if not changed:
+            return
+        since = time.time() if role is not old.role else old.role_since
+        self._status = replace(old, role=role, reason=reason, leader=leader, epoch=new_epoch,
+                               role_since=since)
+        logs.set_status(role=role.name, epoch=new_epoch)
+        if role is not old.role:
+            self.role_changes += 1
+            log.info("role_change", old=old.role.name, new=role.name, reason=reason,
+                     leader=leader.node_id if leader else None)
+        self._publish()
+
+    def _release(self, reason: str) -> None:
+        for action in self.on_release:
+            try:
+                action(reason)
+            except Exception:  # one failing action must not keep the others from running
+                log.exception("release_action_failed", action=getattr(action, "__name__", "?"))
+
+    def _publish(self) -> None:
+        self._member_dirty.set()
+        snapshot = self._snapshot()
+        for queue in self._subscribers:
+            queue.put_nowait(snapshot)
+
+    # -- the lifecycle ----------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Campaign and serve until ``stop`` is set, then hand over and return."""
+        logs.set_status(node=self.settings.node_id, role=Role.STARTING.name, epoch=0)
+        self._release("start-up: nothing may be held before the first election")
+        life = asyncio.create_task(self._lifecycle(), name="lifecycle")
+        stopped = asyncio.create_task(stop.wait(), name="stop")
+        try:
+            await asyncio.wait({life, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            if life.done():
+                life.result()  # only a bug or a fatal configuration error ends it early
+        finally:
+            stopped.cancel()
+            await self._shutdown(life)
+
+    async def _shutdown(self, life: asyncio.Task[None]) -> None:
+        """Rule 6: stop writes, release the IP (both in _set_role), then revoke the lease."""
+        self._set_role(Role.STOPPING, "shutting down")
+        life.cancel()
+        await asyncio.gather(life, return_exceptions=True)
+        lease, self._lease = self._lease, None
+        if lease is not None and not lease.expired():
+            try:
+                await self.election.resign(lease)
+            except EtcdError as exc:
+                log.warning("resign_failed", error=str(exc),
+                            note="the lease expires on its own within its TTL")
+
+    async def _lifecycle(self) -> None:
+        stale: Lease | None = None
+        while True:
+            lease = await self._acquire_lease()
+            if stale is not None:
+                await self._revoke_stale(stale)
+            self._lease = lease
+            try:
+                async with asyncio.TaskGroup() as tasks:
+                    tasks.create_task(self.election.keep_alive(lease), name="keepalive")
+                    tasks.create_task(self._publish_member(lease), name="member")
+                    tasks.create_task(self._leadership(lease), name="leadership")
+            except* LeaseLost as group:
+                reason = str(_first_leaf(group))
+                self._set_role(Role.FENCED, f"lease lost: {reason}")
+                stale = lease
+
+    async def _acquire_lease(self) -> Lease:
+        async for attempt in retry_policy("grant lease"):
+            with attempt:
+                try:
+                    return await self.election.grant()
+                except EtcdAccessDenied:
+                    log.error("etcd_access_denied", note="check etcd_user, the password file, "
+                              "the client certificate and the user's role")
+                    raise
+                except EtcdError as exc:
+                    self._status = replace(self._status, reason=f"etcd unreachable: {exc}")
+                    raise
+        raise AssertionError("unreachable: the retry policy retries forever")
+
+    async def _revoke_stale(self, lease: Lease) -> None:
+        """A fenced node's old lease may still be alive in etcd (its leader key with it): free
+        it now rather than make the cluster wait for its TTL. We hold nothing under it."""
+        try:
+            await self.election.resign(lease)
+        except EtcdError as exc:
+            log.info("stale_lease_not_revoked", error=str(exc))
+
+    async def _leadership(self, lease: Lease) -> None:
+        while True:
+            leader, revision = await self._read_leader()
+            if leader is None:
+                result = await self._campaign(lease)
+                if result.won and result.leader is not None:
+                    await self._serve(lease, result.leader, result.revision)
+                    continue
+                leader, revision = result.leader, result.revision
+                if leader is None:
+                    continue
+            self._set_role(Role.STANDBY, "following the leader", leader=leader)
+            await self._follow(revision)
+
+    async def _campaign(self, lease: Lease) -> CampaignResult:
+        async for attempt in retry_policy("campaign", max_wait=0.5):
+            with attempt:
+                return await self.election.campaign(lease)
+        raise AssertionError("unreachable")
+
+    async def _read_leader(self) -> tuple[LeaderInfo | None, int]:
+        async for attempt in retry_policy("read leader", max_wait=0.5):
+            with attempt:
+                return await self.election.read_leader()
+        raise AssertionError("unreachable")
+
+    async def _follow(self, revision: int) -> None:
+        """Return as soon as the leader key is deleted, on a watch error, or at the backstop."""
+        try:
+            async with asyncio.timeout(LEADER_REREAD_SECONDS):
+                async with self.etcd.watch(self.election.keys.leader,
+                                           start_revision=revision + 1) as watch:
+                    async for batch in watch:
+                        for event in batch.events:
+                            if event.type is EventType.DELETE:
+                                log.info("leader_key_deleted", decision="campaign")
+                                return
+                            self._note_new_leader(event.value, event.create_revision)
+        except TimeoutError:
+            return
+        except EtcdError as exc:
+            log.info("leader_watch_ended", error=str(exc), decision="re-read the leader key")
+
+    def _note_new_leader(self, value: bytes, epoch: int) -> None:
+        leader = decode_leader(value, epoch, 0)
+        self._set_role(Role.STANDBY, "following the leader", leader=leader)
+
+    async def _serve(self, lease: Lease, leader: LeaderInfo, revision: int) -> None:
+        """Hold the leadership until the lease is lost or the key is taken from us."""
+        if lease.expired():
+            raise LeaseLost("won the election after the local deadline")
+        self._set_role(Role.PRIMARY, "won the election", leader=leader, epoch=leader.epoch)
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(self._watch_deadline(lease), name="deadline")
+                tasks.create_task(self._guard_key(leader.epoch, revision), name="key-guard")
+        except* Deposed as group:
+            self._set_role(Role.STANDBY, str(_first_leaf(group)))
+
+    async def _watch_deadline(self, lease: Lease) -> None:
+        """Rule 3: wake at the local deadline and give up the role without asking etcd."""
+        while True:
+            left = lease.time_left()
+            if left <= 0:
+                self.enforce_deadline()
+                raise LeaseLost("local deadline passed")
+            await asyncio.sleep(left)
+
+    async def _guard_key(self, epoch: int, revision: int) -> None:
+        """Raise :class:`Deposed` when the leader key stops being the one we created."""
+        while True:
+            try:
+                async with self.etcd.watch(self.election.keys.leader,
+                                           start_revision=revision + 1) as watch:
+                    async for batch in watch:
+                        for event in batch.events:
+                            if event.type is EventType.DELETE or event.create_revision != epoch:
+                                raise Deposed("the leader key was deleted or replaced")
+            except EtcdError as exc:
+                log.info("leader_guard_watch_ended", error=str(exc))
+            await asyncio.sleep(0.1)
+            leader, revision = await self._read_leader()
+            if leader is None or leader.epoch != epoch:
+                raise Deposed("the leader key was deleted or replaced")
+
+    async def _publish_member(self, lease: Lease) -> None:
+        """Keep members/<node> current (on our lease) and refresh what we know of the others."""
+        while True:
+            self._member_dirty.clear()
+            try:
+                await self.election.put_member(lease, self._member_record())
+                members = await self.election.read_members()
+                self._status = replace(self._status, members=tuple(members))
+            except EtcdError as exc:
+                log.debug("member_update_failed", error=str(exc))
+                self._member_dirty.set()
+            try:
+                async with asyncio.timeout(MEMBERS_REFRESH_SECONDS):
+                    await self._member_dirty.wait()
+            except TimeoutError:
+                pass
+            if self._member_dirty.is_set():
+                await asyncio.sleep(0.05)  # coalesce a burst of changes into one put
+
+    def _member_record(self) -> dict[str, Any]:
+        s = self._status
+        return {"node_id": s.node_id, "address": self.settings.published_address,
+                "role": s.role.value, "epoch": s.epoch, "version": __version__,
+                "role_since": s.role_since}
+
+
+def _first_leaf(group: BaseExceptionGroup[Any]) -> BaseException:
+    first: BaseException = group
+    while isinstance(first, BaseExceptionGroup):
+        first = first.exceptions[0]
+    return first
