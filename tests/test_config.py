@@ -1,0 +1,132 @@
+"""Settings: precedence, validation, and the one-line exit-2 errors of the CLI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sidecar import config
+
+
+def test_defaults_are_valid_and_derived_values_follow_the_ttl() -> None:
+    """Defaults validate; the keepalive interval and margin derive from the TTL."""
+    s = config.build({"node_id": "a"})
+    assert s.ttl == 3
+    assert s.keepalive_interval == pytest.approx(0.6)
+    assert s.margin == pytest.approx(0.3)
+    assert s.prefix == "/thinlinc-ha/thinlinc/"
+    assert s.etcd_endpoints == ("http://127.0.0.1:2379",)
+
+
+def test_flags_beat_environment_beat_file(tmp_path: Path) -> None:
+    """Precedence: a flag beats the environment, which beats the TOML file."""
+    path = tmp_path / "sidecar.toml"
+    path.write_text('ttl = 5\ncluster = "from-file"\nnode_id = "file"\n'
+                    'etcd_endpoints = ["http://10.1.1.1:2379", "http://10.1.1.2:2379"]\n')
+    env = {"VSM_SIDECAR_CLUSTER": "from-env", "VSM_SIDECAR_NODE_ID": "env",
+           "VSM_SIDECAR_CONFIG": str(path)}
+    s = config.load({"node_id": "flag"}, env)
+    assert (s.node_id, s.cluster, s.ttl) == ("flag", "from-env", 5)
+    assert s.etcd_endpoints == ("http://10.1.1.1:2379", "http://10.1.1.2:2379")
+
+
+def test_comma_separated_endpoints_from_the_environment() -> None:
+    """Lists come as comma separated strings from flags and the environment."""
+    s = config.load({}, {"VSM_SIDECAR_ETCD_ENDPOINTS": "http://a:1, http://b:2"})
+    assert s.etcd_endpoints == ("http://a:1", "http://b:2")
+
+
+BAD = [
+    ({"ttl": "0"}, "ttl", "must be 2-300"),
+    ({"ttl": "abc"}, "ttl", "whole number"),
+    ({"ttl": "1000"}, "ttl", "must be 2-300"),
+    ({"keepalive_fraction": "0.9"}, "keepalive_fraction", "0.02-0.5"),
+    ({"safety_margin": "1.9"}, "safety_margin", "no room to miss a keepalive"),
+    ({"safety_margin": "0.01"}, "safety_margin", "at least"),
+    ({"etcd_timeout": "2.9"}, "etcd_timeout", "shorter than ttl"),
+    ({"etcd_endpoints": "localhost:2379"}, "etcd_endpoints", "not a URL"),
+    ({"etcd_endpoints": "ftp://a:1"}, "etcd_endpoints", "not a URL"),
+    ({"etcd_endpoints": "http://a"}, "etcd_endpoints", "not a URL"),
+    ({"etcd_endpoints": "http://a:1,https://b:2"}, "etcd_endpoints", "mixes"),
+    ({"etcd_endpoints": ""}, "etcd_endpoints", "at least one"),
+    ({"node_id": "bad id!"}, "node_id", "letters, digits"),
+    ({"cluster": "-x"}, "cluster", "starting with a letter"),
+    ({"etcd_cert": "/nonexistent.pem", "etcd_key": "/nonexistent.key",
+      "etcd_endpoints": "https://a:1"}, "etcd_cert", "cannot read"),
+    ({"etcd_cert": "/etc/hostname"}, "etcd_key", "go together"),
+    ({"etcd_user": "root"}, "etcd_password_file", "go together"),
+    ({"etcd_ca": "/etc/hostname"}, "etcd_endpoints", "URLs are http"),
+    ({"grpc_listen": "nohost"}, "grpc_listen", "HOST:PORT"),
+    ({"grpc_listen": "unix:/nonexistent/dir/s.sock"}, "grpc_listen", "folder does not exist"),
+    ({"log_format": "xml"}, "log_format", "json"),
+]
+
+
+@pytest.mark.parametrize(("raw", "setting", "message"), BAD)
+def test_invalid_settings_name_the_setting(raw: dict[str, str], setting: str,
+                                           message: str) -> None:
+    """Each invalid value raises ConfigError naming the setting and what is wrong."""
+    with pytest.raises(config.ConfigError) as info:
+        config.build(raw)
+    assert info.value.setting == setting
+    assert message in str(info.value)
+
+
+def test_unknown_key_in_file_and_environment(tmp_path: Path) -> None:
+    """An unknown key in the file or a VSM_SIDECAR_ variable is an error, with a suggestion."""
+    path = tmp_path / "c.toml"
+    path.write_text("tll = 3\n")
+    with pytest.raises(config.ConfigError, match=r"'tll': unknown key .*did you mean 'ttl'"):
+        config.load({"config": str(path)}, {})
+    with pytest.raises(config.ConfigError, match="VSM_SIDECAR_CLUSTR"):
+        config.load({}, {"VSM_SIDECAR_CLUSTR": "x"})
+
+
+def test_unreadable_or_invalid_config_file(tmp_path: Path) -> None:
+    """A missing or malformed TOML file is named in the error."""
+    with pytest.raises(config.ConfigError, match="cannot read"):
+        config.load({"config": str(tmp_path / "missing.toml")}, {})
+    bad = tmp_path / "bad.toml"
+    bad.write_text("ttl = = 3")
+    with pytest.raises(config.ConfigError, match="not valid TOML"):
+        config.load({"config": str(bad)}, {})
+
+
+CLI_CASES = [
+    (["--ttl", "0"], "setting 'ttl'"),
+    (["--etcd-endpoints", "nope"], "setting 'etcd_endpoints'"),
+    (["--etcd-cert", "/missing.pem", "--etcd-key", "/missing.key",
+      "--etcd-endpoints", "https://127.0.0.1:1"], "setting 'etcd_cert'"),
+    (["--safety-margin", "2"], "setting 'safety_margin'"),
+    (["--config", "/missing.toml"], "setting 'config'"),
+]
+
+
+@pytest.mark.parametrize(("args", "expected"), CLI_CASES)
+def test_cli_exits_2_with_one_line_naming_the_setting(args: list[str], expected: str) -> None:
+    """`vsm-sidecar run` with a bad setting: exit code 2 and one line on stderr."""
+    result = subprocess.run([sys.executable, "-m", "sidecar", "run", *args],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("vsm-sidecar: error: " + expected)
+
+
+def test_cli_refuses_a_grpc_address_in_use() -> None:
+    """A gRPC address that cannot be bound is a configuration error too (exit 2)."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "sidecar", "run", "--grpc-listen", f"127.0.0.1:{port}",
+             "--etcd-endpoints", "http://127.0.0.1:1", "--log-format", "json"],
+            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert "setting 'grpc_listen'" in result.stderr.strip().splitlines()[-1]
