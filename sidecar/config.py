@@ -131,7 +131,7 @@ class Settings:
     etcd_password_file: Path | None = _setting(
         None, _optional_path, "file holding the etcd user's password", metavar="FILE")
     etcd_timeout: float = _setting(
-        1.0, _number(float), "deadline in seconds of each etcd call on the control path",
+        0.5, _number(float), "deadline in seconds of each etcd call on the control path",
         metavar="SECONDS")
     ttl: int = _setting(
         3, _number(int), f"lease TTL in whole seconds ({MIN_TTL}-{MAX_TTL}): how long etcd keeps "
