@@ -74,6 +74,15 @@ def _number(kind: type[int] | type[float]) -> Parser:
     return parse
 
 
+def _path(value: Any) -> Path:
+    if isinstance(value, Path):
+        return value
+    text = _text(value)
+    if not text:
+        raise ValueError("expected a path")
+    return Path(text)
+
+
 def _optional_float(value: Any) -> float | None:
     if isinstance(value, str) and not value.strip():
         return None
@@ -146,6 +155,9 @@ class Settings:
     advertise_address: str | None = _setting(
         None, _optional_text, "gRPC address other nodes and operators use to reach this node, "
         "published in etcd (default: --grpc-listen)", metavar="ADDR")
+    data_dir: Path = _setting(
+        Path("/var/lib/vsm-sidecar"), _path, "folder for the durable copy of the session "
+        "records (created, owner-only)", metavar="DIR")
     log_format: str = _setting(
         "auto", _choice(*LOG_FORMATS), "json, console, or auto (console on a terminal)",
         metavar="FORMAT")

@@ -28,6 +28,7 @@ import grpc
 import structlog
 import tenacity
 from etcd3 import etcdrpc
+from etcd3.etcdrpc import kv_pb2
 
 from .config import Settings
 
@@ -170,11 +171,15 @@ class Etcd:
 
     def run_sync(self, fn: Callable[[Any], T], what: str) -> T:
         """Run ``fn(client)`` in the calling thread, mapping errors to :class:`EtcdError`."""
+        client = None
         try:
-            return fn(self._get_client())
+            client = self._get_client()
+            return fn(client)
         except Exception as exc:
             self.errors += 1
             error = _translate(exc, what)
+            if isinstance(exc, grpc.RpcError) and client is not None:
+                _fail_over(client, exc)  # the client does this only for its own methods
             if isinstance(error, EtcdAccessDenied):
                 self._drop_client()  # a fresh client authenticates anew
             raise error from exc
@@ -237,7 +242,7 @@ class Watch:
     def __init__(self, etcd: Etcd, key: bytes, *, prefix: bool, start_revision: int) -> None:
         self._etcd = etcd
         self._key = key
-        self._range_end = _prefix_end(key) if prefix else b""
+        self._range_end = prefix_end(key) if prefix else b""
         self._start_revision = start_revision
         self._queue: asyncio.Queue[WatchBatch | BaseException | object] = asyncio.Queue()
         self._loop = asyncio.get_running_loop()
@@ -299,20 +304,15 @@ class Watch:
             self._deliver(EtcdUnavailable("watch: stream ended"))
         except grpc.RpcError as exc:
             if not self._closed.is_set():
-                self._fail_over(client, exc)
+                _fail_over(client, exc)
                 self._deliver(_translate(exc, "watch"))
-        except Exception as exc:  # any other failure must still end the iteration
-            self._deliver(_translate(exc, "watch") if isinstance(exc, Exception) else exc)
+        except EtcdError as exc:
+            self._deliver(exc)
+        except Exception as exc:  # a bug here must still end the iteration, loudly
+            log.exception("watch_failed")
+            self._deliver(EtcdUnavailable(f"watch: {exc!r}"))
         finally:
             self._deliver(_END)
-
-    @staticmethod
-    def _fail_over(client: Any, exc: grpc.RpcError) -> None:
-        """Skip this endpoint for a while so the next call or watch goes to another one."""
-        if hasattr(exc, "code") and exc.code() in _TRANSIENT_CODES:
-            endpoint = client.endpoint_in_use
-            if endpoint is not None:
-                endpoint.fail()
 
     def _handle(self, response: Any) -> bool:
         if response.compact_revision:
@@ -327,13 +327,25 @@ class Watch:
         return True
 
 
+def _fail_over(client: Any, exc: grpc.RpcError) -> None:
+    """Skip this endpoint for a while so the next call or watch goes to another one.
+
+    The next access to ``client.channel`` then picks another endpoint and drops the stubs bound
+    to the failed one.
+    """
+    if hasattr(exc, "code") and exc.code() in _TRANSIENT_CODES:
+        endpoint = client.endpoint_in_use
+        if endpoint is not None:
+            endpoint.fail()
+
+
 def _event(raw: Any) -> Event:
-    kind = EventType.DELETE if raw.type == etcdrpc.Event.DELETE else EventType.PUT
+    kind = EventType.DELETE if raw.type == kv_pb2.Event.DELETE else EventType.PUT
     kv = raw.kv
     return Event(kind, kv.key, kv.value, kv.create_revision, kv.mod_revision)
 
 
-def _prefix_end(prefix: bytes) -> bytes:
+def prefix_end(prefix: bytes) -> bytes:
     """The smallest key greater than every key that starts with ``prefix``."""
     stripped = prefix.rstrip(b"\xff")
     if not stripped:

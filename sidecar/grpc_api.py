@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import grpc
 import structlog
@@ -92,8 +93,12 @@ class GrpcServer:
                          reflection.SERVICE_NAME]
         self._follower: asyncio.Task[None] | None = None
 
-    def add_service(self, full_name: str) -> None:
-        """Register one more service name for reflection (call before :meth:`start`)."""
+    def add_servicer(self, full_name: str, servicer: object,
+                     adder: Callable[[Any, grpc.aio.Server], None]) -> None:
+        """Serve one more service (call before :meth:`start`); it is listed for reflection.
+
+        ``adder`` is the generated ``add_<Name>Servicer_to_server`` function."""
+        adder(servicer, self.server)
         self.services.append(full_name)
 
     async def start(self) -> None:

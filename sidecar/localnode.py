@@ -51,6 +51,7 @@ class LocalSidecar:
         self.command_prefix = list(command_prefix)
         self.env = env
         self.log_path = workdir / f"sidecar-{node_id}.log"
+        self.data_dir = workdir / f"data-{node_id}"
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -61,7 +62,8 @@ class LocalSidecar:
         return [*self.command_prefix, sys.executable, "-m", "sidecar", "run",
                 "--node-id", self.node_id, "--cluster", self.cluster,
                 "--etcd-endpoints", self.endpoints, "--ttl", str(self.ttl),
-                "--grpc-listen", self.address, "--log-format", "json", *self.extra_args]
+                "--grpc-listen", self.address, "--log-format", "json",
+                "--data-dir", str(self.data_dir), *self.extra_args]
 
     def start(self, wait: bool = True, timeout: float = 15.0) -> LocalSidecar:
         env = {**os.environ, **(self.env or {})}

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any
@@ -64,6 +64,10 @@ class Status:
         return max(0.0, self.deadline - (time.monotonic() if now is None else now))
 
 
+class NotPrimary(Exception):
+    """This node may not write: it is not PRIMARY (or no longer is)."""
+
+
 class Deposed(Exception):
     """The leader key is no longer ours although our lease is alive (deleted by someone)."""
 
@@ -82,6 +86,9 @@ class Node:
         # Actions run synchronously whenever the node stops being PRIMARY (release the
         # resource IP, refuse writes). They must be fast and must not wait on anything.
         self.on_release: list[Callable[[str], None]] = []
+        # Awaited with the winning revision before the node turns PRIMARY (rule 5: the session
+        # copy must be current to it), within the lease's time left.
+        self.promotion_gates: list[Callable[[int], Awaitable[None]]] = []
         self.role_changes = 0
 
     # -- reading the role ------------------------------------------------------------------
@@ -99,6 +106,13 @@ class Node:
 
     def is_primary(self) -> bool:
         return self.status().role is Role.PRIMARY
+
+    def primary_epoch(self) -> int:
+        """The epoch to guard a write with; raises NotPrimary unless this node is PRIMARY."""
+        status = self.status()
+        if status.role is not Role.PRIMARY:
+            raise NotPrimary(f"this node is {status.role.name}")
+        return status.epoch
 
     def enforce_deadline(self) -> None:
         """Give up the primary role now if the local lease deadline has passed (rule 3)."""
@@ -270,8 +284,7 @@ class Node:
 
     async def _serve(self, lease: Lease, leader: LeaderInfo, revision: int) -> None:
         """Hold the leadership until the lease is lost or the key is taken from us."""
-        if lease.expired():
-            raise LeaseLost("won the election after the local deadline")
+        await self._pass_gates(lease, revision)
         self._set_role(Role.PRIMARY, "won the election", leader=leader, epoch=leader.epoch)
         try:
             async with asyncio.TaskGroup() as tasks:
@@ -279,6 +292,20 @@ class Node:
                 tasks.create_task(self._guard_key(leader.epoch, revision), name="key-guard")
         except* Deposed as group:
             self._set_role(Role.STANDBY, str(_first_leaf(group)))
+
+    async def _pass_gates(self, lease: Lease, revision: int) -> None:
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(max(lease.time_left(), 0)):
+                for gate in self.promotion_gates:
+                    await gate(revision)
+        except TimeoutError:
+            raise LeaseLost("won the election but could not catch up before the deadline"
+                            ) from None
+        if lease.expired():
+            raise LeaseLost("won the election after the local deadline")
+        log.info("promotion_gates_passed", revision=revision,
+                 seconds=round(time.monotonic() - started, 4))
 
     async def _watch_deadline(self, lease: Lease) -> None:
         """Rule 3: wake at the local deadline and give up the role without asking etcd."""
@@ -308,10 +335,12 @@ class Node:
 
     async def _publish_member(self, lease: Lease) -> None:
         """Keep members/<node> current (on our lease) and refresh what we know of the others."""
+        self._member_dirty.set()
         while True:
-            self._member_dirty.clear()
             try:
-                await self.election.put_member(lease, self._member_record())
+                if self._member_dirty.is_set():
+                    self._member_dirty.clear()
+                    await self.election.put_member(lease, self._member_record())
                 members = await self.election.read_members()
                 self._status = replace(self._status, members=tuple(members))
             except EtcdError as exc:

@@ -14,15 +14,24 @@ import signal
 import structlog
 
 from . import logs
+from .api import session_pb2_grpc
 from .config import ConfigError, Settings
+from .election import Keys
 from .etcd import Etcd
 from .grpc_api import GrpcServer
+from .grpc_sessions import SERVICE_NAME as SESSION_SERVICE
+from .grpc_sessions import SessionServicer
+from .mirror import Follower, Writer
 from .node import Node
+from .store import SessionStore, StoreError
 
 log = structlog.get_logger(__name__)
 
 EXIT_FORCED = 130
 SHUTDOWN_GRACE = 1.0
+# Session data calls (range reads of many records, grouped writes) get their own client and
+# threads, so that they can never delay a keepalive on the control client.
+DATA_TIMEOUT = 5.0
 
 
 class Service:
@@ -32,8 +41,17 @@ class Service:
         self.settings = settings
         logs.set_status(node=settings.node_id, role="STARTING", epoch=0)
         self.etcd = Etcd(settings, name="etcd-control")
+        self.data_etcd = Etcd(settings, timeout=DATA_TIMEOUT, name="etcd-data")
         self.node = Node(settings, self.etcd)
+        keys = Keys(settings.prefix)
+        self.store = SessionStore(settings.data_dir)
+        self.follower = Follower(self.data_etcd, keys, self.store)
+        self.writer = Writer(self.data_etcd, keys, self.node.primary_epoch)
+        self.node.promotion_gates.append(self.follower.wait_current)
         self.grpc = GrpcServer(self.node, settings.grpc_listen)
+        self.grpc.add_servicer(
+            SESSION_SERVICE, SessionServicer(self.node, self.follower, self.writer),
+            session_pb2_grpc.add_SessionServiceServicer_to_server)
         self.stop = asyncio.Event()
 
     def _on_signal(self, signum: int) -> None:
@@ -49,18 +67,35 @@ class Service:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._on_signal, signum)
+        await self._open_store()
         try:
             await self.grpc.start()
         except (OSError, RuntimeError) as exc:
             raise ConfigError("grpc_listen", f"cannot listen on {self.settings.grpc_listen}: "
                                              f"{exc}") from None
+        background = [asyncio.create_task(self.follower.run(), name="follower"),
+                      asyncio.create_task(self.writer.run(), name="writer")]
         try:
             await self.node.run(self.stop)
         finally:
             await self.grpc.stop(SHUTDOWN_GRACE)
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
+            self.store.close()
             self.etcd.close()
+            self.data_etcd.close()
         log.info("stopped")
         return 0
+
+
+    async def _open_store(self) -> None:
+        try:
+            report = await asyncio.to_thread(self.store.load)
+        except (OSError, StoreError) as exc:
+            raise ConfigError("data_dir", f"cannot use {self.settings.data_dir}: {exc}") from None
+        log.info("session_copy_loaded", revision=self.store.applied_revision,
+                 records=report.records, quarantined=[str(p) for p in report.quarantined])
 
 
 async def run(settings: Settings) -> int:

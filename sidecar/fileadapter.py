@@ -1,0 +1,392 @@
+"""Pieces for mirroring a stock VSM server's session database file (opaque bytes).
+
+On the primary, FileWatcher notices when the file changes and hands over its content, which the
+mirror stores in etcd as a manifest plus chunks (``split_chunks`` / ``Manifest``) written in one
+transaction. On the standby, ``join_chunks`` reassembles and verifies the content and
+``atomic_write`` puts it on disk so that the VSM server, started on takeover, reads either the old
+or the new file and never a mix.
+
+Nothing here touches etcd or the network.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import stat
+import tempfile
+import time
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import BinaryIO, Final, Self, TypeVar
+
+from asyncinotify import Event, Inotify, Mask, Watch
+
+DEFAULT_SESSIONS_FILE: Final = Path("/var/lib/vsm/sessions")
+DEFAULT_CHUNK_SIZE: Final = 512 * 1024  # etcd refuses requests over 1.5 MiB by default
+DEFAULT_INTERVAL: Final = 2.0
+MANIFEST_VERSION: Final = 1
+
+_T = TypeVar("_T")
+
+# -- atomic writes --------------------------------------------------------------------------------
+
+
+def atomic_write(
+    path: Path,
+    data: bytes | Iterable[bytes],
+    like: os.stat_result | None = None,
+    *,
+    mode: int = 0o600,
+) -> None:
+    """Replace ``path`` with ``data`` so that a reader sees the old file or the new, never a mix.
+
+    The new file takes the mode and owner of ``like`` when given, else of the file it replaces,
+    else ``mode`` and the caller's owner. ``data`` may be an iterable of pieces, written as they
+    come, so a large file never has to be held in memory whole. Raises OSError (the temporary
+    file is removed); ``PermissionError`` if the owner cannot be given to the new file.
+    """
+    path = Path(path)
+    target = like if like is not None else _stat_or_none(path)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with open(fd, "wb", buffering=1024 * 1024) as f:
+            _write_all(f, data)
+            f.flush()
+            _copy_owner_and_mode(fd, target, mode)
+            # The data must be on disk before the rename makes it visible under the real name,
+            # or a crash could leave an empty file where the old one was.
+            os.fsync(fd)
+        os.replace(tmp_name, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+        raise
+    fsync_dir(path.parent)
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a rename (or create, or unlink) in ``directory`` survive a crash."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _stat_or_none(path: Path) -> os.stat_result | None:
+    try:
+        return os.stat(path)
+    except FileNotFoundError:
+        return None
+
+
+def _write_all(f: BinaryIO, data: bytes | Iterable[bytes]) -> None:
+    if isinstance(data, bytes):
+        f.write(data)
+        return
+    for piece in data:
+        f.write(piece)
+
+
+def _copy_owner_and_mode(fd: int, target: os.stat_result | None, default_mode: int) -> None:
+    if target is None:
+        os.fchmod(fd, default_mode)
+        return
+    current = os.fstat(fd)
+    if (current.st_uid, current.st_gid) != (target.st_uid, target.st_gid):
+        os.fchown(fd, target.st_uid, target.st_gid)
+    # After fchown: changing the owner clears the set-user-id and set-group-id bits.
+    os.fchmod(fd, stat.S_IMODE(target.st_mode))
+
+
+# -- chunks and manifest --------------------------------------------------------------------------
+
+
+class ChunkError(ValueError):
+    """A manifest or its chunks do not add up to the file it describes."""
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    """What a reader needs to reassemble and verify a file stored as several etcd values.
+
+    Written in the same transaction as the chunks; ``generation`` is new for every write, so a
+    reader can tell two writes of the same content apart and name the chunk keys after it.
+    """
+
+    size: int
+    sha256: str
+    chunks: int
+    chunk_size: int
+    generation: str
+
+    @classmethod
+    def describe(cls, data: bytes, chunk_size: int, generation: str | None = None) -> Manifest:
+        """The manifest of ``data`` cut into ``chunk_size`` pieces."""
+        _check_chunk_size(chunk_size)
+        return cls(
+            size=len(data),
+            sha256=hashlib.sha256(data).hexdigest(),
+            chunks=-(-len(data) // chunk_size),
+            chunk_size=chunk_size,
+            generation=generation if generation is not None else uuid.uuid4().hex,
+        )
+
+    def to_json(self) -> bytes:
+        """Readable JSON with a fixed key order (an operator may read it with etcdctl)."""
+        doc = {
+            "v": MANIFEST_VERSION,
+            "generation": self.generation,
+            "size": self.size,
+            "sha256": self.sha256,
+            "chunks": self.chunks,
+            "chunk_size": self.chunk_size,
+        }
+        return json.dumps(doc, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> Manifest:
+        """Parse a manifest; raise ChunkError for anything that is not one."""
+        try:
+            doc = json.loads(raw.decode("utf-8"))
+        except (ValueError, RecursionError) as exc:
+            raise ChunkError(f"manifest is not UTF-8 JSON: {exc}") from None
+        if not isinstance(doc, dict) or doc.get("v") != MANIFEST_VERSION:
+            raise ChunkError("not a version 1 manifest")
+        manifest = cls(
+            size=_field(doc, "size", int),
+            sha256=_field(doc, "sha256", str),
+            chunks=_field(doc, "chunks", int),
+            chunk_size=_field(doc, "chunk_size", int),
+            generation=_field(doc, "generation", str),
+        )
+        manifest._check_shape()
+        return manifest
+
+    def _check_shape(self) -> None:
+        if self.chunk_size <= 0 or self.size < 0:
+            raise ChunkError("manifest: size and chunk_size must be positive")
+        if self.chunks != -(-self.size // self.chunk_size):
+            raise ChunkError(f"manifest: {self.chunks} chunks cannot hold {self.size} bytes")
+
+
+def _field(doc: dict[str, object], name: str, kind: type[_T]) -> _T:
+    value = doc.get(name)
+    # type() rather than isinstance(): JSON true/false must not pass as integers.
+    if type(value) is not kind:
+        raise ChunkError(f"manifest: {name} must be {kind.__name__}")
+    return value
+
+
+def split_chunks(data: bytes, chunk_size: int = DEFAULT_CHUNK_SIZE) -> list[bytes]:
+    """Cut ``data`` into pieces of ``chunk_size`` bytes (the last may be shorter; none if empty)."""
+    _check_chunk_size(chunk_size)
+    return [data[i : i + chunk_size] for i in range(0, len(data), chunk_size)]
+
+
+def join_chunks(manifest: Manifest, chunks: Sequence[bytes]) -> bytes:
+    """Reassemble the file; raise ChunkError unless it matches ``manifest`` exactly."""
+    if len(chunks) != manifest.chunks:
+        raise ChunkError(f"expected {manifest.chunks} chunks, got {len(chunks)}")
+    data = b"".join(chunks)
+    if len(data) != manifest.size:
+        raise ChunkError(f"expected {manifest.size} bytes, got {len(data)}")
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != manifest.sha256:
+        raise ChunkError(f"sha256 {digest} differs from the manifest's {manifest.sha256}")
+    return data
+
+
+def _check_chunk_size(chunk_size: int) -> None:
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+
+
+# -- watching -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class FileState:
+    """The file's content at one moment; ``content`` is None when the file does not exist."""
+
+    content: bytes | None
+    sha256: str | None
+    stat: os.stat_result | None
+
+    @property
+    def exists(self) -> bool:
+        return self.content is not None
+
+
+_MISSING: Final = FileState(content=None, sha256=None, stat=None)
+
+# Every way the file can get new content or vanish: written in place and closed, renamed into
+# place (editors, and writers that replace atomically), created (also by link(2)), deleted or
+# renamed away. Not MODIFY: it fires on every write(), mostly mid-way through one.
+_NAME_EVENTS: Final = Mask.CLOSE_WRITE | Mask.MOVED_TO | Mask.CREATE | Mask.DELETE | Mask.MOVED_FROM
+# The directory itself went away or moved: the watch no longer tells anything about the path.
+_LOST_WATCH: Final = Mask.DELETE_SELF | Mask.MOVE_SELF | Mask.IGNORED | Mask.UNMOUNT
+
+
+class FileWatcher:
+    """Tell each time the content of ``path`` changes (or the file appears or vanishes).
+
+    Use as ``async with FileWatcher(path) as watcher: async for state in watcher: ...``. The first
+    state is the current one; each later one differs in content from the one before.
+
+    inotify on the parent directory (not the file: a file replaced by rename would take a file
+    watch with it) gives prompt notice; a stat check every ``interval`` seconds is the backstop
+    for whatever inotify misses: a writer that never closes the file, an overflowed event queue,
+    a directory that did not exist yet. ``use_inotify=False`` leaves only the backstop.
+
+    A file written in place can be caught mid-write, as by any reader; the close that ends the
+    write brings the complete content right after.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        interval: float = DEFAULT_INTERVAL,
+        settle: float = 0.02,
+        use_inotify: bool = True,
+    ) -> None:
+        if interval <= 0:
+            raise ValueError(f"interval must be positive, got {interval}")
+        self._path = Path(path)
+        self._interval = interval
+        self._settle = settle  # lets a burst of events (create, write, close) end before reading
+        self._use_inotify = use_inotify
+        self._inotify: Inotify | None = None
+        self._watch: Watch | None = None
+        self._last: FileState | None = None  # None until the first state was handed out
+        self._last_key: tuple[int, ...] | None = None
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    async def __aenter__(self) -> Self:
+        if self._use_inotify:
+            self._inotify = Inotify()
+            self._ensure_watch()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._inotify is not None:
+            self._inotify.close()
+        self._inotify = None
+        self._watch = None
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> FileState:
+        noticed = self._last is None  # the first call reads at once
+        while True:
+            if not noticed:
+                noticed = await self._wait()
+            state = await self._probe(full=noticed)
+            noticed = False
+            if state is not None and (self._last is None or state.sha256 != self._last.sha256):
+                self._last = state
+                return state
+
+    async def _wait(self) -> bool:
+        """Wait for an event about the file (True) or for the backstop's turn (False)."""
+        deadline = time.monotonic() + self._interval
+        while (left := deadline - time.monotonic()) > 0:
+            if self._inotify is None or not self._ensure_watch():
+                await asyncio.sleep(left)
+                return False
+            try:
+                async with asyncio.timeout(left):
+                    event = await self._inotify.get()
+            except TimeoutError:
+                return False
+            if self._concerns_path(event):
+                await asyncio.sleep(self._settle)
+                return True
+        return False
+
+    def _ensure_watch(self) -> bool:
+        """Watch the parent directory if not yet done and possible; tell whether watching."""
+        if self._watch is None and self._inotify is not None:
+            # A missing (or replaced) directory is retried at every turn of the backstop.
+            with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+                self._watch = self._inotify.add_watch(
+                    self._path.parent, _NAME_EVENTS | _LOST_WATCH | Mask.ONLYDIR
+                )
+        return self._watch is not None
+
+    def _concerns_path(self, event: Event) -> bool:
+        if event.mask & Mask.Q_OVERFLOW:
+            return True  # events were dropped: ours may be among them
+        if event.mask & _LOST_WATCH:
+            self._drop_watch()
+            return True
+        return event.name is not None and event.name.name == self._path.name
+
+    def _drop_watch(self) -> None:
+        watch, self._watch = self._watch, None
+        if watch is not None and self._inotify is not None:
+            # The kernel may have removed it already (IGNORED): nothing to undo then.
+            with contextlib.suppress(OSError):
+                self._inotify.rm_watch(watch)
+
+    async def _probe(self, *, full: bool) -> FileState | None:
+        """The file's state, or None while it keeps changing under the reader.
+
+        ``full=False`` (a backstop turn): stat only, and read only if the stat changed.
+        """
+        key = _stat_key(self._path)
+        if not full and key == self._last_key and self._last is not None:
+            return self._last
+        state = await asyncio.to_thread(read_state, self._path)
+        if state is not None:
+            # The key of the inode that was read: if the path was replaced since, the next turn
+            # of the backstop sees a different key and reads again.
+            self._last_key = _key_of(state.stat) if state.stat is not None else None
+        return state
+
+
+def read_state(path: Path) -> FileState | None:
+    """Read ``path`` whole; None if it changed while being read (read again later)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return _MISSING
+    with open(fd, "rb") as f:
+        before = os.fstat(fd)
+        content = f.read()
+        after = os.fstat(fd)
+    if _key_of(before) != _key_of(after):
+        return None
+    return FileState(content=content, sha256=hashlib.sha256(content).hexdigest(), stat=after)
+
+
+def _stat_key(path: Path) -> tuple[int, ...] | None:
+    try:
+        return _key_of(os.stat(path))
+    except FileNotFoundError:
+        return None
+
+
+def _key_of(st: os.stat_result) -> tuple[int, ...]:
+    # ctime changes with every write and cannot be set back by utime(), unlike mtime.
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
