@@ -91,10 +91,10 @@ def _optional_float(value: Any) -> float | None:
 
 def _string_list(value: Any) -> tuple[str, ...]:
     """A list from TOML, or a comma separated string from a flag or the environment."""
-    items = value.split(",") if isinstance(value, str) else value
+    items = [value] if isinstance(value, str) else value
     if not isinstance(items, list | tuple) or not all(isinstance(i, str) for i in items):
         raise ValueError("expected a list of strings or a comma separated string")
-    return tuple(i.strip() for i in items if i.strip())
+    return tuple(part.strip() for item in items for part in item.split(",") if part.strip())
 
 
 def _choice(*choices: str) -> Parser:
@@ -155,6 +155,29 @@ class Settings:
     advertise_address: str | None = _setting(
         None, _optional_text, "gRPC address other nodes and operators use to reach this node, "
         "published in etcd (default: --grpc-listen)", metavar="ADDR")
+    vip: tuple[str, ...] = _setting(
+        (), _string_list, "resource IP(s) the primary holds, ADDRESS/PREFIX, IPv4 or IPv6; "
+        "repeat the flag or separate with commas", metavar="CIDR")
+    vip_interface: str | None = _setting(
+        None, _optional_text, "interface that carries the resource IP(s)", metavar="IFNAME")
+    vip_label: str = _setting(
+        "vsm", _text, "IPv4 address label suffix (<ifname>:<label>) marking our addresses",
+        metavar="LABEL")
+    garp_repeat: int = _setting(
+        5, _number(int), "announcements (gratuitous ARP / unsolicited NA) per burst",
+        metavar="N")
+    garp_interval: float = _setting(
+        0.0, _number(float), "seconds between the announcements of a burst", metavar="SECONDS")
+    garp_delay: float = _setting(
+        5.0, _number(float), "second burst this long after the first (0: none)",
+        metavar="SECONDS")
+    garp_refresh: float = _setting(
+        0.0, _number(float), "re-announce this often while primary (0: never)",
+        metavar="SECONDS")
+    vip_probe_timeout: float = _setting(
+        0.03, _number(float), "before claiming, listen this long for another host answering "
+        "for the address (a stale holder is logged and counted, then the claim goes on)",
+        metavar="SECONDS")
     data_dir: Path = _setting(
         Path("/var/lib/vsm-sidecar"), _path, "folder for the durable copy of the session "
         "records (created, owner-only)", metavar="DIR")
@@ -202,8 +225,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default = f.default if f.default not in (None, "") else "none"
         if isinstance(default, tuple):
             default = ",".join(default)
+        # List settings may be repeated (--vip A --vip B) as well as comma separated.
+        action = "append" if isinstance(f.default, tuple) else "store"
         parser.add_argument(
-            flag_name(f.name), dest=f.name, metavar=f.metadata["metavar"],
+            flag_name(f.name), dest=f.name, metavar=f.metadata["metavar"], action=action,
             default=argparse.SUPPRESS,
             help=f"{f.metadata['help']} [{default}; env {env_name(f.name)}]")
 
@@ -278,6 +303,28 @@ def validate(s: Settings) -> None:
     _validate_credentials(s)
     _validate_timing(s)
     _validate_listen("grpc_listen", s.grpc_listen)
+    _validate_vip(s)
+
+
+def _validate_vip(s: Settings) -> None:
+    from . import vip
+
+    for text in s.vip:
+        try:
+            vip.parse_vip(text)
+        except vip.VipError as exc:
+            raise ConfigError("vip", str(exc)) from None
+    if s.vip and not s.vip_interface:
+        raise ConfigError("vip_interface", "is needed when a resource IP is configured")
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,14}", s.vip_label):
+        raise ConfigError("vip_label", "must be 1-14 letters, digits, '_' or '-'")
+    if not 1 <= s.garp_repeat <= 100:
+        raise ConfigError("garp_repeat", f"must be 1-100 (got {s.garp_repeat})")
+    for name in ("garp_interval", "garp_delay", "garp_refresh"):
+        if not 0 <= getattr(s, name) <= 3600:
+            raise ConfigError(name, f"must be 0-3600 seconds (got {getattr(s, name)})")
+    if not 0 <= s.vip_probe_timeout <= 1:
+        raise ConfigError("vip_probe_timeout", "must be 0-1 seconds")
 
 
 def _validate_endpoints(endpoints: Sequence[str]) -> None:

@@ -31,7 +31,16 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-def status_message(status: Status) -> role_pb2.RoleStatus:
+ResourceView = Callable[[], tuple[list[str], bool, "float | None"]]
+
+
+def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromNanoseconds(int(seconds * 1e9))
+    return stamp
+
+
+def status_message(status: Status, resource: ResourceView | None = None) -> role_pb2.RoleStatus:
     """Translate the node's status into the API message."""
     message = role_pb2.RoleStatus(
         node_id=status.node_id, cluster=status.cluster, role=status.role.value,
@@ -39,9 +48,13 @@ def status_message(status: Status) -> role_pb2.RoleStatus:
     if status.leader is not None:
         message.leader_id = status.leader.node_id
         message.leader_address = status.leader.address
-    since = timestamp_pb2.Timestamp()
-    since.FromNanoseconds(int(status.role_since * 1e9))
-    message.role_since.CopyFrom(since)
+    message.role_since.CopyFrom(_timestamp(status.role_since))
+    if resource is not None:
+        addresses, held, announced = resource()
+        message.resource_ips.extend(addresses)
+        message.resource_ip_held = held
+        if announced is not None:
+            message.last_announcement.CopyFrom(_timestamp(announced))
     left = status.lease_time_left()
     if left is not None:
         message.lease_time_left.CopyFrom(duration_pb2.Duration(
@@ -65,29 +78,31 @@ def _int(value: object) -> int:
 
 
 class RoleServicer(role_pb2_grpc.RoleServiceServicer):
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: Node, resource: ResourceView | None = None) -> None:
         self.node = node
+        self.resource = resource
 
     async def GetRole(self, request: role_pb2.GetRoleRequest,
                       context: grpc.aio.ServicerContext[object, object]) -> role_pb2.RoleStatus:
-        return status_message(self.node.status())
+        return status_message(self.node.status(), self.resource)
 
     async def WatchRole(self, request: role_pb2.WatchRoleRequest,
                         context: grpc.aio.ServicerContext[object, object],
                         ) -> AsyncIterator[role_pb2.RoleStatus]:
         async for status in self.node.watch():
-            yield status_message(status)
+            yield status_message(status, self.resource)
 
 
 class GrpcServer:
     """The aio server with our services, health and reflection."""
 
-    def __init__(self, node: Node, listen: str) -> None:
+    def __init__(self, node: Node, listen: str, resource: ResourceView | None = None) -> None:
         self.node = node
         self.listen = listen
         self.server = grpc.aio.server()
         self.health = health_aio.HealthServicer()
-        role_pb2_grpc.add_RoleServiceServicer_to_server(RoleServicer(node), self.server)
+        role_pb2_grpc.add_RoleServiceServicer_to_server(RoleServicer(node, resource),
+                                                        self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.services = [ROLE_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                          reflection.SERVICE_NAME]

@@ -40,13 +40,17 @@ class LocalSidecar:
 
     def __init__(self, node_id: str, cluster: str, endpoints: str, workdir: Path, *,
                  ttl: int = 2, host: str = "127.0.0.1", extra_args: Sequence[str] = (),
-                 command_prefix: Sequence[str] = (), env: dict[str, str] | None = None) -> None:
+                 command_prefix: Sequence[str] = (), env: dict[str, str] | None = None,
+                 unix_socket: bool = False) -> None:
         self.node_id = node_id
         self.cluster = cluster
         self.endpoints = endpoints
         self.ttl = ttl
         self.host = host
-        self.port = free_port(host)
+        # A Unix socket is reachable from any network namespace: the way to talk to a
+        # sidecar that runs inside one.
+        self.unix_socket = workdir / f"grpc-{node_id}.sock" if unix_socket else None
+        self.port = 0 if unix_socket else free_port(host)
         self.extra_args = list(extra_args)
         self.command_prefix = list(command_prefix)
         self.env = env
@@ -56,6 +60,8 @@ class LocalSidecar:
 
     @property
     def address(self) -> str:
+        if self.unix_socket is not None:
+            return f"unix:{self.unix_socket}"
         return f"{self.host}:{self.port}"
 
     def command(self) -> list[str]:

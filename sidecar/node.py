@@ -89,6 +89,9 @@ class Node:
         # Awaited with the winning revision before the node turns PRIMARY (rule 5: the session
         # copy must be current to it), within the lease's time left.
         self.promotion_gates: list[Callable[[int], Awaitable[None]]] = []
+        # Run once the node is PRIMARY (claim and announce the resource IP). Each must check
+        # is_primary() again after any await of its own before it takes anything.
+        self.on_promote: list[Callable[[], Awaitable[None]]] = []
         self.role_changes = 0
 
     # -- reading the role ------------------------------------------------------------------
@@ -286,6 +289,11 @@ class Node:
         """Hold the leadership until the lease is lost or the key is taken from us."""
         await self._pass_gates(lease, revision)
         self._set_role(Role.PRIMARY, "won the election", leader=leader, epoch=leader.epoch)
+        for action in self.on_promote:
+            try:
+                await action()
+            except Exception:  # the role stands; the reconciler retries what failed
+                log.exception("promote_action_failed")
         try:
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(self._watch_deadline(lease), name="deadline")

@@ -23,6 +23,7 @@ from .grpc_sessions import SERVICE_NAME as SESSION_SERVICE
 from .grpc_sessions import SessionServicer
 from .mirror import Follower, Writer
 from .node import Node
+from .resource import ResourceController
 from .store import SessionStore, StoreError
 
 log = structlog.get_logger(__name__)
@@ -48,7 +49,13 @@ class Service:
         self.follower = Follower(self.data_etcd, keys, self.store)
         self.writer = Writer(self.data_etcd, keys, self.node.primary_epoch)
         self.node.promotion_gates.append(self.follower.wait_current)
-        self.grpc = GrpcServer(self.node, settings.grpc_listen)
+        self.resource = ResourceController(settings, self.node.is_primary) if settings.vip \
+            else None
+        if self.resource is not None:
+            self.node.on_release.append(self.resource.release)
+            self.node.on_promote.append(self.resource.claim)
+        self.grpc = GrpcServer(self.node, settings.grpc_listen,
+                               self.resource.view if self.resource else None)
         self.grpc.add_servicer(
             SESSION_SERVICE, SessionServicer(self.node, self.follower, self.writer),
             session_pb2_grpc.add_SessionServiceServicer_to_server)
@@ -68,6 +75,8 @@ class Service:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._on_signal, signum)
         await self._open_store()
+        if self.resource is not None:
+            self.resource.open()
         try:
             await self.grpc.start()
         except (OSError, RuntimeError) as exc:
@@ -75,6 +84,8 @@ class Service:
                                              f"{exc}") from None
         background = [asyncio.create_task(self.follower.run(), name="follower"),
                       asyncio.create_task(self.writer.run(), name="writer")]
+        if self.resource is not None:
+            background.append(asyncio.create_task(self.resource.reconcile(), name="reconcile"))
         try:
             await self.node.run(self.stop)
         finally:
@@ -83,6 +94,9 @@ class Service:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
             self.store.close()
+            if self.resource is not None:
+                self.resource.release("stopped")
+                self.resource.close()
             self.etcd.close()
             self.data_etcd.close()
         log.info("stopped")

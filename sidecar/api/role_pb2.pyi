@@ -48,7 +48,7 @@ class Member(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class RoleStatus(_message.Message):
-    __slots__ = ("node_id", "role", "leader_id", "leader_address", "epoch", "role_since", "lease_time_left", "reason", "cluster", "members")
+    __slots__ = ("node_id", "role", "leader_id", "leader_address", "epoch", "role_since", "lease_time_left", "reason", "cluster", "members", "resource_ips", "resource_ip_held", "last_announcement")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     LEADER_ID_FIELD_NUMBER: _ClassVar[int]
@@ -59,6 +59,9 @@ class RoleStatus(_message.Message):
     REASON_FIELD_NUMBER: _ClassVar[int]
     CLUSTER_FIELD_NUMBER: _ClassVar[int]
     MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    RESOURCE_IPS_FIELD_NUMBER: _ClassVar[int]
+    RESOURCE_IP_HELD_FIELD_NUMBER: _ClassVar[int]
+    LAST_ANNOUNCEMENT_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     role: Role
     leader_id: str
@@ -69,4 +72,7 @@ class RoleStatus(_message.Message):
     reason: str
     cluster: str
     members: _containers.RepeatedCompositeFieldContainer[Member]
-    def __init__(self, node_id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., leader_id: _Optional[str] = ..., leader_address: _Optional[str] = ..., epoch: _Optional[int] = ..., role_since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., lease_time_left: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., reason: _Optional[str] = ..., cluster: _Optional[str] = ..., members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ...) -> None: ...
+    resource_ips: _containers.RepeatedScalarFieldContainer[str]
+    resource_ip_held: bool
+    last_announcement: _timestamp_pb2.Timestamp
+    def __init__(self, node_id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., leader_id: _Optional[str] = ..., leader_address: _Optional[str] = ..., epoch: _Optional[int] = ..., role_since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., lease_time_left: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., reason: _Optional[str] = ..., cluster: _Optional[str] = ..., members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., resource_ips: _Optional[_Iterable[str]] = ..., resource_ip_held: _Optional[bool] = ..., last_announcement: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
