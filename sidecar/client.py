@@ -47,11 +47,20 @@ def format_status(status: dict[str, Any]) -> str:
         ("role", role_name(status)),
         ("epoch", status.get("epoch", "0")),
         ("leader", f"{status.get('leader_id', '-')} ({status.get('leader_address', '-')})"),
-        ("since", status.get("role_since", "")),
+        ("since", _short_time(status.get("role_since", ""))),
         ("reason", status.get("reason", "")),
     ]
     if "lease_time_left" in status:
-        rows.append(("lease left", status["lease_time_left"]))
+        rows.append(("lease left", f"{float(status['lease_time_left'].rstrip('s')):.2f} s"))
+    if status.get("resource_ips"):
+        held = "held" if status.get("resource_ip_held") else "not held"
+        rows.append(("resource IP", f"{', '.join(status['resource_ips'])} ({held})"))
     members = ", ".join(f"{m.get('node_id')}={role_name(m)}" for m in status.get("members", []))
     rows.append(("members", members or "-"))
     return "\n".join(f"{key:<11} {value}" for key, value in rows)
+
+
+def _short_time(stamp: str) -> str:
+    """An RFC 3339 time from the API cut to milliseconds: 2026-01-02T03:04:05.678Z."""
+    head, dot, tail = stamp.partition(".")
+    return f"{head}.{tail[:3]}Z" if dot else stamp

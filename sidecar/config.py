@@ -175,7 +175,7 @@ class Settings:
         0.0, _number(float), "re-announce this often while primary (0: never)",
         metavar="SECONDS")
     vip_probe_timeout: float = _setting(
-        0.03, _number(float), "before claiming, listen this long for another host answering "
+        0.01, _number(float), "before claiming, listen this long for another host answering "
         "for the address (a stale holder is logged and counted, then the claim goes on)",
         metavar="SECONDS")
     data_dir: Path = _setting(

@@ -174,6 +174,7 @@ class Etcd:
         client = None
         try:
             client = self._get_client()
+            _revive_if_all_failed(client)
             return fn(client)
         except Exception as exc:
             self.errors += 1
@@ -325,6 +326,20 @@ class Watch:
         events = tuple(_event(e) for e in response.events)
         self._deliver(WatchBatch(response.header.revision, events))
         return True
+
+
+def _revive_if_all_failed(client: Any) -> None:
+    """Never let every endpoint be "failed" at once.
+
+    The client skips a failed endpoint for ENDPOINT_RETRY_SECONDS and, when all are skipped,
+    refuses every call without trying. During an etcd leader election every member times out
+    for a moment, so all get marked, and the client would then stay silent for a second after
+    etcd is back: a second the primary's lease deadline does not have. The endpoint that failed
+    longest ago is tried again instead.
+    """
+    endpoints = list(client.endpoints.values())
+    if endpoints and all(e.is_failed() for e in endpoints):
+        min(endpoints, key=lambda e: e.last_failed).last_failed = 0
 
 
 def _fail_over(client: Any, exc: grpc.RpcError) -> None:

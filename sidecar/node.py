@@ -18,6 +18,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from enum import Enum
 from typing import Any
 
@@ -202,9 +203,11 @@ class Node:
     async def _lifecycle(self) -> None:
         stale: Lease | None = None
         while True:
-            lease = await self._acquire_lease()
-            if stale is not None:
-                await self._revoke_stale(stale)
+            lease = await self._resume(stale) if stale is not None else None
+            if lease is None:
+                lease = await self._acquire_lease()
+                if stale is not None:
+                    await self._revoke_stale(stale)
             self._lease = lease
             try:
                 async with asyncio.TaskGroup() as tasks:
@@ -230,6 +233,20 @@ class Node:
                     raise
         raise AssertionError("unreachable: the retry policy retries forever")
 
+    async def _resume(self, lease: Lease) -> Lease | None:
+        """After a fence, keep the old lease if etcd still holds it (it only stopped answering
+        for a while): then nobody else can hold our leader key, and the leadership resumes under
+        the same epoch instead of moving. Returns None when the lease is gone or etcd is mute."""
+        try:
+            await self.election.keepalive_once(lease)
+        except (EtcdError, LeaseLost) as exc:
+            log.info("lease_not_resumed", lease=hex(lease.id), error=str(exc))
+            return None
+        if lease.expired():
+            return None
+        log.info("lease_resumed", lease=hex(lease.id), time_left=round(lease.time_left(), 2))
+        return lease
+
     async def _revoke_stale(self, lease: Lease) -> None:
         """A fenced node's old lease may still be alive in etcd (its leader key with it): free
         it now rather than make the cluster wait for its TTL. We hold nothing under it."""
@@ -241,6 +258,10 @@ class Node:
     async def _leadership(self, lease: Lease) -> None:
         while True:
             leader, revision = await self._read_leader()
+            if leader is not None and leader.lease == lease.id:
+                # Our own key under our live lease: a fence ended before etcd expired it.
+                await self._serve(lease, leader, revision)
+                continue
             if leader is None:
                 result = await self._campaign(lease)
                 if result.won and result.leader is not None:
@@ -366,7 +387,8 @@ class Node:
         s = self._status
         return {"node_id": s.node_id, "address": self.settings.published_address,
                 "role": s.role.value, "epoch": s.epoch, "version": __version__,
-                "role_since": s.role_since}
+                "role_since": datetime.fromtimestamp(s.role_since, UTC).isoformat(
+                    timespec="milliseconds").replace("+00:00", "Z")}
 
 
 def _first_leaf(group: BaseExceptionGroup[Any]) -> BaseException:

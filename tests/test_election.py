@@ -81,7 +81,7 @@ def test_campaign_never_overwrites_an_existing_leader_key(
     with etcd_cluster.client() as etcd:
         lease = etcd.lease(30)
         etcd.put(key, foreign, lease=lease)
-        a, _ = pair.start(ttl=TTL)
+        a, _ = pair.start(ttl=TTL, count=1)
         status = a.wait_role("STANDBY")
         time.sleep(TTL)  # several keepalive rounds and leader re-reads
         value, _ = etcd.get(key)
@@ -201,3 +201,27 @@ def test_sidecar_reports_starting_while_etcd_is_unreachable_then_joins(
     for member in pair.etcd.members:
         member.restart()
     a.wait_role("PRIMARY", timeout=20)
+
+
+def test_fenced_primary_resumes_with_the_same_epoch_when_etcd_kept_its_lease(
+        pair_on_fresh_cluster: Pair) -> None:
+    """A fence that ends before etcd expired the lease does not move the leadership: the old
+    primary finds its lease alive, resumes it, and is PRIMARY again with the same epoch; the
+    standby is never PRIMARY meanwhile. (etcd expires the lease at the earliest at the
+    keepalive's send time + TTL, the primary fences at that + margin earlier: with TTL 5 the
+    margin is 0.5 s, the window in which etcd is resumed here.)"""
+    pair = pair_on_fresh_cluster
+    pair.start(ttl=5)
+    primary, standby = pair.wait_split()
+    epoch = primary.role()["epoch"]
+    recorders = {primary.node_id: pair.recorder(primary), standby.node_id: pair.recorder(standby)}
+    for member in pair.etcd.members:
+        member.stop()
+    stopped_at = time.monotonic()
+    recorders[primary.node_id].wait_role("FENCED", timeout=7, after=stopped_at)
+    for member in pair.etcd.members:
+        member.cont()
+    back = recorders[primary.node_id].wait_role("PRIMARY", timeout=10, after=stopped_at)
+    assert back.status["epoch"] == epoch
+    assert "PRIMARY" not in recorders[standby.node_id].roles_since(stopped_at)
+    assert "lease_resumed" in primary.log_tail(100)
