@@ -1,0 +1,165 @@
+"""``vsm-sidecar demo`` end to end, as CI runs it: stdout is a pipe, not a terminal.
+
+Every scene must print its measured result, and no etcd or sidecar process the demo started may
+outlive it, whether it ends on its own or is interrupted. The demo's children run in sessions of
+their own, so nothing but the demo's own cleanup stops them.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.etcd, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[1]
+TIME = r"(\d+(?:\.\d+)?) (ms|s)"
+# One result line per scene, in order; each carries a measured time.
+SCENE_RESULTS = [
+    rf"vsm-a became PRIMARY {TIME} after its process started \(epoch \d+\); "
+    r"vsm-b follows it as STANDBY",
+    rf"vsm-b became PRIMARY {TIME} after the kill \(TTL 2 s\), epoch \d+ -> \d+",
+    rf"vsm-a is STANDBY {TIME} after its restart, following vsm-b \(epoch \d+, unchanged\)",
+    rf"vsm-a became PRIMARY {TIME} after the SIGTERM \(no TTL wait\), epoch \d+ -> \d+; "
+    rf"vsm-b exited 0 and is STANDBY again {TIME} after its restart",
+    rf"etcd\d led etcd {TIME} after the kill; "
+    # At TTL 2 the primary may fence itself (safely) while etcd elects a new leader.
+    r"(for 4 s vsm-a stayed PRIMARY and vsm-b STANDBY \(epoch \d+ unchanged\)"
+    r"|vsm-a went PRIMARY -> .*: a lease deadline passed during the etcd election .*"
+    r"never two PRIMARYs, vsm-[ab] is PRIMARY now, epoch \d+ -> \d+); "
+    rf"etcd\d rejoined {TIME} after its restart",
+]
+
+
+class DemoRun:
+    """``python -m sidecar demo`` as a subprocess whose output is collected line by line."""
+
+    def __init__(self, *args: str) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "sidecar", "demo", *args],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self.lines: list[str] = []
+        self._fresh: queue.Queue[str] = queue.Queue()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        with self.process.stdout:  # closed at end of output: pytest makes a leak an error
+            for line in self.process.stdout:
+                self._fresh.put(line.rstrip("\n"))
+
+    def wait_for(self, pattern: str, timeout: float) -> re.Match[str]:
+        """The first line (old or new) that matches ``pattern``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for line in self.lines:
+                if found := re.search(pattern, line):
+                    return found
+            try:
+                self.lines.append(self._fresh.get(timeout=max(0.0, deadline - time.monotonic())))
+            except queue.Empty:
+                raise AssertionError(f"no line matching {pattern!r}:\n{self.output}") from None
+
+    def finish(self, timeout: float) -> int:
+        code = self.process.wait(timeout)
+        self._reader.join(10)  # the rest of the output
+        while not self._fresh.empty():
+            self.lines.append(self._fresh.get())
+        return code
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def workdir(self) -> str:
+        return self.wait_for(r"Work dir \(every process's log\): (\S+)", 30).group(1)
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.finish(timeout=10)
+
+
+def processes_in(workdir: str) -> dict[int, str]:
+    """Processes whose command line or stdout names ``workdir`` (etcd members: their data dir;
+    sidecars: their log file), with their command lines."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            stdout = os.readlink(entry / "fd" / "1")
+        except OSError:  # gone meanwhile, or a kernel thread without fds
+            continue
+        if workdir in cmdline or stdout.startswith(workdir):
+            found[int(entry.name)] = cmdline
+    return found
+
+
+@pytest.fixture
+def demo_runs() -> Iterator[list[DemoRun]]:
+    """Demo processes of a test; killed (-9) afterwards if a failed test left one running."""
+    runs: list[DemoRun] = []
+    yield runs
+    for run in runs:
+        run.kill()
+
+
+def test_demo_plays_every_scene_with_a_measured_result_and_leaves_nothing_running(
+    demo_runs: list[DemoRun],
+) -> None:
+    """--duration 1: all five scenes print a measured result, exit 0, no process survives."""
+    run = DemoRun("--duration", "1")
+    demo_runs.append(run)
+    workdir = run.workdir()
+    run.wait_for(r"^Scene 1/5: ", timeout=120)
+    assert processes_in(workdir), "the demo's processes were not found while it ran"
+    assert run.finish(timeout=240) == 0, run.output
+    results = [line.removeprefix("  => ") for line in run.lines if line.startswith("  => ")]
+    assert len(results) == len(SCENE_RESULTS), run.output
+    for expected, actual in zip(SCENE_RESULTS, results, strict=True):
+        assert re.fullmatch(expected, actual), f"{expected!r} != {actual!r}"
+    crash = re.fullmatch(SCENE_RESULTS[1], results[1])
+    assert crash is not None
+    # A kill -9 failover waits for the lease to expire in etcd: not much less than a TTL.
+    assert (crash.group(2), float(crash.group(1)) >= 1.0) == ("s", True), results[1]
+    assert processes_in(workdir) == {}
+    assert not Path(workdir).exists()
+
+
+@pytest.mark.parametrize(
+    ("signum", "code"),
+    [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129)],
+    ids=["SIGINT", "SIGTERM", "SIGHUP"],
+)
+def test_demo_interrupted_mid_scene_cleans_up_and_exits_128_plus_signal(
+    demo_runs: list[DemoRun], signum: signal.Signals, code: int
+) -> None:
+    """A signal while the crash failover runs: every process killed, work dir removed, and
+    exit 130 for Ctrl-C (128 + the signal for SIGTERM and SIGHUP, a closed terminal)."""
+    run = DemoRun()  # no duration: it would run until interrupted
+    demo_runs.append(run)
+    workdir = run.workdir()
+    run.wait_for(r"^Scene 2/5: kill -9 the primary", timeout=120)
+    assert processes_in(workdir), "the demo's processes were not found while it ran"
+    run.process.send_signal(signum)
+    assert run.finish(timeout=60) == code, run.output
+    assert "Stopped etcd and the sidecars" in run.output
+    assert processes_in(workdir) == {}
+    assert not Path(workdir).exists()
