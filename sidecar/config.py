@@ -395,7 +395,11 @@ def _validate_timing(s: Settings) -> None:
 def _validate_listen(setting: str, address: str) -> None:
     if address.startswith("unix:"):
         path = address[len("unix:"):]
-        if not path or not Path(path).parent.is_dir():
+        try:
+            usable = bool(path) and Path(path).parent.is_dir()
+        except OSError as exc:  # e.g. a folder on the way that we may not enter
+            raise ConfigError(setting, f"{address!r}: {exc.strerror}") from None
+        if not usable:
             raise ConfigError(setting, f"{address!r}: the socket's folder does not exist")
         return
     host, sep, port = address.rpartition(":")

@@ -29,7 +29,10 @@ from typing import BinaryIO, Final, Self, TypeVar
 from asyncinotify import Event, Inotify, Mask, Watch
 
 DEFAULT_SESSIONS_FILE: Final = Path("/var/lib/vsm/sessions")
-DEFAULT_CHUNK_SIZE: Final = 512 * 1024  # etcd refuses requests over 1.5 MiB by default
+# One chunk is one etcd value. The chunks and the manifest go in one transaction, which etcd
+# limits to 1.5 MiB (--max-request-bytes) and 128 operations (--max-txn-ops) by default: a file
+# over ~1.4 MiB needs the first raised, and 512 KiB chunks keep the second out of reach (63 MiB).
+DEFAULT_CHUNK_SIZE: Final = 512 * 1024
 DEFAULT_INTERVAL: Final = 2.0
 MANIFEST_VERSION: Final = 1
 
@@ -297,6 +300,9 @@ class FileWatcher:
         return self
 
     async def __anext__(self) -> FileState:
+        if self._use_inotify and self._inotify is None:
+            # Iterating outside "async with" would quietly fall back to the backstop alone.
+            raise RuntimeError("use FileWatcher in 'async with' (or pass use_inotify=False)")
         noticed = self._last is None  # the first call reads at once
         while True:
             if not noticed:

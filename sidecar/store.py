@@ -24,22 +24,19 @@ after ``replace_all()``, and after a load or a write that found the files damage
 written stay within about twice the bytes changed, and a load reads about two snapshots at most.
 
 Why a journal rather than a full snapshot on every flush: with 100,000 records a snapshot is
-~13 MB and ~80 ms, against ~0.5 ms for appending a 100-change batch. A snapshot written at most
-every N ms by a background flusher would be consistent too, but under steady churn it would
-rewrite 13 MB every N ms (disk wear, CPU) and still leave the disk N ms behind.
+~14 MB and 30-70 ms, against ~0.5 ms for appending a 100-change batch. A snapshot written at
+most every N ms by a background flusher would be consistent too, but under steady churn it
+would rewrite 14 MB every N ms (disk wear, CPU) and still leave the disk N ms behind.
 
 Memory: records are packed into ``buckets`` (default 16,384) chosen by a CRC of the session id;
 each bucket is one bytes object, its records deflate-compressed together with a preset
 dictionary (a template of the record's JSON), and unpacked only to read or change one of them.
 One bytes object per record, keyed by a str, would cost ~300 bytes a record even compressed
 (the key, the dict entry and the object headers), ~30 MB for 100,000; the sidecar's libraries
-alone take ~52 MB of the 80 MB budget. A bucket of ~6 records compresses better too, since
+alone take ~53 MB of the 80 MB budget. A bucket of ~6 records compresses better too, since
 records in one cluster share agent names, addresses and attribute keys. The price is a
-re-pack of one bucket (~6 records) per change, ~60 µs. The snapshot stores the buckets as they
-are, so a load decompresses nothing.
-
-Measured with 100,000 records of ~510 bytes of JSON (random names and addresses, 40 agents):
-see ``SessionStore`` below for the figures.
+re-pack of one bucket (~6 records) per change, ~80 µs. The snapshot stores the buckets as they
+are, so a load decompresses nothing. (Figures: see ``SessionStore``.)
 
 Thread safety: the apply and read methods may be called from the event loop while ``flush()``
 runs in a worker thread; a lock guards the in-memory state, and ``flush()`` holds it only to take
@@ -92,6 +89,10 @@ _ENTRY: Final = struct.Struct("<HIq")  # id length, JSON length, mod revision
 # Larger than any frame written here (records are at most 64 KiB): a bigger length is garbage,
 # and must not make the reader try to allocate it.
 _MAX_FRAME: Final = 64 * 1024 * 1024
+# Journal changes are gathered and applied this many at a time: each bucket they touch is
+# re-packed once per chunk rather than once per change, while the raw JSON held meanwhile stays
+# a few MB (a whole journal's would be as large as the snapshot again).
+_REPLAY_CHUNK: Final = 4096
 _PUT: Final = b"P"
 _DELETE: Final = b"D"
 _COMMIT_OP: Final = b"C"
@@ -256,12 +257,14 @@ class SessionStore:
     ``flush()`` after each complete etcd watch response, so that the revision on disk always
     means "every change up to here": the watch can then resume at ``applied_revision + 1``.
 
-    Measured on the development machine (2 cores, virtio disk) with 100,000 records of ~510
-    bytes of JSON: memory 13 MB (~135 bytes a record), a process with the sidecar's libraries
-    imported and the copy loaded 66 MB RSS (52 MB without the copy); load 0.05 s; full snapshot
-    (flush after replace_all, or a compaction) 0.06 s, 13 MB on disk; flush of a 100-change
-    batch 7 ms (re-packing included: apply_put ~60 µs); replace_all 1.3 s;
-    snapshot() 0.6 s, sessions() 3.5 s.
+    Measured on the development machine (2 shared cores, virtio disk) with 100,000 records of
+    ~510 bytes of JSON (random names and addresses, 40 agents): the copy takes 14 MB in memory
+    (143 bytes a record, tracemalloc); a process with the sidecar's libraries imported is at
+    53 MB RSS, 66 MB with the copy loaded, 72 MB after replaying a journal at the compaction
+    threshold. Load 0.03 s from a fresh snapshot, 1.7 s with a full journal (~22,000 changes);
+    full snapshot (the flush after replace_all, or a compaction) 30-70 ms, 13.7 MB on disk;
+    apply_put ~80 µs; flush of a 100-change batch 0.5 ms; replace_all 1.0 s (it may run in a
+    worker thread); snapshot() 0.45 s; sessions() ~4 s (decoding and validating each record).
     """
 
     def __init__(
@@ -412,9 +415,12 @@ class SessionStore:
                 changes.update(parsed)
                 self._revision, self._applied_at = commit
                 batch, end = [], offset
+                if len(changes) >= _REPLAY_CHUNK:
+                    self._table.update(changes)
+                    changes.clear()
         except _Damaged:
             pass  # a torn end: whatever follows the last COMMIT is dropped
-        self._table.update(changes)  # once, so each bucket is re-packed once
+        self._table.update(changes)
         self._durable_revision = self._revision
         return end
 

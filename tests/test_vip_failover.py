@@ -10,10 +10,12 @@ gratuitous ARP must move it.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -35,6 +37,7 @@ class VipPair:
         self.vip = f"{lab.subnet}.50"
         self.nodes: dict[str, LocalSidecar] = {}
         self.recorders: list[RoleRecorder] = []
+        self.cleanup: list[Callable[[], None]] = []
 
     def sidecar(self, host: str, start: bool = True) -> LocalSidecar:
         node = LocalSidecar(host, "vip", self.etcd.endpoints_arg, self.workdir, ttl=TTL,
@@ -60,6 +63,8 @@ class VipPair:
             recorder.close()
         for node in self.nodes.values():
             node.close()
+        for action in self.cleanup:
+            action()
 
 
 @pytest.fixture
@@ -162,3 +167,25 @@ def test_vip_without_capabilities_exits_2_naming_the_setting(tmp_path: Path) -> 
     assert result.returncode == 2, result.stderr
     assert "setting 'vip'" in result.stderr.strip().splitlines()[-1]
     assert "CAP_NET" in result.stderr
+
+
+def test_two_capabilities_are_enough_without_root(vip_pair: VipPair) -> None:
+    """As user nobody with only CAP_NET_ADMIN and CAP_NET_RAW (ambient), a sidecar claims,
+    announces and serves the resource IP: full root is not needed."""
+    # pytest's own temporary folders are root's alone; nobody needs one it may enter.
+    shared = Path(tempfile.mkdtemp(prefix="vsm-nobody-"))
+    shared.chmod(0o777)
+    vip_pair.cleanup.append(lambda: shutil.rmtree(shared, ignore_errors=True))
+    caps = "+net_admin,+net_raw"
+    drop = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+            f"--inh-caps=-all,{caps}", f"--ambient-caps=-all,{caps}", "--"]
+    node = LocalSidecar("a", "vip", vip_pair.etcd.endpoints_arg, shared, ttl=TTL,
+                        command_prefix=[*vip_pair.lab.exec_prefix("a"), *drop],
+                        unix_socket=True,
+                        extra_args=["--vip", f"{vip_pair.vip}/24", "--vip-interface", "eth0"])
+    vip_pair.nodes["a"] = node
+    node.start().wait_role("PRIMARY")
+    assert wait_for(lambda: vip_pair.ask() == "a", timeout=3) < 3
+    assert vip_pair.holds("a")
+    status = Path(f"/proc/{node.pid}/status").read_text()
+    assert "Uid:\t65534" in status
