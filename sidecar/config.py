@@ -178,6 +178,13 @@ class Settings:
         0.01, _number(float), "before claiming, listen this long for another host answering "
         "for the address (a stale holder is logged and counted, then the claim goes on)",
         metavar="SECONDS")
+    vsm_sessions_file: Path | None = _setting(
+        None, _optional_path, "mirror a stock VSM server's session database file (e.g. "
+        "/var/lib/vsm/sessions): uploaded on the primary, kept current on the standby",
+        metavar="FILE")
+    vsm_file_check_interval: float = _setting(
+        2.0, _number(float), "re-check the file this often besides inotify events",
+        metavar="SECONDS")
     data_dir: Path = _setting(
         Path("/var/lib/vsm-sidecar"), _path, "folder for the durable copy of the session "
         "records (created, owner-only)", metavar="DIR")
@@ -304,6 +311,11 @@ def validate(s: Settings) -> None:
     _validate_timing(s)
     _validate_listen("grpc_listen", s.grpc_listen)
     _validate_vip(s)
+    if not 0.1 <= s.vsm_file_check_interval <= 3600:
+        raise ConfigError("vsm_file_check_interval", "must be 0.1-3600 seconds")
+    if s.vsm_sessions_file is not None and not s.vsm_sessions_file.parent.is_dir():
+        raise ConfigError("vsm_sessions_file",
+                          f"the folder of {s.vsm_sessions_file} does not exist")
 
 
 def _validate_vip(s: Settings) -> None:

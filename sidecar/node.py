@@ -89,7 +89,7 @@ class Node:
         self.on_release: list[Callable[[str], None]] = []
         # Awaited with the winning revision before the node turns PRIMARY (rule 5: the session
         # copy must be current to it), within the lease's time left.
-        self.promotion_gates: list[Callable[[int], Awaitable[None]]] = []
+        self.promotion_gates: list[Callable[[int], Awaitable[object]]] = []
         # Run once the node is PRIMARY (claim and announce the resource IP). Each must check
         # is_primary() again after any await of its own before it takes anything.
         self.on_promote: list[Callable[[], Awaitable[None]]] = []

@@ -18,6 +18,7 @@ from .api import session_pb2_grpc
 from .config import ConfigError, Settings
 from .election import Keys
 from .etcd import Etcd
+from .filemirror import FileMirror
 from .grpc_api import GrpcServer
 from .grpc_sessions import SERVICE_NAME as SESSION_SERVICE
 from .grpc_sessions import SessionServicer
@@ -49,6 +50,14 @@ class Service:
         self.follower = Follower(self.data_etcd, keys, self.store)
         self.writer = Writer(self.data_etcd, keys, self.node.primary_epoch)
         self.node.promotion_gates.append(self.follower.wait_current)
+        self.file_mirror = None
+        if settings.vsm_sessions_file is not None:
+            self.file_mirror = FileMirror(self.data_etcd, keys, settings.vsm_sessions_file,
+                                          self.node.primary_epoch,
+                                          interval=settings.vsm_file_check_interval)
+            # The file is current before the role turns PRIMARY, so before any hook starts
+            # the VSM server on it.
+            self.node.promotion_gates.append(self.file_mirror.sync)
         self.resource = ResourceController(settings, self.node.is_primary) if settings.vip \
             else None
         if self.resource is not None:
@@ -86,6 +95,8 @@ class Service:
                       asyncio.create_task(self.writer.run(), name="writer")]
         if self.resource is not None:
             background.append(asyncio.create_task(self.resource.reconcile(), name="reconcile"))
+        if self.file_mirror is not None:
+            background.append(asyncio.create_task(self.file_mirror.run(), name="file-mirror"))
         try:
             await self.node.run(self.stop)
         finally:

@@ -34,6 +34,17 @@ class Pair:
             started.append(node.start())
         return started + [None] * (2 - count)  # type: ignore[list-item]
 
+    def start_one(self, node_id: str, ttl: int = 2,
+                  extra_args: Sequence[str] = ()) -> LocalSidecar:
+        """Start one named sidecar with its own arguments."""
+        node = LocalSidecar(node_id, self.cluster, self.etcd.endpoints_arg, self.workdir,
+                            ttl=ttl, extra_args=list(extra_args))
+        self.nodes.append(node)
+        node.start()
+        if node_id == "a":
+            node.wait_role("PRIMARY")
+        return node
+
     def wait_split(self, timeout: float = 15.0) -> tuple[LocalSidecar, LocalSidecar]:
         """Wait for exactly one PRIMARY and one STANDBY that agree on leader and epoch."""
         deadline = time.monotonic() + timeout
