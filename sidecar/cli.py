@@ -53,10 +53,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from . import service
+    from .etcd import EtcdError
 
     settings = config.load(vars(args))
     logs.configure(settings.log_format, settings.log_level)
-    return asyncio.run(service.run(settings))
+    try:
+        return asyncio.run(service.run(settings))
+    except EtcdError as exc:  # only errors that retrying cannot mend get this far
+        print(f"vsm-sidecar: error: etcd: {exc}", file=sys.stderr)
+        return 1
 
 
 def _cmd_status(args: argparse.Namespace) -> int:

@@ -85,7 +85,8 @@ def retry_policy(what: str, *, max_wait: float = 2.0) -> tenacity.AsyncRetrying:
 
     return tenacity.AsyncRetrying(
         retry=tenacity.retry_if_exception(lambda e: isinstance(e, EtcdError) and e.transient),
-        wait=tenacity.wait_exponential_jitter(initial=0.1, max=max_wait),
+        # 0.1 s, 0.2 s, 0.4 s ... up to max_wait, each plus up to 0.1 s of jitter.
+        wait=tenacity.wait_exponential_jitter(multiplier=0.1, max=max_wait, jitter=0.1),
         before_sleep=before_sleep,
         reraise=True,
     )

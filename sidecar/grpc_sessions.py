@@ -22,7 +22,7 @@ from .api import session_pb2, session_pb2_grpc
 from .api.session_pb2 import Session, SessionEvent
 from .etcd import Compacted, EtcdError
 from .mirror import Change, Follower, Writer, WriteUnavailable
-from .node import Node, NotPrimary
+from .node import Node, NotPrimary, Role
 from .sessions import (
     NOT_PRIMARY_METADATA_KEY,
     SessionDecodeError,
@@ -120,15 +120,19 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
     async def ListSessions(self, request: session_pb2.ListSessionsRequest,
                            context: Context) -> session_pb2.ListSessionsResponse:
         await self._read_your_writes()
-        revision = self.follower.revision
-        records = await asyncio.to_thread(self.follower.store.snapshot)
-        response = session_pb2.ListSessionsResponse(revision=revision,
-                                                    stale=not self.follower.connected)
+        revision, records = await asyncio.to_thread(self.follower.store.snapshot_at)
+        response = session_pb2.ListSessionsResponse(revision=revision, stale=self._stale())
         response.sessions.extend(_session(i, r.raw, r.revision) for i, r in records.items())
         age = self.follower.age()
-        if age is not None:
+        if response.stale and age is not None:
             response.copy_age.CopyFrom(_duration(age))
         return response
+
+    def _stale(self) -> bool:
+        """Whether etcd may be out of reach. A paused or cut-off etcd ends no watch stream, it
+        just stops sending; the lease notices within a TTL, so a node without one is stale."""
+        role = self.node.status().role
+        return not self.follower.connected or role in (Role.STARTING, Role.FENCED)
 
     async def WatchSessions(self, request: session_pb2.WatchSessionsRequest,
                             context: Context) -> AsyncIterator[SessionEvent]:
@@ -138,8 +142,7 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
                                 "start_revision: must be 0 or a revision")
         async with self.follower.subscribe() as changes:
             if start == 0:
-                revision = self.follower.revision
-                records = await asyncio.to_thread(self.follower.store.snapshot)
+                revision, records = await asyncio.to_thread(self.follower.store.snapshot_at)
                 for session_id, record in records.items():
                     yield SessionEvent(type=EventType.SESSION_EVENT_TYPE_SNAPSHOT,
                                        session_id=session_id, revision=record.revision,
@@ -161,9 +164,11 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         until = self.follower.revision
         try:
             async for change in self.follower.history(start):
-                yield _event(change)
-                if change.revision >= until:
+                # Not `>= until`: several records of one transaction share its revision, and
+                # stopping at the first would lose the others. Later ones come from the copy.
+                if change.revision > until:
                     return
+                yield _event(change)
         except Compacted as exc:
             await context.abort(grpc.StatusCode.OUT_OF_RANGE,
                                 f"start_revision: compacted up to {exc.compact_revision}; "

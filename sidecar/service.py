@@ -97,8 +97,20 @@ class Service:
             background.append(asyncio.create_task(self.resource.reconcile(), name="reconcile"))
         if self.file_mirror is not None:
             background.append(asyncio.create_task(self.file_mirror.run(), name="file-mirror"))
+        node = asyncio.create_task(self.node.run(self.stop), name="node")
+        failed = False
         try:
-            await self.node.run(self.stop)
+            done, _ = await asyncio.wait({node, *background},
+                                         return_when=asyncio.FIRST_COMPLETED)
+            for task in done - {node}:
+                # A part that ends on its own is a bug: hand over and exit non-zero rather
+                # than go on half alive (a dead follower would block every promotion).
+                failed = True
+                error = task.exception() if not task.cancelled() else None
+                log.error("component_failed", component=task.get_name(),
+                          error=repr(error), decision="hand over and exit")
+                self.stop.set()
+            await node
         finally:
             await self.grpc.stop(SHUTDOWN_GRACE)
             for task in background:
@@ -111,7 +123,7 @@ class Service:
             self.etcd.close()
             self.data_etcd.close()
         log.info("stopped")
-        return 0
+        return 1 if failed else 0
 
 
     async def _open_store(self) -> None:

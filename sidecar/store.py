@@ -648,8 +648,14 @@ class SessionStore:
 
     def snapshot(self) -> dict[str, StoredRecord]:
         """Every record, ordered by session id. Holds them all unpacked: ~60 MB for 100,000."""
-        records = dict(self.records())
-        return {key: records[key] for key in sorted(records)}
+        return self.snapshot_at()[1]
+
+    def snapshot_at(self) -> tuple[int, dict[str, StoredRecord]]:
+        """The applied revision and every record at exactly that revision, ordered by id."""
+        with self._lock:
+            revision, table = self._revision, _RecordTable(self._table.bucket_list())
+        records = dict(table.items())
+        return revision, {key: records[key] for key in sorted(records)}
 
     def sessions(self) -> list[Session]:
         """Every record decoded, with its revision, ordered by session id.

@@ -1,0 +1,527 @@
+"""Session API benchmark: write latency and throughput, mirror lag, a standby's full re-read.
+
+    python -m tests.bench.sessions [--records 100000] [--seconds 3]
+
+One run, on a local 3-member etcd cluster (stock etcd settings, data on the machine's disk)
+with two real sidecar processes, "a" (PRIMARY) and "b" (STANDBY). Records are ~400 bytes of
+JSON, shaped like ThinLinc sessions. In order:
+
+1. Write latency, 1 writer: sequential PutSession calls on the primary; ack latency as the
+   client sees it.
+2. Mirror lag: a WatchSessions stream (from 0) open on the standby; sequential puts on the
+   primary; for each id, the time from the primary's ack arriving at the client to the
+   standby's PUT event for that id arriving at the client (both on the monotonic clock of this
+   process). Negative when the standby's event overtook the primary's answer.
+   As a control, the same with no sidecar: a python3-etcd3 put, then the event of a watch read
+   as the sidecar's follower reads it (sidecar.etcd.Watch, in this process).
+3. Throughput with 1, 8 and 32 concurrent writers (threads, one channel each) for --seconds
+   each, beside raw etcd puts (python3-etcd3 ``put``, one client per thread, the same number of
+   threads, the same record bytes, the same first endpoint the sidecar uses), run right after
+   the sidecar figure at the same concurrency. Ratio = sidecar / raw. For both, the CPU time
+   each process used per write (from /proc/<pid>/stat; "client" is this program), and for the
+   sidecar the writes per etcd transaction (writes / revisions used).
+4. Full re-read: the standby is stopped, the sessions range is cleared and --records records
+   are written straight to etcd in 128-put transactions; the standby is started again with an
+   empty data dir. Time from its process start to its ``mirror_resynced`` log line (the log
+   file is polled every 10 ms), and that line's own ``seconds`` (range read + copy build);
+   then its VmRSS and VmHWM (peak) from /proc, and one ListSessions to check the count.
+
+The summary table at the end is meant for docs/BENCHMARKS.md as is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from sidecar import config
+from sidecar.api import session_pb2, session_pb2_grpc
+from sidecar.api.session_pb2 import (
+    ListSessionsRequest,
+    PutSessionRequest,
+    Session,
+    WatchSessionsRequest,
+)
+from sidecar.etcd import Etcd
+from sidecar.localcluster import LocalEtcdCluster, find_etcd_binary
+from sidecar.localnode import LocalSidecar
+from sidecar.sessions import encode_session
+
+CLUSTER = "bench"
+TTL = 3
+TXN_OPS = 128  # etcd's default --max-txn-ops
+BIG_MESSAGES = [("grpc.max_receive_message_length", -1)]
+
+
+def session(tag: str, n: int) -> Session:
+    """A ThinLinc-like record of ~400 bytes of JSON."""
+    return Session(
+        session_id=f"{tag}-{n:07d}",
+        username=f"user{n % 5000:04d}@example.com",
+        agent_hostname=f"agent{n % 40:02d}.example.com",
+        agent_address=f"10.1.{n % 40}.{n % 250 + 1}",
+        display=10 + n % 1000,
+        status="running",
+        connection_status="connected",
+        created_at=Timestamp(seconds=1_700_000_000 + n),
+        last_connection_at=Timestamp(seconds=1_700_000_000 + n, nanos=123_000_000),
+        last_client_address=f"198.51.100.{n % 254 + 1}",
+        terminal_id=f"term-{n:08x}",
+        framebuffer_size="1920x1080",
+        session_pid=20_000 + n,
+        subcluster="default",
+    )
+
+
+def ms(seconds: float) -> float:
+    return seconds * 1000.0
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(p / 100.0 * (len(ordered) - 1)))]
+
+
+def say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+@dataclass
+class Row:
+    what: str
+    value: str
+    goal: str = ""
+    met: bool | None = None
+
+
+class Bench:
+    def __init__(self, etcd: LocalEtcdCluster, workdir: Path, args: argparse.Namespace) -> None:
+        self.etcd = etcd
+        self.workdir = workdir
+        self.args = args
+        self.rows: list[Row] = []
+        self.prefix = f"/thinlinc-ha/{CLUSTER}/sessions/".encode()
+        self.primary = LocalSidecar("a", CLUSTER, etcd.endpoints_arg, workdir, ttl=TTL)
+        self.standby = LocalSidecar("b", CLUSTER, etcd.endpoints_arg, workdir, ttl=TTL)
+
+    def row(self, what: str, value: str, goal: str = "", met: bool | None = None) -> None:
+        self.rows.append(Row(what, value, goal, met))
+        say(f"  {what}: {value}")
+
+    # -- set-up ---------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.primary.start()
+        self.primary.wait_role("PRIMARY", timeout=15)
+        self.standby.start()
+        self.standby.wait_role("STANDBY", timeout=15)
+
+    def close(self) -> None:
+        for node in (self.primary, self.standby):
+            node.close()
+
+    # -- 1. latency -------------------------------------------------------------------------------
+
+    def latency(self) -> None:
+        count = self.args.latency_count
+        say(f"write latency: {count} sequential PutSession on the primary")
+        with grpc.insecure_channel(self.primary.address) as channel:
+            stub = session_pb2_grpc.SessionServiceStub(channel)
+            for n in range(50):  # warm-up: connection, first txns
+                stub.PutSession(PutSessionRequest(session=session("warm", n)), timeout=5)
+            samples = []
+            for n in range(count):
+                request = PutSessionRequest(session=session("lat", n))
+                started = time.monotonic()
+                stub.PutSession(request, timeout=5)
+                samples.append(time.monotonic() - started)
+        median, p99 = ms(statistics.median(samples)), ms(percentile(samples, 99))
+        self.row("write ack latency, 1 writer, median", f"{median:.2f} ms")
+        self.row("write ack latency, 1 writer, p99", f"{p99:.2f} ms")
+
+    # -- 2. mirror lag ----------------------------------------------------------------------------
+
+    def mirror_lag(self) -> None:
+        count = self.args.lag_count
+        say(f"mirror lag: {count} sequential puts on the primary, WatchSessions on the standby")
+        arrivals: dict[str, float] = {}
+        ready, done = threading.Event(), threading.Event()
+        tag = "lag"
+
+        def watch(call: Any) -> None:
+            with contextlib.suppress(grpc.RpcError):
+                for event in call:
+                    if event.type == session_pb2.SESSION_EVENT_TYPE_SNAPSHOT_DONE:
+                        ready.set()
+                    elif (
+                        event.type == session_pb2.SESSION_EVENT_TYPE_PUT
+                        and event.session_id.startswith(tag)
+                    ):
+                        arrivals[event.session_id] = time.monotonic()
+                        if len(arrivals) == count:
+                            done.set()
+
+        acks: dict[str, float] = {}
+        with (
+            grpc.insecure_channel(self.standby.address, options=BIG_MESSAGES) as watch_channel,
+            grpc.insecure_channel(self.primary.address) as put_channel,
+        ):
+            call = session_pb2_grpc.SessionServiceStub(watch_channel).WatchSessions(
+                WatchSessionsRequest(start_revision=0)
+            )
+            watcher = threading.Thread(target=watch, args=(call,), daemon=True)
+            watcher.start()
+            if not ready.wait(30):
+                raise RuntimeError("the standby's watch sent no SNAPSHOT_DONE")
+            stub = session_pb2_grpc.SessionServiceStub(put_channel)
+            for n in range(count):
+                record = session(tag, n)
+                stub.PutSession(PutSessionRequest(session=record), timeout=5)
+                acks[record.session_id] = time.monotonic()
+            done.wait(30)
+            call.cancel()
+            watcher.join(5)
+        lags = [arrivals[i] - acks[i] for i in acks if i in arrivals]
+        if len(lags) < count:
+            raise RuntimeError(f"only {len(lags)} of {count} puts reached the standby's watch")
+        p99 = ms(percentile(lags, 99))
+        self.row(
+            "mirror lag (primary ack -> standby watch event), median",
+            f"{ms(statistics.median(lags)):.2f} ms",
+        )
+        slow = sum(1 for lag in lags if lag > 0.05)
+        self.row(
+            "mirror lag, p99",
+            f"{p99:.2f} ms (max {ms(max(lags)):.0f} ms; {slow} of {count} over 50 ms)",
+            "<= 50 ms",
+            p99 <= 50,
+        )
+        raw = self._raw_watch_lag(count)
+        self.row(
+            "control: raw etcd put -> etcd watch event, median / p99",
+            f"{ms(statistics.median(raw)):.2f} / {ms(percentile(raw, 99)):.2f} ms "
+            f"(max {ms(max(raw)):.0f} ms)",
+        )
+
+    def _raw_watch_lag(self, count: int) -> list[float]:
+        """The same measure without the sidecars: a plain put, then the event of an etcd watch
+        read the way the sidecar's follower reads it (sidecar.etcd.Watch)."""
+        return asyncio.run(self._raw_watch_lag_async(count))
+
+    async def _raw_watch_lag_async(self, count: int) -> list[float]:
+        prefix = b"/bench-lag-raw/"
+        settings = config.build({"node_id": "bench", "etcd_endpoints": self.etcd.endpoints_arg})
+        etcd = Etcd(settings, timeout=5.0)
+        acks: dict[bytes, float] = {}
+        arrivals: dict[bytes, float] = {}
+
+        def put_all() -> None:
+            with self.etcd.client() as client:
+                for n in range(count):
+                    record = session("rawlag", n)
+                    key = prefix + record.session_id.encode()
+                    client.put(key, encode_session(record))
+                    acks[key] = time.monotonic()
+
+        try:
+            async with etcd.watch(prefix, prefix=True) as watch:
+                await asyncio.sleep(0.5)  # the watch is registered
+                putter = asyncio.create_task(asyncio.to_thread(put_all))
+                async with asyncio.timeout(60):
+                    async for batch in watch:
+                        for event in batch.events:
+                            arrivals[event.key] = time.monotonic()
+                        if len(arrivals) == count:
+                            break
+                await putter
+        finally:
+            etcd.close()
+        with self.etcd.client() as client:
+            client.delete_prefix(prefix)
+        return [arrivals[k] - acks[k] for k in acks if k in arrivals]
+
+    # -- 3. throughput ----------------------------------------------------------------------------
+
+    def throughput(self) -> None:
+        for threads in (1, 8, 32):
+            say(f"throughput: {threads} writer(s), {self.args.seconds} s each")
+            sidecar, cpu, per_txn = self._measured(threads, self._sidecar_writer)
+            raw, raw_cpu, _ = self._measured(threads, self._raw_writer)
+            ratio = sidecar / raw
+            goal = {1: 0.8, 32: 3.0}.get(threads)
+            self.row(
+                f"throughput, {threads} writer(s): sidecar / raw etcd put",
+                f"{sidecar:,.0f} / {raw:,.0f} writes/s = {ratio:.2f}",
+                f">= {goal}" if goal else "",
+                ratio >= goal if goal else None,
+            )
+            self.row(
+                f"CPU per write, {threads} writer(s): sidecar path (raw etcd put)",
+                f"client {cpu['client']:.0f} ({raw_cpu['client']:.0f}), primary "
+                f"{cpu['primary']:.0f}, standby {cpu['standby']:.0f}, 3 etcd members "
+                f"{cpu['etcd']:.0f} ({raw_cpu['etcd']:.0f}) µs; {per_txn:.1f} writes per txn",
+            )
+
+    def _measured(
+        self, threads: int, writer: Callable[[int, threading.Barrier, list[int]], None]
+    ) -> tuple[float, dict[str, float], float]:
+        """Writes/s, CPU µs per write of each process group, and writes per etcd revision."""
+        groups = {
+            "client": [os.getpid()],
+            "primary": [self.primary.pid],
+            "standby": [self.standby.pid],
+            "etcd": [m.pid for m in self.etcd.members if m.pid is not None],
+        }
+        before = {name: sum(cpu_seconds(pid) for pid in pids) for name, pids in groups.items()}
+        first = self._revision()
+        started = time.monotonic()
+        rate = self._run_writers(threads, writer)
+        writes = rate * (time.monotonic() - started)
+        revisions = max(1, self._revision() - first)
+        used = {
+            name: 1e6 * (sum(cpu_seconds(pid) for pid in pids) - before[name]) / writes
+            for name, pids in groups.items()
+        }
+        return rate, used, writes / revisions
+
+    def _revision(self) -> int:
+        with self.etcd.client() as client:
+            return int(client.get_response(b"\0").header.revision)
+
+    def _run_writers(
+        self, threads: int, writer: Callable[[int, threading.Barrier, list[int]], None]
+    ) -> float:
+        barrier = threading.Barrier(threads + 1)
+        counts = [0] * threads
+        workers = [
+            threading.Thread(target=writer, args=(t, barrier, counts), daemon=True)
+            for t in range(threads)
+        ]
+        for worker in workers:
+            worker.start()
+        barrier.wait()  # every writer is connected and warm
+        started = time.monotonic()
+        self._stop_at = started + self.args.seconds
+        barrier.wait()  # go
+        for worker in workers:
+            worker.join()
+        return sum(counts) / (time.monotonic() - started)
+
+    def _records(self, tag: str) -> Iterator[Session]:
+        n = 0
+        while True:
+            yield session(tag, n)
+            n += 1
+
+    def _sidecar_writer(self, index: int, barrier: threading.Barrier, counts: list[int]) -> None:
+        with grpc.insecure_channel(self.primary.address) as channel:
+            stub = session_pb2_grpc.SessionServiceStub(channel)
+            records = self._records(f"tp{index}")
+            for _ in range(3):
+                stub.PutSession(PutSessionRequest(session=next(records)), timeout=5)
+            barrier.wait()
+            barrier.wait()
+            while time.monotonic() < self._stop_at:
+                stub.PutSession(PutSessionRequest(session=next(records)), timeout=5)
+                counts[index] += 1
+
+    def _raw_writer(self, index: int, barrier: threading.Barrier, counts: list[int]) -> None:
+        with self.etcd.client() as client:
+            records = (
+                (b"/bench-raw/" + r.session_id.encode(), encode_session(r))
+                for r in self._records(f"raw{index}")
+            )
+            for _ in range(3):
+                client.put(*next(records))
+            barrier.wait()
+            barrier.wait()
+            while time.monotonic() < self._stop_at:
+                client.put(*next(records))
+                counts[index] += 1
+
+    # -- 4. full re-read --------------------------------------------------------------------------
+
+    def full_reread(self) -> None:
+        total = self.args.records
+        say(f"full re-read: {total:,} records written straight to etcd, standby restarted empty")
+        self.standby.close()
+        with self.etcd.client() as client:
+            client.delete_prefix(self.prefix)
+            client.delete_prefix(b"/bench-raw/")
+        started = time.monotonic()
+        self._bulk_load(total)
+        say(f"  (bulk load took {time.monotonic() - started:.1f} s)")
+        time.sleep(2.0)  # let the primary's follower apply the load before we time the standby
+        shutil.rmtree(self.standby.data_dir, ignore_errors=True)
+        offset = self.standby.log_path.stat().st_size
+        started = time.monotonic()
+        self.standby.start(wait=False)
+        line = self._wait_log_event("mirror_resynced", offset, timeout=120)
+        elapsed = time.monotonic() - started
+        if line.get("records") != total:
+            raise RuntimeError(f"the standby re-read {line.get('records')} records, not {total}")
+        self.row(
+            f"standby full re-read of {total:,} records: start -> mirror_resynced",
+            f"{elapsed:.2f} s (range read + copy build {line['seconds']:.2f} s)",
+            "<= 3 s",
+            elapsed <= 3.0,
+        )
+        time.sleep(1.0)  # the copy's first snapshot is flushed to disk right after
+        rss, hwm = memory(self.standby.pid)
+        self.row(
+            f"standby resident memory with {total:,} records (VmRSS)",
+            f"{rss / 1024:.1f} MB (peak VmHWM {hwm / 1024:.1f} MB)",
+            "<= 80 MB",
+            rss / 1024 <= 80,
+        )
+        p_rss, p_hwm = memory(self.primary.pid)
+        self.row(
+            f"primary resident memory with {total:,} records (VmRSS)",
+            f"{p_rss / 1024:.1f} MB (peak VmHWM {p_hwm / 1024:.1f} MB)",
+        )
+        with grpc.insecure_channel(self.standby.address, options=BIG_MESSAGES) as channel:
+            stub = session_pb2_grpc.SessionServiceStub(channel)
+            asked = time.monotonic()
+            listed = stub.ListSessions(ListSessionsRequest(), timeout=120)
+            took = time.monotonic() - asked
+        if len(listed.sessions) != total:
+            raise RuntimeError(f"ListSessions on the standby has {len(listed.sessions)}")
+        self.row(f"ListSessions of {total:,} records on the standby", f"{took:.2f} s")
+        rss, _ = memory(self.standby.pid)
+        self.row("standby VmRSS after that ListSessions", f"{rss / 1024:.1f} MB")
+
+    def _bulk_load(self, total: int, threads: int = 4) -> None:
+        def load(part: int) -> None:
+            with self.etcd.client(timeout=30) as client:
+                for first in range(part * TXN_OPS, total, TXN_OPS * threads):
+                    ops = []
+                    for n in range(first, min(first + TXN_OPS, total)):
+                        record = session("bulk", n)
+                        ops.append(
+                            client.transactions.put(
+                                self.prefix + record.session_id.encode(), encode_session(record)
+                            )
+                        )
+                    client.transaction(compare=[], success=ops, failure=[])
+
+        workers = [threading.Thread(target=load, args=(i,)) for i in range(threads)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+
+    def _wait_log_event(self, event: str, offset: int, timeout: float) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.standby.log_path.open("rb") as log:
+                log.seek(offset)
+                for raw in log.read().splitlines():
+                    with contextlib.suppress(ValueError):
+                        line = json.loads(raw)
+                        if isinstance(line, dict) and line.get("event") == event:
+                            return line
+            if not self.standby.running:
+                raise RuntimeError(f"the standby exited:\n{self.standby.log_tail()}")
+            time.sleep(0.01)
+        raise TimeoutError(f"no {event} in the standby's log within {timeout} s")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def memory(pid: int) -> tuple[int, int]:
+    """VmRSS and VmHWM of a process, in KiB."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        fields[key] = value.strip()
+    return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    etcd = subprocess.run(
+        [str(find_etcd_binary()), "--version"], capture_output=True, text=True, check=False
+    ).stdout.splitlines()[0]
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    return (
+        f"{cpu}, {os.cpu_count()} cores, Linux {platform.release()}, Python "
+        f"{platform.python_version()}, {etcd}, grpcio {grpc.__version__}; "
+        f"load average before the run {load}"
+    )
+
+
+def table(rows: list[Row]) -> str:
+    lines = ["| measure | result | goal | met |", "|---|---|---|---|"]
+    for row in rows:
+        met = "" if row.met is None else ("yes" if row.met else "**no**")
+        lines.append(f"| {row.what} | {row.value} | {row.goal} | {met} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument(
+        "--records", type=int, default=100_000, help="records for the full re-read (default 100000)"
+    )
+    parser.add_argument(
+        "--seconds",
+        type=float,
+        default=3.0,
+        help="length of each throughput measurement (default 3)",
+    )
+    parser.add_argument("--latency-count", type=int, default=1000)
+    parser.add_argument("--lag-count", type=int, default=1000)
+    args = parser.parse_args(argv)
+    note = machine()
+    command = "python -m tests.bench.sessions " + " ".join(
+        argv if argv is not None else sys.argv[1:]
+    )
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-sessions-") as work,
+        LocalEtcdCluster(workdir=Path(work) / "etcd") as etcd,
+    ):
+        bench = Bench(etcd, Path(work), args)
+        try:
+            bench.start()
+            bench.latency()
+            bench.mirror_lag()
+            bench.throughput()
+            bench.full_reread()
+        finally:
+            bench.close()
+    today = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    print(f"Measured {today} with `{command.strip()}`\n\nMachine: {note}\n")
+    print(table(bench.rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
