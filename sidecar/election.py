@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import structlog
+from etcd3 import etcdrpc
 
 from .config import Settings
 from .etcd import Etcd, EtcdError, EtcdUnavailable
@@ -49,6 +50,13 @@ class Keys:
 
     def member(self, node_id: str) -> bytes:
         return self.members + node_id.encode()
+
+
+def epoch_guard(leader_key: bytes, epoch: int) -> Any:
+    """The compare that guards every write of a primary (rule 2): the leader key is still the
+    one created at ``epoch``. A deposed primary's transaction fails it and changes nothing."""
+    return etcdrpc.Compare(key=leader_key, target=etcdrpc.Compare.CREATE,
+                           result=etcdrpc.Compare.EQUAL, create_revision=epoch)
 
 
 @dataclass(frozen=True)

@@ -126,7 +126,9 @@ def _translate(exc: BaseException, what: str) -> EtcdError:
     if isinstance(exc, grpc.RpcError):
         code = exc.code() if hasattr(exc, "code") else None
         detail = exc.details() if hasattr(exc, "details") else str(exc)
-        if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+        # etcd answers a wrong user or password with INVALID_ARGUMENT, not UNAUTHENTICATED.
+        if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED) or \
+                "authentication failed" in (detail or ""):
             return EtcdAccessDenied(f"{what}: {detail}")
         if code in _TRANSIENT_CODES:
             return EtcdUnavailable(f"{what}: {code.name if code else '?'} {detail}")
@@ -327,6 +329,18 @@ class Watch:
         events = tuple(_event(e) for e in response.events)
         self._deliver(WatchBatch(response.header.revision, events))
         return True
+
+
+def kv_call(client: Any, method: str, request: Any) -> Any:
+    """Call etcd's KV service directly (``Range`` or ``Txn``) on the client's current endpoint.
+
+    For what the client's own methods lose: a transaction's response header (its commit
+    revision) and a range's ``more`` flag for paging.
+    """
+    client.channel  # noqa: B018 - a property: selects a live endpoint, drops stale stubs
+    return getattr(client.kvstub, method)(request, client.timeout,
+                                          credentials=client.call_credentials,
+                                          metadata=client.metadata)
 
 
 def _revive_if_all_failed(client: Any) -> None:

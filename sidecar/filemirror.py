@@ -23,8 +23,8 @@ from typing import Any
 import structlog
 from etcd3 import etcdrpc
 
-from .election import Keys
-from .etcd import Etcd, EtcdError, prefix_end, retry_policy
+from .election import Keys, epoch_guard
+from .etcd import Etcd, EtcdError, kv_call, prefix_end, retry_policy
 from .fileadapter import (
     DEFAULT_CHUNK_SIZE,
     ChunkError,
@@ -52,6 +52,7 @@ class FileMirror:
         self.interval = interval
         self.chunk_size = chunk_size
         self.root = keys.prefix.encode() + b"vsmfile/"
+        self.leader_key = keys.leader
         self.manifest_key = self.root + b"manifest"
         self.known_sha: str | None = None  # the content etcd holds, as far as we know
         self.known_generation: str | None = None  # whose chunks to delete at the next upload
@@ -103,9 +104,7 @@ class FileMirror:
 
     def _txn(self, client: Any, *, epoch: int, manifest: Manifest, chunks: list[bytes],
              previous: str | None) -> bool:
-        leader = self.root[: -len(b"vsmfile/")] + b"leader"
-        compare = etcdrpc.Compare(key=leader, target=etcdrpc.Compare.CREATE,
-                                  result=etcdrpc.Compare.EQUAL, create_revision=epoch)
+        compare = epoch_guard(self.leader_key, epoch)
         ops = []
         if previous is not None:
             # Only the old generation's chunks: etcd refuses a transaction whose delete range
@@ -118,10 +117,7 @@ class FileMirror:
             for i, chunk in enumerate(chunks)]
         ops.append(etcdrpc.RequestOp(request_put=etcdrpc.PutRequest(
             key=self.manifest_key, value=manifest.to_json())))
-        client.channel  # noqa: B018 - selects a live endpoint before the stub is used
-        response = client.kvstub.Txn(
-            etcdrpc.TxnRequest(compare=[compare], success=ops), client.timeout,
-            credentials=client.call_credentials, metadata=client.metadata)
+        response = kv_call(client, "Txn", etcdrpc.TxnRequest(compare=[compare], success=ops))
         return bool(response.succeeded)
 
     # -- every node: etcd's copy onto the disk -----------------------------------------------
@@ -163,10 +159,8 @@ class FileMirror:
             return revision
 
     def _read(self, client: Any) -> tuple[tuple[Manifest, bytes] | None, int]:
-        client.channel  # noqa: B018 - selects a live endpoint before the stub is used
-        response = client.kvstub.Range(
-            etcdrpc.RangeRequest(key=self.root, range_end=prefix_end(self.root)),
-            client.timeout, credentials=client.call_credentials, metadata=client.metadata)
+        response = kv_call(client, "Range",
+                           etcdrpc.RangeRequest(key=self.root, range_end=prefix_end(self.root)))
         values = {kv.key: kv.value for kv in response.kvs}
         revision = response.header.revision
         if self.manifest_key not in values:

@@ -32,8 +32,17 @@ import structlog
 from etcd3 import etcdrpc
 
 from .api.session_pb2 import Session
-from .election import Keys
-from .etcd import Compacted, Etcd, EtcdError, Event, EventType, prefix_end, retry_policy
+from .election import Keys, epoch_guard
+from .etcd import (
+    Compacted,
+    Etcd,
+    EtcdError,
+    Event,
+    EventType,
+    kv_call,
+    prefix_end,
+    retry_policy,
+)
 from .node import NotPrimary
 from .sessions import (
     SessionDecodeError,
@@ -150,10 +159,7 @@ class Follower:
         def read(client: Any) -> Any:
             request = etcdrpc.RangeRequest(key=start, range_end=end, limit=RESYNC_PAGE,
                                            revision=revision)
-            client.channel  # noqa: B018 - selects a live endpoint before the stub is used
-            return client.kvstub.Range(request, client.timeout,
-                                       credentials=client.call_credentials,
-                                       metadata=client.metadata)
+            return kv_call(client, "Range", request)
 
         async for attempt in retry_policy("read sessions"):
             with attempt:
@@ -368,8 +374,7 @@ class Writer:
 
 
 def _txn(client: Any, leader: bytes, epoch: int, batch: list[_Op]) -> tuple[bool, Any]:
-    compare = etcdrpc.Compare(key=leader, target=etcdrpc.Compare.CREATE,
-                              result=etcdrpc.Compare.EQUAL, create_revision=epoch)
+    compare = epoch_guard(leader, epoch)
     ops = []
     for op in batch:
         if op.value is None:
@@ -379,9 +384,7 @@ def _txn(client: Any, leader: bytes, epoch: int, batch: list[_Op]) -> tuple[bool
             ops.append(etcdrpc.RequestOp(request_put=etcdrpc.PutRequest(key=op.key,
                                                                         value=op.value)))
     request = etcdrpc.TxnRequest(compare=[compare], success=ops)
-    client.channel  # noqa: B018 - selects a live endpoint before the stub is used
-    response = client.kvstub.Txn(request, client.timeout, credentials=client.call_credentials,
-                                 metadata=client.metadata)
+    response = kv_call(client, "Txn", request)
     return response.succeeded, response
 
 
