@@ -365,6 +365,10 @@ def _validate_credentials(s: Settings) -> None:
     if (s.etcd_user is None) != (s.etcd_password_file is None):
         missing = "etcd_password_file" if s.etcd_password_file is None else "etcd_user"
         raise ConfigError(missing, "etcd_user and etcd_password_file go together")
+    https = urlsplit(s.etcd_endpoints[0]).scheme == "https"
+    if s.etcd_user is not None and not https:
+        raise ConfigError("etcd_user", "needs https:// etcd endpoints: gRPC sends the etcd "
+                                       "auth token only over TLS")
     tls_files = (s.etcd_ca, s.etcd_cert, s.etcd_key)
     if any(tls_files) and urlsplit(s.etcd_endpoints[0]).scheme != "https":
         raise ConfigError("etcd_endpoints", "TLS files are set but the URLs are http://")

@@ -136,7 +136,12 @@ def _translate(exc: BaseException, what: str) -> EtcdError:
         error.transient = False
         return error
     if isinstance(exc, etcd3.exceptions.Etcd3Exception | TimeoutError | OSError):
-        return EtcdUnavailable(f"{what}: {type(exc).__name__} {exc}".rstrip())
+        # The client wraps the gRPC error into a bare "connection failed"; its detail (a TLS
+        # handshake failure, a refused connection) is what an operator needs to see.
+        cause = exc.__context__
+        detail = cause.details() if isinstance(cause, grpc.RpcError) and hasattr(
+            cause, "details") else ""
+        return EtcdUnavailable(f"{what}: {type(exc).__name__} {exc} {detail or ''}".rstrip())
     raise exc
 
 

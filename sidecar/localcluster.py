@@ -37,6 +37,7 @@ from types import TracebackType
 from typing import Any, Self
 
 import etcd3
+import grpc
 import structlog
 from etcd3 import etcdrpc
 
@@ -131,8 +132,8 @@ def _family(host: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
-def _url(host: str, port: int) -> str:
-    return f"http://{_netloc_host(host)}:{port}"
+def _url(host: str, port: int, scheme: str = "http") -> str:
+    return f"{scheme}://{_netloc_host(host)}:{port}"
 
 
 def _netloc_host(host: str) -> str:
@@ -169,6 +170,40 @@ class MemberStatus:
 
 
 @dataclass(frozen=True)
+class TlsFiles:
+    """TLS for the members' client URLs (peer traffic stays plain http).
+
+    ``ca`` is the CA the members trust for client certificates (``--client-cert-auth``) and
+    the one the cluster's own probes and :meth:`LocalEtcdCluster.client` trust for the server
+    certificate, which must name the cluster's host (an IP SAN for 127.0.0.1). ``client_cert``
+    and ``client_key`` are what those probes and clients present; without them they present
+    none, and members with ``--client-cert-auth`` refuse them.
+    """
+
+    ca: Path
+    cert: Path
+    key: Path
+    client_cert: Path | None = None
+    client_key: Path | None = None
+
+    def __post_init__(self) -> None:
+        if (self.client_cert is None) != (self.client_key is None):
+            raise ValueError("client_cert and client_key go together")
+
+    def server_args(self) -> tuple[str, ...]:
+        return (f"--cert-file={self.cert}", f"--key-file={self.key}",
+                f"--trusted-ca-file={self.ca}", "--client-cert-auth")
+
+    def channel_credentials(self) -> Any:
+        """gRPC channel credentials for a client of these members."""
+        def read(path: Path | None) -> bytes | None:
+            return path.read_bytes() if path is not None else None
+
+        return grpc.ssl_channel_credentials(
+            read(self.ca), read(self.client_key), read(self.client_cert))
+
+
+@dataclass(frozen=True)
 class _Launch:
     """What every member of one cluster start shares."""
 
@@ -177,6 +212,7 @@ class _Launch:
     initial_cluster: str
     token: str
     extra_args: tuple[str, ...]
+    tls: TlsFiles | None = None
 
 
 class EtcdMember:
@@ -189,13 +225,15 @@ class EtcdMember:
         self.host = host
         self.client_port = client_port
         self.peer_port = peer_port
-        self.client_url = _url(host, client_port)
+        self.client_url = _url(host, client_port, "https" if launch.tls else "http")
         self.peer_url = _url(host, peer_port)
         self.data_dir = workdir / f"{name}.etcd"
         self.log_path = workdir / f"{name}.log"
         self._launch = launch
         self._proc: subprocess.Popen[bytes] | None = None
         self._stopped = False
+        # (user, password) for the member's own clients once the cluster enabled auth.
+        self.credentials: tuple[str, str] | None = None
 
     def __repr__(self) -> str:
         return f"EtcdMember({self.name!r}, {self.client_url!r}, pid={self.pid})"
@@ -232,6 +270,7 @@ class EtcdMember:
             f"--initial-cluster-token={self._launch.token}",
             f"--initial-cluster-state={state}",
             "--log-level=warn",
+            *(self._launch.tls.server_args() if self._launch.tls else ()),
             *self._launch.extra_args,
         ]
 
@@ -291,7 +330,8 @@ class EtcdMember:
     def status(self, timeout: float = _PROBE_TIMEOUT_S) -> MemberStatus:
         """Ask this member (and only this one) for its Status; raise EtcdMemberUnavailable."""
         try:
-            with self.client(timeout=timeout) as etcd:
+            # No authentication: etcd (3.5) answers Status to anyone, even with auth enabled.
+            with self._connect(timeout, None) as etcd:
                 # The raw stub, because etcd3's status() hides the answering member's id.
                 reply = etcd.maintenancestub.Status(etcdrpc.StatusRequest(), timeout)
         # grpc ships no type information, so its RpcError cannot be named under mypy; whatever
@@ -309,9 +349,23 @@ class EtcdMember:
             version=str(reply.version),
         )
 
-    def client(self, timeout: float = 5.0) -> etcd3.Etcd3Client:
-        """A client bound to this member alone, without failover; close it after use."""
-        return etcd3.client(_netloc_host(self.host), self.client_port, timeout=timeout)
+    def client(self, timeout: float = 5.0) -> etcd3.MultiEndpointEtcd3Client:
+        """A client bound to this member alone, without failover; close it after use.
+
+        It speaks TLS and authenticates (as root) when the cluster does.
+        """
+        return self._connect(timeout, self.credentials)
+
+    def _connect(
+        self, timeout: float, credentials: tuple[str, str] | None
+    ) -> etcd3.MultiEndpointEtcd3Client:
+        tls = self._launch.tls
+        endpoint = etcd3.Endpoint(
+            _netloc_host(self.host), self.client_port, secure=tls is not None,
+            creds=tls.channel_credentials() if tls is not None else None)
+        user, password = credentials or (None, None)
+        return etcd3.MultiEndpointEtcd3Client(
+            endpoints=[endpoint], timeout=timeout, user=user, password=password)
 
     def log_tail(self, lines: int = 40) -> str:
         """The last ``lines`` lines of this member's log, or "" if there is no log."""
@@ -365,6 +419,7 @@ class LocalEtcdCluster:
         election_ms: int | None = None,
         extra_args: Sequence[str] = (),
         keep: bool = False,
+        tls: TlsFiles | None = None,
     ) -> None:
         if size < 1:
             raise ValueError(f"size must be at least 1, not {size}")
@@ -375,6 +430,9 @@ class LocalEtcdCluster:
         self.host = host
         self.command_prefix = tuple(command_prefix)
         self.keep = keep
+        self.tls = tls
+        # (user, password) the cluster's own clients use once enable_auth() ran.
+        self._root: tuple[str, str] | None = None
         self._member_args = _timing_args(heartbeat_ms, election_ms) + tuple(extra_args)
         self._owns_workdir = workdir is None
         self.workdir = Path(tempfile.mkdtemp(prefix="vsm-etcd-")) if workdir is None else workdir
@@ -409,7 +467,8 @@ class LocalEtcdCluster:
 
     @property
     def endpoints(self) -> list[str]:
-        """Client URLs of all members, e.g. ``http://127.0.0.1:23791``; empty before start."""
+        """Client URLs of all members, e.g. ``http://127.0.0.1:23791`` (``https://`` with
+        TLS); empty before start."""
         return [member.client_url for member in self._members]
 
     @property
@@ -475,15 +534,60 @@ class LocalEtcdCluster:
         With failover a call to a dead member still fails once (the client marks that endpoint
         failed); the caller's retry then goes to another member. ``time_retry`` is how long a
         failed endpoint is shunned: etcd3's default of 300 s would outlast a restarted member.
-        Other keyword arguments (user, password) go to the client.
+        Other keyword arguments (user, password) go to the client; without them, once
+        :meth:`enable_auth` ran, it authenticates as root. With TLS it presents the cluster's
+        client certificate, if it has one.
         """
+        creds = self.tls.channel_credentials() if self.tls is not None else None
         endpoints = [
-            etcd3.Endpoint(_netloc_host(m.host), m.client_port, secure=False, time_retry=time_retry)
+            etcd3.Endpoint(
+                _netloc_host(m.host), m.client_port, secure=self.tls is not None, creds=creds,
+                time_retry=time_retry,
+            )
             for m in self._members
         ]
+        if self._root is not None and "user" not in kwargs and "password" not in kwargs:
+            kwargs = {**kwargs, "user": self._root[0], "password": self._root[1]}
         return etcd3.MultiEndpointEtcd3Client(
             endpoints=endpoints, timeout=timeout, failover=True, **kwargs
         )
+
+    # -- authentication -------------------------------------------------------------------------
+
+    def enable_auth(self, root_password: str) -> None:
+        """Create user root with role root and turn etcd's authentication on.
+
+        From then on the cluster's own clients (probes, :meth:`client`, :meth:`compact`)
+        authenticate as root.
+        """
+        with self.client() as etcd:
+            with contextlib.suppress(_AlreadyExists):
+                _auth_call(etcd, "RoleAdd", etcdrpc.AuthRoleAddRequest(name="root"))
+            _auth_call(etcd, "UserAdd",
+                       etcdrpc.AuthUserAddRequest(name="root", password=root_password))
+            _auth_call(etcd, "UserGrantRole",
+                       etcdrpc.AuthUserGrantRoleRequest(user="root", role="root"))
+            _auth_call(etcd, "AuthEnable", etcdrpc.AuthEnableRequest())
+        self._root = ("root", root_password)
+        for member in self._members:
+            member.credentials = self._root
+
+    def add_user(self, name: str, password: str, prefix: str | None) -> None:
+        """Create user ``name`` with its own role (also ``name``) that may read and write the
+        keys under ``prefix`` and nothing else; with ``prefix`` None the role grants nothing.
+        """
+        with self.client() as etcd:
+            _auth_call(etcd, "RoleAdd", etcdrpc.AuthRoleAddRequest(name=name))
+            if prefix is not None:
+                key = prefix.encode()
+                permission = etcdrpc.auth_pb2.Permission(
+                    permType=etcdrpc.auth_pb2.Permission.READWRITE, key=key,
+                    range_end=_prefix_end(key))
+                _auth_call(etcd, "RoleGrantPermission",
+                           etcdrpc.AuthRoleGrantPermissionRequest(name=name, perm=permission))
+            _auth_call(etcd, "UserAdd", etcdrpc.AuthUserAddRequest(name=name, password=password))
+            _auth_call(etcd, "UserGrantRole",
+                       etcdrpc.AuthUserGrantRoleRequest(user=name, role=name))
 
     def compact(self, revision: int | None = None) -> int:
         """Compact history up to ``revision`` (default: the current one) and return it.
@@ -538,11 +642,15 @@ class LocalEtcdCluster:
             # Unique per start, so members of another cluster can never be mistaken for ours.
             token=f"vsm-{uuid.uuid4().hex[:12]}",
             extra_args=self._member_args,
+            tls=self.tls,
         )
-        return [
+        members = [
             EtcdMember(name, self.host, client, peer, self.workdir, launch)
             for name, client, peer in zip(names, client_ports, peer_ports, strict=True)
         ]
+        for member in members:
+            member.credentials = self._root
+        return members
 
     def _pick_ports(self, count: int) -> list[int]:
         if not self.command_prefix:
@@ -682,6 +790,30 @@ def _describe(statuses: dict[EtcdMember, MemberStatus | EtcdMemberUnavailable]) 
         else:
             parts.append(str(status))
     return "; ".join(parts)
+
+
+def _prefix_end(prefix: bytes) -> bytes:
+    """The smallest key greater than every key that starts with ``prefix``."""
+    stripped = prefix.rstrip(b"\xff")
+    if not stripped:
+        return b"\0"
+    return stripped[:-1] + bytes([stripped[-1] + 1])
+
+
+class _AlreadyExists(EtcdClusterError):
+    """An auth object to be created exists already."""
+
+
+def _auth_call(etcd: Any, method: str, request: Any) -> Any:
+    # The raw stubs send no token unless given the client's call credentials; without one,
+    # a member with --client-cert-auth takes the client certificate's CN for the user name.
+    try:
+        return getattr(etcd.authstub, method)(
+            request, etcd.timeout, metadata=etcd.metadata)
+    except Exception as exc:  # grpc's error type cannot be named; see status()
+        if "already exists" in _rpc_reason(exc):
+            raise _AlreadyExists(_rpc_reason(exc)) from exc
+        raise
 
 
 def _current_revision(etcd: Any) -> int:

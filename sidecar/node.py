@@ -35,6 +35,8 @@ log = structlog.get_logger(__name__)
 # can miss a change (a member cut off from the quorum, a bug), a read cannot.
 LEADER_REREAD_SECONDS = 10.0
 MEMBERS_REFRESH_SECONDS = 2.0
+ACCESS_NOTE = ("check etcd_user, the password file, the client certificate and the user's role "
+               "(it needs read and write on the cluster's prefix)")
 
 
 class Role(Enum):
@@ -218,15 +220,20 @@ class Node:
                 reason = str(_first_leaf(group))
                 self._set_role(Role.FENCED, f"lease lost: {reason}")
                 stale = lease
+            except* EtcdAccessDenied as group:
+                # A configuration problem (user, password, role, certificate): say so once,
+                # plainly, and stop; retrying cannot mend it.
+                error = _first_leaf(group)
+                log.error("etcd_access_denied", error=str(error), note=ACCESS_NOTE)
+                raise error from None
 
     async def _acquire_lease(self) -> Lease:
         async for attempt in retry_policy("grant lease"):
             with attempt:
                 try:
                     return await self.election.grant()
-                except EtcdAccessDenied:
-                    log.error("etcd_access_denied", note="check etcd_user, the password file, "
-                              "the client certificate and the user's role")
+                except EtcdAccessDenied as exc:
+                    log.error("etcd_access_denied", error=str(exc), note=ACCESS_NOTE)
                     raise
                 except EtcdError as exc:
                     self._status = replace(self._status, reason=f"etcd unreachable: {exc}")

@@ -58,6 +58,8 @@ BAD = [
       "etcd_endpoints": "https://a:1"}, "etcd_cert", "cannot read"),
     ({"etcd_cert": "/etc/hostname"}, "etcd_key", "go together"),
     ({"etcd_user": "root"}, "etcd_password_file", "go together"),
+    ({"etcd_user": "root", "etcd_password_file": "/etc/hostname"}, "etcd_user",
+     "needs https"),
     ({"etcd_ca": "/etc/hostname"}, "etcd_endpoints", "URLs are http"),
     ({"grpc_listen": "nohost"}, "grpc_listen", "HOST:PORT"),
     ({"grpc_listen": "unix:/nonexistent/dir/s.sock"}, "grpc_listen", "folder does not exist"),
