@@ -32,6 +32,13 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--timeout", type=float, default=3.0, help="seconds to wait [3]")
     status.set_defaults(func=_cmd_status)
 
+    move = commands.add_parser("switchover", help="move the primary role (a planned handover)")
+    move.add_argument("--to", metavar="NODE", default=None,
+                      help="the node to hand over to (default: any healthy, caught-up standby)")
+    move.add_argument("--grpc", default="127.0.0.1:50051", metavar="ADDR",
+                      help="any sidecar's gRPC address [127.0.0.1:50051]")
+    move.set_defaults(func=_cmd_switchover)
+
     demo = commands.add_parser("demo", help="run a local cluster and show a failover")
     demo.add_argument("--duration", type=float, default=None, metavar="SECONDS",
                       help="stop after this long (default: run the scenes, then until Ctrl-C)")
@@ -76,6 +83,21 @@ def _cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(status, indent=2, sort_keys=True))
     else:
         print(client.format_status(status))
+    return 0
+
+
+def _cmd_switchover(args: argparse.Namespace) -> int:
+    from . import client
+
+    try:
+        primary, epoch, took = client.switchover(args.grpc, args.to)
+    except client.Refused as exc:
+        print(f"vsm-sidecar: switchover refused: {exc}", file=sys.stderr)
+        return 1
+    except client.Unreachable as exc:
+        print(f"vsm-sidecar: {exc}", file=sys.stderr)
+        return 1
+    print(f"{primary} is PRIMARY (epoch {epoch}), moved in {took * 1000:.0f} ms")
     return 0
 
 

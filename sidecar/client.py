@@ -30,6 +30,27 @@ def get_role(address: str, timeout: float = 3.0) -> dict[str, Any]:
                               f"{exc.details()}") from None
 
 
+class Refused(Exception):
+    """The sidecar answered, and said no (the reason is the message)."""
+
+
+def switchover(address: str, target: str | None, timeout: float = 15.0,
+               ) -> tuple[str, int, float]:
+    """Switchover: the new primary, its epoch and how long the move took."""
+    with grpc.insecure_channel(address) as channel:
+        stub = role_pb2_grpc.RoleServiceStub(channel)
+        request = role_pb2.SwitchoverRequest(target_node=target or "")
+        try:
+            answer = stub.Switchover(request, timeout=timeout)
+        except grpc.RpcError as exc:
+            if exc.code() in (grpc.StatusCode.FAILED_PRECONDITION,
+                              grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise Refused(exc.details()) from None
+            raise Unreachable(f"no answer from {address}: {exc.code().name} "
+                              f"{exc.details()}") from None
+    return answer.primary, answer.epoch, answer.took.ToTimedelta().total_seconds()
+
+
 def watch_role(channel: grpc.Channel) -> Iterator[role_pb2.RoleStatus]:
     """The WatchRole stream (current status first, then each change)."""
     return iter(role_pb2_grpc.RoleServiceStub(channel).WatchRole(role_pb2.WatchRoleRequest()))

@@ -83,6 +83,17 @@ def _path(value: Any) -> Path:
     return Path(text)
 
 
+def _boolean(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = _text(value).lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
 def _optional_float(value: Any) -> float | None:
     if isinstance(value, str) and not value.strip():
         return None
@@ -185,6 +196,15 @@ class Settings:
     vsm_file_check_interval: float = _setting(
         2.0, _number(float), "re-check the file this often besides inotify events",
         metavar="SECONDS")
+    preferred_primary: bool = _setting(
+        False, _boolean, "this node is the one ThinLinc calls primary: it takes the role back "
+        "when it is healthy and caught up (failback)")
+    failback: bool = _setting(
+        True, _boolean, "let the preferred primary take the role back (--no-failback: "
+        "stay with the current primary, like keepalived's nopreempt)")
+    failback_delay: float = _setting(
+        5.0, _number(float), "the preferred primary must be healthy, caught up and unchanged "
+        "this long before it asks for the role back", metavar="SECONDS")
     data_dir: Path = _setting(
         Path("/var/lib/vsm-sidecar"), _path, "folder for the durable copy of the session "
         "records (created, owner-only)", metavar="DIR")
@@ -232,12 +252,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default = f.default if f.default not in (None, "") else "none"
         if isinstance(default, tuple):
             default = ",".join(default)
+        help_text = f"{f.metadata['help']} [{default}; env {env_name(f.name)}]"
+        if isinstance(f.default, bool):  # --preferred-primary / --no-preferred-primary
+            parser.add_argument(flag_name(f.name), dest=f.name, default=argparse.SUPPRESS,
+                                action=argparse.BooleanOptionalAction, help=help_text)
+            continue
         # List settings may be repeated (--vip A --vip B) as well as comma separated.
         action = "append" if isinstance(f.default, tuple) else "store"
         parser.add_argument(
             flag_name(f.name), dest=f.name, metavar=f.metadata["metavar"], action=action,
-            default=argparse.SUPPRESS,
-            help=f"{f.metadata['help']} [{default}; env {env_name(f.name)}]")
+            default=argparse.SUPPRESS, help=help_text)
 
 
 def load(flags: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Settings:
@@ -311,6 +335,8 @@ def validate(s: Settings) -> None:
     _validate_timing(s)
     _validate_listen("grpc_listen", s.grpc_listen)
     _validate_vip(s)
+    if not 0 <= s.failback_delay <= 3600:
+        raise ConfigError("failback_delay", f"must be 0-3600 seconds (got {s.failback_delay})")
     if not 0.1 <= s.vsm_file_check_interval <= 3600:
         raise ConfigError("vsm_file_check_interval", "must be 0.1-3600 seconds")
     if s.vsm_sessions_file is not None and not s.vsm_sessions_file.parent.is_dir():

@@ -25,7 +25,7 @@ import structlog
 from etcd3 import etcdrpc
 
 from .config import Settings
-from .etcd import Etcd, EtcdError, EtcdUnavailable
+from .etcd import Etcd, EtcdError, EtcdUnavailable, kv_call
 
 log = structlog.get_logger(__name__)
 
@@ -89,6 +89,40 @@ def decode_leader(value: bytes, epoch: int, lease: int) -> LeaderInfo:
         log.warning("leader_value_invalid", error=str(exc), value=value[:200].decode("latin-1"),
                     epoch=epoch)
         return LeaderInfo("", "", "", epoch, lease, valid=False)
+
+
+# A switchover request lives this long (on a lease of its own): a target that is gone by then
+# stops holding the others back from campaigning.
+SWITCHOVER_TTL = 5
+
+
+@dataclass(frozen=True)
+class SwitchoverRequest:
+    """``switchover`` in etcd: hand the leadership to ``target`` (rule 6, a planned move)."""
+
+    target: str
+    requested_by: str
+    reason: str  # "operator" or "failback"
+
+    def encode(self) -> bytes:
+        since = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        return json.dumps({"target": self.target, "requested_by": self.requested_by,
+                           "reason": self.reason, "requested_at": since,
+                           "ttl": SWITCHOVER_TTL}, sort_keys=True).encode()
+
+    @staticmethod
+    def decode(value: bytes) -> SwitchoverRequest | None:
+        """The request, or None for garbage (logged): garbage never holds anyone back."""
+        try:
+            data = json.loads(value)
+            fields = [data["target"], data.get("requested_by", ""), data.get("reason", "")]
+            if not all(isinstance(f, str) for f in fields) or not fields[0]:
+                raise ValueError("target, requested_by and reason must be strings")
+            return SwitchoverRequest(*fields)
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("switchover_value_invalid", error=str(exc),
+                        value=value[:200].decode("latin-1"))
+            return None
 
 
 @dataclass
@@ -167,15 +201,49 @@ class Election:
 
     async def read_leader(self) -> tuple[LeaderInfo | None, int]:
         """A linearizable read of the leader key and the revision it reflects."""
+        leader, _, revision = await self.read_leader_and_request()
+        return leader, revision
 
-        def read(client: Any) -> tuple[LeaderInfo | None, int]:
-            response = client.get_response(self.keys.leader)
-            if not response.kvs:
-                return None, response.header.revision
-            kv = response.kvs[0]
-            return decode_leader(kv.value, kv.create_revision, kv.lease), response.header.revision
+    async def read_leader_and_request(
+            self) -> tuple[LeaderInfo | None, SwitchoverRequest | None, int]:
+        """The leader key and any switchover request, read together at one revision."""
+
+        def read(client: Any) -> tuple[LeaderInfo | None, SwitchoverRequest | None, int]:
+            get = [etcdrpc.RequestOp(request_range=etcdrpc.RangeRequest(key=key))
+                   for key in (self.keys.leader, self.keys.switchover)]
+            response = kv_call(client, "Txn", etcdrpc.TxnRequest(success=get))
+            leader_kvs = response.responses[0].response_range.kvs
+            request_kvs = response.responses[1].response_range.kvs
+            leader = (decode_leader(leader_kvs[0].value, leader_kvs[0].create_revision,
+                                    leader_kvs[0].lease) if leader_kvs else None)
+            request = SwitchoverRequest.decode(request_kvs[0].value) if request_kvs else None
+            return leader, request, response.header.revision
 
         return await self.etcd.call(read, "read leader")
+
+    async def request_switchover(self, request: SwitchoverRequest) -> None:
+        """Publish a switchover request on a short lease of its own."""
+
+        def put(client: Any) -> None:
+            lease = client.lease(SWITCHOVER_TTL)
+            client.put(self.keys.switchover, request.encode(), lease=lease.id)
+
+        await self.etcd.call(put, "request switchover")
+
+    async def clear_switchover(self) -> None:
+        await self.etcd.call(lambda c: c.delete(self.keys.switchover), "clear switchover")
+
+    async def step_down(self, epoch: int) -> bool:
+        """Delete the leader key if it is still the one we created (rule 6 handover)."""
+
+        def txn(client: Any) -> bool:
+            delete = etcdrpc.RequestOp(request_delete_range=etcdrpc.DeleteRangeRequest(
+                key=self.keys.leader))
+            request = etcdrpc.TxnRequest(compare=[epoch_guard(self.keys.leader, epoch)],
+                                         success=[delete])
+            return bool(kv_call(client, "Txn", request).succeeded)
+
+        return await self.etcd.call(txn, "step down")
 
     async def campaign(self, lease: Lease) -> CampaignResult:
         """Take the leader key if nobody holds it (rule 1)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -21,6 +22,8 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from .api import role_pb2, role_pb2_grpc
+from .etcd import EtcdError
+from .handover import SwitchoverFailed, SwitchoverRefused
 from .node import Node, Role, Status
 
 log = structlog.get_logger(__name__)
@@ -40,7 +43,8 @@ def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:
     return stamp
 
 
-def status_message(status: Status, resource: ResourceView | None = None) -> role_pb2.RoleStatus:
+def status_message(status: Status, resource: ResourceView | None = None,
+                   node: Node | None = None) -> role_pb2.RoleStatus:
     """Translate the node's status into the API message."""
     message = role_pb2.RoleStatus(
         node_id=status.node_id, cluster=status.cluster, role=status.role.value,
@@ -59,6 +63,12 @@ def status_message(status: Status, resource: ResourceView | None = None) -> role
     if left is not None:
         message.lease_time_left.CopyFrom(duration_pb2.Duration(
             seconds=int(left), nanos=int((left - int(left)) * 1e9)))
+    if node is not None:
+        message.preferred_primary = node.settings.preferred_primary
+        if node.health_configured:
+            health = node.health()
+            message.health = "unknown" if health is None else (
+                "healthy" if health else "unhealthy")
     for member in status.members:
         message.members.add(
             node_id=str(member.get("node_id", "")), address=str(member.get("address", "")),
@@ -84,13 +94,32 @@ class RoleServicer(role_pb2_grpc.RoleServiceServicer):
 
     async def GetRole(self, request: role_pb2.GetRoleRequest,
                       context: grpc.aio.ServicerContext[object, object]) -> role_pb2.RoleStatus:
-        return status_message(self.node.status(), self.resource)
+        return status_message(self.node.status(), self.resource, self.node)
 
     async def WatchRole(self, request: role_pb2.WatchRoleRequest,
                         context: grpc.aio.ServicerContext[object, object],
                         ) -> AsyncIterator[role_pb2.RoleStatus]:
         async for status in self.node.watch():
-            yield status_message(status, self.resource)
+            yield status_message(status, self.resource, self.node)
+
+    async def Switchover(self, request: role_pb2.SwitchoverRequest,
+                         context: grpc.aio.ServicerContext[object, object],
+                         ) -> role_pb2.SwitchoverResponse:
+        started = time.monotonic()
+        target = request.target_node or None
+        try:
+            primary, epoch = await self.node.switchover(target)
+        except SwitchoverRefused as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except SwitchoverFailed as exc:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))
+        except EtcdError as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"etcd: {exc}")
+        took = time.monotonic() - started
+        log.info("switchover_done", primary=primary, epoch=epoch, seconds=round(took, 4))
+        return role_pb2.SwitchoverResponse(
+            primary=primary, epoch=epoch,
+            took=duration_pb2.Duration(seconds=int(took), nanos=int((took % 1) * 1e9)))
 
 
 class GrpcServer:

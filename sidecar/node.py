@@ -26,15 +26,26 @@ import structlog
 
 from . import __version__, logs
 from .config import Settings
-from .election import CampaignResult, Election, LeaderInfo, Lease, LeaseLost, decode_leader
+from .election import (
+    SWITCHOVER_TTL,
+    CampaignResult,
+    Election,
+    LeaderInfo,
+    Lease,
+    LeaseLost,
+    SwitchoverRequest,
+    decode_leader,
+)
 from .etcd import Etcd, EtcdAccessDenied, EtcdError, EventType, retry_policy
+from .handover import SwitchoverRefused, choose_target, ineligibility, request_move
 
 log = structlog.get_logger(__name__)
 
 # A standby re-reads the leader key this often even if its watch reports nothing: a watch alone
 # can miss a change (a member cut off from the quorum, a bug), a read cannot.
 LEADER_REREAD_SECONDS = 10.0
-MEMBERS_REFRESH_SECONDS = 2.0
+MEMBERS_REFRESH_SECONDS = 1.0
+FAILBACK_POLL = 0.2
 ACCESS_NOTE = ("check etcd_user, the password file, the client certificate and the user's role "
                "(it needs read and write on the cluster's prefix)")
 
@@ -71,6 +82,15 @@ class NotPrimary(Exception):
     """This node may not write: it is not PRIMARY (or no longer is)."""
 
 
+class HandOver(Exception):
+    """The primary is to hand over to ``target`` (rule 6)."""
+
+    def __init__(self, target: str, reason: str) -> None:
+        super().__init__(f"handing over to {target} ({reason})")
+        self.target = target
+        self.reason = reason
+
+
 class Deposed(Exception):
     """The leader key is no longer ours although our lease is alive (deleted by someone)."""
 
@@ -96,6 +116,12 @@ class Node:
         # is_primary() again after any await of its own before it takes anything.
         self.on_promote: list[Callable[[], Awaitable[None]]] = []
         self.role_changes = 0
+        # Extra fields of the members/ record that others use to judge this node as a
+        # handover target (health, copy_current), and whether it may campaign at all.
+        self.member_fields: dict[str, Callable[[], object]] = {}
+        self.health: Callable[[], bool | None] = lambda: None
+        self.health_configured = False
+        self.handovers = 0
 
     # -- reading the role ------------------------------------------------------------------
 
@@ -112,6 +138,14 @@ class Node:
 
     def is_primary(self) -> bool:
         return self.status().role is Role.PRIMARY
+
+    async def switchover(self, target: str | None) -> tuple[str, int]:
+        """Move the leadership (an operator's request, served on any node)."""
+        return await request_move(self.election, self.etcd, self.settings.node_id, target)
+
+    def mark_member_dirty(self) -> None:
+        """Publish the members/ record again (a field others judge us by has changed)."""
+        self._member_dirty.set()
 
     def primary_epoch(self) -> int:
         """The epoch to guard a write with; raises NotPrimary unless this node is PRIMARY."""
@@ -216,6 +250,8 @@ class Node:
                     tasks.create_task(self.election.keep_alive(lease), name="keepalive")
                     tasks.create_task(self._publish_member(lease), name="member")
                     tasks.create_task(self._leadership(lease), name="leadership")
+                    if self.settings.preferred_primary and self.settings.failback:
+                        tasks.create_task(self._failback(), name="failback")
             except* LeaseLost as group:
                 reason = str(_first_leaf(group))
                 self._set_role(Role.FENCED, f"lease lost: {reason}")
@@ -264,14 +300,21 @@ class Node:
 
     async def _leadership(self, lease: Lease) -> None:
         while True:
-            leader, revision = await self._read_leader()
+            leader, request, revision = await self._read_state()
             if leader is not None and leader.lease == lease.id:
                 # Our own key under our live lease: a fence ended before etcd expired it.
                 await self._serve(lease, leader, revision)
                 continue
             if leader is None:
+                held_back = self._held_back(request)
+                if held_back is not None:
+                    self._set_role(Role.STANDBY, held_back)
+                    await self._follow(revision, SWITCHOVER_TTL if request else 0.5)
+                    continue
                 result = await self._campaign(lease)
                 if result.won and result.leader is not None:
+                    if request is not None and request.target == self.settings.node_id:
+                        await self._clear_request()
                     await self._serve(lease, result.leader, result.revision)
                     continue
                 leader, revision = result.leader, result.revision
@@ -279,6 +322,26 @@ class Node:
                     continue
             self._set_role(Role.STANDBY, "following the leader", leader=leader)
             await self._follow(revision)
+
+    def _held_back(self, request: SwitchoverRequest | None) -> str | None:
+        """Why this node must not campaign now, or None."""
+        if request is not None and request.target != self.settings.node_id:
+            return f"holding back: {request.target} takes over ({request.reason})"
+        if self.health() is False:
+            return "not campaigning: the local VSM server is unhealthy"
+        return None
+
+    async def _read_state(self) -> tuple[LeaderInfo | None, SwitchoverRequest | None, int]:
+        async for attempt in retry_policy("read leader", max_wait=0.5):
+            with attempt:
+                return await self.election.read_leader_and_request()
+        raise AssertionError("unreachable")
+
+    async def _clear_request(self) -> None:
+        try:
+            await self.election.clear_switchover()
+        except EtcdError as exc:  # it expires with its short lease anyway
+            log.info("switchover_not_cleared", error=str(exc))
 
     async def _campaign(self, lease: Lease) -> CampaignResult:
         async for attempt in retry_policy("campaign", max_wait=0.5):
@@ -292,10 +355,10 @@ class Node:
                 return await self.election.read_leader()
         raise AssertionError("unreachable")
 
-    async def _follow(self, revision: int) -> None:
-        """Return as soon as the leader key is deleted, on a watch error, or at the backstop."""
+    async def _follow(self, revision: int, wait: float = LEADER_REREAD_SECONDS) -> None:
+        """Return as soon as the leader key is deleted, on a watch error, or after ``wait``."""
         try:
-            async with asyncio.timeout(LEADER_REREAD_SECONDS):
+            async with asyncio.timeout(wait):
                 async with self.etcd.watch(self.election.keys.leader,
                                            start_revision=revision + 1) as watch:
                     async for batch in watch:
@@ -326,8 +389,69 @@ class Node:
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(self._watch_deadline(lease), name="deadline")
                 tasks.create_task(self._guard_key(leader.epoch, revision), name="key-guard")
+                tasks.create_task(self._await_handover(revision), name="handover")
         except* Deposed as group:
             self._set_role(Role.STANDBY, str(_first_leaf(group)))
+        except* HandOver as group:
+            await self._hand_over(leader.epoch, _first_leaf(group))
+
+    async def _hand_over(self, epoch: int, handover: BaseException) -> None:
+        """Rule 6: stop writes and release the IP (in _set_role), then delete the leader key;
+        the request in etcd keeps everyone but the target from campaigning."""
+        self.handovers += 1
+        self._set_role(Role.STANDBY, str(handover))
+        try:
+            await self.election.step_down(epoch)
+        except EtcdError as exc:
+            log.warning("step_down_failed", error=str(exc),
+                        note="the key goes with our lease if the node stops")
+
+    async def _await_handover(self, revision: int) -> None:
+        """Raise HandOver for an eligible switchover request, or when this primary is
+        unhealthy and a standby can take over; otherwise keep serving."""
+        unhealthy_logged = False
+        while True:
+            _, request, revision = await self._read_state()
+            me = self.settings.node_id
+            if request is not None and request.target == me:
+                await self._clear_request()  # already ours (a failback that raced a failover)
+            elif request is not None and request.target != me:
+                members = await self.election.read_members()
+                self._status = replace(self._status, members=tuple(members))
+                reason = ineligibility(self._member(request.target), request.target)
+                if reason is None:
+                    raise HandOver(request.target, request.reason)
+                log.warning("switchover_ignored", target=request.target, reason=reason)
+                await self._clear_request()
+            elif self.health() is False:
+                try:
+                    target = choose_target(self._status.members, me, None)
+                except SwitchoverRefused as exc:
+                    if not unhealthy_logged:
+                        log.error("primary_unhealthy_keeps_role", reason=str(exc))
+                        unhealthy_logged = True
+                else:
+                    await self.election.request_switchover(
+                        SwitchoverRequest(target, me, "primary unhealthy"))
+                    raise HandOver(target, "primary unhealthy")
+            else:
+                unhealthy_logged = False
+            await self._wait_request(revision)
+
+    async def _wait_request(self, revision: int) -> None:
+        """Until the switchover key changes, or a second passes (health is polled)."""
+        try:
+            async with asyncio.timeout(1.0):
+                async with self.etcd.watch(self.election.keys.switchover,
+                                           start_revision=revision + 1) as watch:
+                    async for batch in watch:
+                        if batch.events:
+                            return
+        except (TimeoutError, EtcdError):
+            return
+
+    def _member(self, node_id: str) -> dict[str, Any] | None:
+        return next((m for m in self._status.members if m.get("node_id") == node_id), None)
 
     async def _pass_gates(self, lease: Lease, revision: int) -> None:
         started = time.monotonic()
@@ -369,14 +493,46 @@ class Node:
             if leader is None or leader.epoch != epoch:
                 raise Deposed("the leader key was deleted or replaced")
 
+    def _failback_state(self) -> tuple[object, ...]:
+        st = self._status
+        current = self.member_fields.get("copy_current", lambda: True)()
+        return (st.role, st.leader.node_id if st.leader else None, self.health(), current)
+
+    async def _failback(self) -> None:
+        """The preferred primary asks for the role back once it has been a healthy, caught-up
+        STANDBY of someone else for failback_delay; any change restarts the delay, so a
+        flapping node never causes repeated failbacks."""
+        me, delay = self.settings.node_id, self.settings.failback_delay
+        state, since = self._failback_state(), time.monotonic()
+        while True:
+            await asyncio.sleep(FAILBACK_POLL)
+            now, current = time.monotonic(), self._failback_state()
+            if current != state:
+                state, since = current, now
+                continue
+            role, leader, health, copy_current = state
+            ready = (role is Role.STANDBY and leader not in (None, me) and health is not False
+                     and copy_current is True)
+            if ready and now - since >= delay:
+                log.info("failback", decision="ask for the leadership back", leader=leader,
+                         stable_for=round(now - since, 1))
+                try:
+                    await self.election.request_switchover(
+                        SwitchoverRequest(me, me, "failback"))
+                except EtcdError as exc:
+                    log.warning("failback_request_failed", error=str(exc))
+                since = now + SWITCHOVER_TTL  # let this request run its course first
+
     async def _publish_member(self, lease: Lease) -> None:
         """Keep members/<node> current (on our lease) and refresh what we know of the others."""
-        self._member_dirty.set()
+        published: dict[str, Any] | None = None
         while True:
             try:
-                if self._member_dirty.is_set():
+                record = self._member_record()
+                if self._member_dirty.is_set() or record != published:
                     self._member_dirty.clear()
-                    await self.election.put_member(lease, self._member_record())
+                    await self.election.put_member(lease, record)
+                    published = record
                 members = await self.election.read_members()
                 self._status = replace(self._status, members=tuple(members))
             except EtcdError as exc:
@@ -392,7 +548,8 @@ class Node:
 
     def _member_record(self) -> dict[str, Any]:
         s = self._status
-        return {"node_id": s.node_id, "address": self.settings.published_address,
+        extras = {name: read() for name, read in self.member_fields.items()}
+        return {**extras, "node_id": s.node_id, "address": self.settings.published_address,
                 "role": s.role.value, "epoch": s.epoch, "version": __version__,
                 "role_since": datetime.fromtimestamp(s.role_since, UTC).isoformat(
                     timespec="milliseconds").replace("+00:00", "Z")}

@@ -50,6 +50,9 @@ class Service:
         self.follower = Follower(self.data_etcd, keys, self.store)
         self.writer = Writer(self.data_etcd, keys, self.node.primary_epoch)
         self.node.promotion_gates.append(self.follower.wait_current)
+        # Others judge us as a handover target by these (sidecar.handover.ineligibility).
+        self.node.member_fields["copy_current"] = lambda: self.follower.connected
+        self.node.member_fields["preferred_primary"] = lambda: settings.preferred_primary
         self.file_mirror = None
         if settings.vsm_sessions_file is not None:
             self.file_mirror = FileMirror(self.data_etcd, keys, settings.vsm_sessions_file,

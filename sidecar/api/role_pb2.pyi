@@ -48,7 +48,7 @@ class Member(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class RoleStatus(_message.Message):
-    __slots__ = ("node_id", "role", "leader_id", "leader_address", "epoch", "role_since", "lease_time_left", "reason", "cluster", "members", "resource_ips", "resource_ip_held", "last_announcement")
+    __slots__ = ("node_id", "role", "leader_id", "leader_address", "epoch", "role_since", "lease_time_left", "reason", "cluster", "members", "resource_ips", "resource_ip_held", "last_announcement", "health", "preferred_primary")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     LEADER_ID_FIELD_NUMBER: _ClassVar[int]
@@ -62,6 +62,8 @@ class RoleStatus(_message.Message):
     RESOURCE_IPS_FIELD_NUMBER: _ClassVar[int]
     RESOURCE_IP_HELD_FIELD_NUMBER: _ClassVar[int]
     LAST_ANNOUNCEMENT_FIELD_NUMBER: _ClassVar[int]
+    HEALTH_FIELD_NUMBER: _ClassVar[int]
+    PREFERRED_PRIMARY_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     role: Role
     leader_id: str
@@ -75,4 +77,22 @@ class RoleStatus(_message.Message):
     resource_ips: _containers.RepeatedScalarFieldContainer[str]
     resource_ip_held: bool
     last_announcement: _timestamp_pb2.Timestamp
-    def __init__(self, node_id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., leader_id: _Optional[str] = ..., leader_address: _Optional[str] = ..., epoch: _Optional[int] = ..., role_since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., lease_time_left: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., reason: _Optional[str] = ..., cluster: _Optional[str] = ..., members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., resource_ips: _Optional[_Iterable[str]] = ..., resource_ip_held: _Optional[bool] = ..., last_announcement: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    health: str
+    preferred_primary: bool
+    def __init__(self, node_id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., leader_id: _Optional[str] = ..., leader_address: _Optional[str] = ..., epoch: _Optional[int] = ..., role_since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., lease_time_left: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., reason: _Optional[str] = ..., cluster: _Optional[str] = ..., members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., resource_ips: _Optional[_Iterable[str]] = ..., resource_ip_held: _Optional[bool] = ..., last_announcement: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., health: _Optional[str] = ..., preferred_primary: _Optional[bool] = ...) -> None: ...
+
+class SwitchoverRequest(_message.Message):
+    __slots__ = ("target_node",)
+    TARGET_NODE_FIELD_NUMBER: _ClassVar[int]
+    target_node: str
+    def __init__(self, target_node: _Optional[str] = ...) -> None: ...
+
+class SwitchoverResponse(_message.Message):
+    __slots__ = ("primary", "epoch", "took")
+    PRIMARY_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    TOOK_FIELD_NUMBER: _ClassVar[int]
+    primary: str
+    epoch: int
+    took: _duration_pb2.Duration
+    def __init__(self, primary: _Optional[str] = ..., epoch: _Optional[int] = ..., took: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...

@@ -45,6 +45,11 @@ class RoleServiceStub:
                 request_serializer=thinlinc_dot_ha_dot_v1_dot_role__pb2.WatchRoleRequest.SerializeToString,
                 response_deserializer=thinlinc_dot_ha_dot_v1_dot_role__pb2.RoleStatus.FromString,
                 _registered_method=True)
+        self.Switchover = channel.unary_unary(
+                '/thinlinc.ha.v1.RoleService/Switchover',
+                request_serializer=thinlinc_dot_ha_dot_v1_dot_role__pb2.SwitchoverRequest.SerializeToString,
+                response_deserializer=thinlinc_dot_ha_dot_v1_dot_role__pb2.SwitchoverResponse.FromString,
+                _registered_method=True)
 
 
 class RoleServiceServicer:
@@ -63,6 +68,15 @@ class RoleServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Switchover(self, request, context):
+        """A planned move of the leadership (handover, no TTL wait). Answers when the new primary
+        holds the leader key, or fails: FAILED_PRECONDITION with the reason when the target is
+        missing, unhealthy or not caught up; DEADLINE_EXCEEDED when it did not take over in time.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RoleServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -75,6 +89,11 @@ def add_RoleServiceServicer_to_server(servicer, server):
                     servicer.WatchRole,
                     request_deserializer=thinlinc_dot_ha_dot_v1_dot_role__pb2.WatchRoleRequest.FromString,
                     response_serializer=thinlinc_dot_ha_dot_v1_dot_role__pb2.RoleStatus.SerializeToString,
+            ),
+            'Switchover': grpc.unary_unary_rpc_method_handler(
+                    servicer.Switchover,
+                    request_deserializer=thinlinc_dot_ha_dot_v1_dot_role__pb2.SwitchoverRequest.FromString,
+                    response_serializer=thinlinc_dot_ha_dot_v1_dot_role__pb2.SwitchoverResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -131,6 +150,33 @@ class RoleService:
             '/thinlinc.ha.v1.RoleService/WatchRole',
             thinlinc_dot_ha_dot_v1_dot_role__pb2.WatchRoleRequest.SerializeToString,
             thinlinc_dot_ha_dot_v1_dot_role__pb2.RoleStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Switchover(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/thinlinc.ha.v1.RoleService/Switchover',
+            thinlinc_dot_ha_dot_v1_dot_role__pb2.SwitchoverRequest.SerializeToString,
+            thinlinc_dot_ha_dot_v1_dot_role__pb2.SwitchoverResponse.FromString,
             options,
             channel_credentials,
             insecure,
