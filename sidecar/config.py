@@ -163,6 +163,10 @@ class Settings:
         "deadline (default: max(0.25, ttl / 10))", metavar="SECONDS")
     grpc_listen: str = _setting(
         "127.0.0.1:50051", _text, "gRPC listen address: HOST:PORT or unix:PATH", metavar="ADDR")
+    http_listen: str = _setting(
+        "127.0.0.1:8008", _text, "HTTP for load balancers and "
+        "Prometheus (/primary /standby /health /metrics): HOST:PORT, empty to turn it off; "
+        "loopback by default, set the node's address for a remote HAProxy", metavar="ADDR")
     advertise_address: str | None = _setting(
         None, _optional_text, "gRPC address other nodes and operators use to reach this node, "
         "published in etcd (default: --grpc-listen)", metavar="ADDR")
@@ -205,6 +209,24 @@ class Settings:
     failback_delay: float = _setting(
         5.0, _number(float), "the preferred primary must be healthy, caught up and unchanged "
         "this long before it asks for the role back", metavar="SECONDS")
+    on_role_change: Path | None = _setting(
+        None, _optional_path, "program run on every role change (old and new role, epoch, "
+        "node and leader in its environment), one at a time, in order", metavar="PROGRAM")
+    hook_timeout: float = _setting(
+        30.0, _number(float), "a role hook still running after this long is killed",
+        metavar="SECONDS")
+    health_check: str | None = _setting(
+        None, _optional_text, "check of the local VSM server gating candidacy: tcp:PORT, "
+        "tcp:HOST:PORT (port 9000 is the VSM server's) or exec:COMMAND (off when unset)",
+        metavar="CHECK")
+    health_interval: float = _setting(
+        2.0, _number(float), "seconds between health checks", metavar="SECONDS")
+    health_timeout: float = _setting(
+        1.0, _number(float), "a health check not done after this long fails", metavar="SECONDS")
+    health_rise: int = _setting(
+        2, _number(int), "consecutive passes that make the VSM server healthy", metavar="N")
+    health_fall: int = _setting(
+        3, _number(int), "consecutive failures that make it unhealthy", metavar="N")
     data_dir: Path = _setting(
         Path("/var/lib/vsm-sidecar"), _path, "folder for the durable copy of the session "
         "records (created, owner-only)", metavar="DIR")
@@ -334,7 +356,12 @@ def validate(s: Settings) -> None:
     _validate_credentials(s)
     _validate_timing(s)
     _validate_listen("grpc_listen", s.grpc_listen)
+    if s.http_listen:
+        if s.http_listen.startswith("unix:"):
+            raise ConfigError("http_listen", "must be HOST:PORT (no Unix socket for HTTP)")
+        _validate_listen("http_listen", s.http_listen)
     _validate_vip(s)
+    _validate_hooks_and_health(s)
     if not 0 <= s.failback_delay <= 3600:
         raise ConfigError("failback_delay", f"must be 0-3600 seconds (got {s.failback_delay})")
     if not 0.1 <= s.vsm_file_check_interval <= 3600:
@@ -342,6 +369,30 @@ def validate(s: Settings) -> None:
     if s.vsm_sessions_file is not None and not s.vsm_sessions_file.parent.is_dir():
         raise ConfigError("vsm_sessions_file",
                           f"the folder of {s.vsm_sessions_file} does not exist")
+
+
+def _validate_hooks_and_health(s: Settings) -> None:
+    from . import health, hooks
+
+    if s.on_role_change is not None:
+        try:
+            hooks.check_program(s.on_role_change)
+        except ValueError as exc:
+            raise ConfigError("on_role_change", str(exc)) from None
+    if not 0.1 <= s.hook_timeout <= 3600:
+        raise ConfigError("hook_timeout", f"must be 0.1-3600 seconds (got {s.hook_timeout})")
+    if s.health_check is not None:
+        try:
+            health.parse_target(s.health_check)
+        except ValueError as exc:
+            raise ConfigError("health_check", str(exc)) from None
+    if not 0.1 <= s.health_interval <= 3600:
+        raise ConfigError("health_interval", "must be 0.1-3600 seconds")
+    if not 0.05 <= s.health_timeout <= s.health_interval:
+        raise ConfigError("health_timeout", "must be 0.05 s up to health_interval")
+    for name in ("health_rise", "health_fall"):
+        if not 1 <= getattr(s, name) <= 100:
+            raise ConfigError(name, f"must be 1-100 (got {getattr(s, name)})")
 
 
 def _validate_vip(s: Settings) -> None:

@@ -10,6 +10,7 @@ someone else, so the target wins without anyone waiting for a TTL.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -17,6 +18,7 @@ from .election import SWITCHOVER_TTL, Election, SwitchoverRequest, decode_leader
 from .etcd import Etcd, EventType
 
 HEALTH_UNHEALTHY = "unhealthy"
+HEALTH_HEALTHY = "healthy"
 
 
 class SwitchoverRefused(Exception):
@@ -29,8 +31,11 @@ def ineligibility(member: Mapping[str, Any] | None, node_id: str) -> str | None:
         return f"{node_id} is not a member (it holds no lease in etcd)"
     if member.get("role") != "ROLE_STANDBY":
         return f"{node_id} is {str(member.get('role', '?')).removeprefix('ROLE_')}, not STANDBY"
-    if member.get("health") == HEALTH_UNHEALTHY:
+    health = member.get("health")
+    if health == HEALTH_UNHEALTHY:
         return f"{node_id} is unhealthy (its VSM server check fails)"
+    if health not in (None, HEALTH_HEALTHY):  # a check is configured, no verdict yet
+        return f"{node_id} is not yet known healthy (its VSM server check is {health})"
     if not member.get("copy_current", False):
         return f"{node_id} has not caught up with the session records"
     return None
@@ -70,15 +75,33 @@ async def request_move(election: Election, etcd: Etcd, requester: str,
     if target == leader.node_id:
         return leader.node_id, leader.epoch  # already there: nothing to move
     chosen = choose_target(await election.read_members(), leader.node_id, target)
-    async with etcd.watch(election.keys.leader, start_revision=revision + 1) as watch:
+    # Done when the target serves: it holds the leader key and its members/ record says
+    # PRIMARY under that key's epoch. One watch over the cluster prefix sees both in order.
+    prefix = election.keys.prefix.encode()
+    member_key = election.keys.member(chosen)
+    async with etcd.watch(prefix, prefix=True, start_revision=revision + 1) as watch:
         await election.request_switchover(SwitchoverRequest(chosen, requester, "operator"))
+        epoch = 0
         try:
             async with asyncio.timeout(SWITCHOVER_TTL + 1):
                 async for batch in watch:
                     for event in batch.events:
-                        new = decode_leader(event.value, event.create_revision, 0)
-                        if event.type is EventType.PUT and new.node_id == chosen:
-                            return chosen, new.epoch
+                        if event.type is not EventType.PUT:
+                            continue
+                        if event.key == election.keys.leader:
+                            new = decode_leader(event.value, event.create_revision, 0)
+                            epoch = new.epoch if new.node_id == chosen else 0
+                        elif event.key == member_key and epoch and _serving(event.value, epoch):
+                            return chosen, epoch
         except TimeoutError:
             pass
     raise SwitchoverFailed(f"{chosen} did not take over within {SWITCHOVER_TTL + 1} s")
+
+
+def _serving(record: bytes, epoch: int) -> bool:
+    try:
+        data = json.loads(record)
+    except ValueError:
+        return False
+    return isinstance(data, dict) and data.get("role") == "ROLE_PRIMARY" and \
+        data.get("epoch") == epoch

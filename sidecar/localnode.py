@@ -51,6 +51,7 @@ class LocalSidecar:
         # sidecar that runs inside one.
         self.unix_socket = workdir / f"grpc-{node_id}.sock" if unix_socket else None
         self.port = 0 if unix_socket else free_port(host)
+        self.http_port = 0 if unix_socket else free_port(host)
         self.extra_args = list(extra_args)
         self.command_prefix = list(command_prefix)
         self.env = env
@@ -69,7 +70,9 @@ class LocalSidecar:
                 "--node-id", self.node_id, "--cluster", self.cluster,
                 "--etcd-endpoints", self.endpoints, "--ttl", str(self.ttl),
                 "--grpc-listen", self.address, "--log-format", "json",
-                "--data-dir", str(self.data_dir), *self.extra_args]
+                "--data-dir", str(self.data_dir),
+                "--http-listen", f"{self.host}:{self.http_port}" if self.http_port else "",
+                *self.extra_args]
 
     def start(self, wait: bool = True, timeout: float = 15.0) -> LocalSidecar:
         env = {**os.environ, **(self.env or {})}

@@ -327,8 +327,9 @@ class Node:
         """Why this node must not campaign now, or None."""
         if request is not None and request.target != self.settings.node_id:
             return f"holding back: {request.target} takes over ({request.reason})"
-        if self.health() is False:
-            return "not campaigning: the local VSM server is unhealthy"
+        if self.health_configured and self.health() is not True:
+            state = "unhealthy" if self.health() is False else "not yet known healthy"
+            return f"not campaigning: the local VSM server is {state}"
         return None
 
     async def _read_state(self) -> tuple[LeaderInfo | None, SwitchoverRequest | None, int]:
@@ -511,7 +512,9 @@ class Node:
                 state, since = current, now
                 continue
             role, leader, health, copy_current = state
-            ready = (role is Role.STANDBY and leader not in (None, me) and health is not False
+            # With a check configured, only a node known to be healthy asks for the role.
+            healthy = health is True or not self.health_configured
+            ready = (role is Role.STANDBY and leader not in (None, me) and healthy
                      and copy_current is True)
             if ready and now - since >= delay:
                 log.info("failback", decision="ask for the leadership back", leader=leader,
@@ -544,7 +547,7 @@ class Node:
             except TimeoutError:
                 pass
             if self._member_dirty.is_set():
-                await asyncio.sleep(0.05)  # coalesce a burst of changes into one put
+                await asyncio.sleep(0.01)  # coalesce a burst of changes into one put
 
     def _member_record(self) -> dict[str, Any]:
         s = self._status

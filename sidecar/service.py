@@ -22,6 +22,10 @@ from .filemirror import FileMirror
 from .grpc_api import GrpcServer
 from .grpc_sessions import SERVICE_NAME as SESSION_SERVICE
 from .grpc_sessions import SessionServicer
+from .health import HealthCheck, parse_target
+from .hooks import HookRunner
+from .http_api import HttpServer
+from .metrics import SidecarCollector, create_registry
 from .mirror import Follower, Writer
 from .node import Node
 from .resource import ResourceController
@@ -71,6 +75,29 @@ class Service:
         self.grpc.add_servicer(
             SESSION_SERVICE, SessionServicer(self.node, self.follower, self.writer),
             session_pb2_grpc.add_SessionServiceServicer_to_server)
+        self.hooks = None
+        if settings.on_role_change is not None:
+            self.hooks = HookRunner(settings.on_role_change, settings.hook_timeout,
+                                    settings.node_id)
+        self.health = None
+        if settings.health_check is not None:
+            self.health = HealthCheck(parse_target(settings.health_check),
+                                      settings.health_interval, settings.health_timeout,
+                                      settings.health_rise, settings.health_fall)
+            check = self.health
+            self.node.health = lambda: check.healthy
+            self.node.health_configured = True
+            self.node.member_fields["health"] = lambda: (
+                "unknown" if check.healthy is None else
+                "healthy" if check.healthy else "unhealthy")
+            check.on_change.append(lambda healthy, reason: self.node.mark_member_dirty())
+        self.http: HttpServer | None = None
+        if settings.http_listen:
+            collector = SidecarCollector(self.node, self.node.election,
+                                         [self.etcd, self.data_etcd], self.follower,
+                                         self.writer, self.resource, self.hooks,
+                                         self.health)
+            self.http = HttpServer(self.node, create_registry(collector), settings.http_listen)
         self.stop = asyncio.Event()
 
     def _on_signal(self, signum: int) -> None:
@@ -94,12 +121,23 @@ class Service:
         except (OSError, RuntimeError) as exc:
             raise ConfigError("grpc_listen", f"cannot listen on {self.settings.grpc_listen}: "
                                              f"{exc}") from None
+        if self.http is not None:
+            try:
+                await self.http.start()
+            except OSError as exc:
+                raise ConfigError("http_listen", f"cannot listen on {self.settings.http_listen}"
+                                                 f": {exc}") from None
         background = [asyncio.create_task(self.follower.run(), name="follower"),
                       asyncio.create_task(self.writer.run(), name="writer")]
         if self.resource is not None:
             background.append(asyncio.create_task(self.resource.reconcile(), name="reconcile"))
         if self.file_mirror is not None:
             background.append(asyncio.create_task(self.file_mirror.run(), name="file-mirror"))
+        if self.hooks is not None:
+            background += [asyncio.create_task(self.hooks.run(), name="hooks"),
+                           asyncio.create_task(self.hooks.follow(self.node), name="hook-feed")]
+        if self.health is not None:
+            background.append(asyncio.create_task(self.health.run(), name="health"))
         node = asyncio.create_task(self.node.run(self.stop), name="node")
         failed = False
         try:
@@ -116,6 +154,8 @@ class Service:
             await node
         finally:
             await self.grpc.stop(SHUTDOWN_GRACE)
+            if self.http is not None:
+                await self.http.stop()
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)

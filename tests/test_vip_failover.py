@@ -189,3 +189,25 @@ def test_two_capabilities_are_enough_without_root(vip_pair: VipPair) -> None:
     assert vip_pair.holds("a")
     status = Path(f"/proc/{node.pid}/status").read_text()
     assert "Uid:\t65534" in status
+
+
+def test_a_hanging_role_hook_does_not_delay_the_release(vip_pair: VipPair,
+                                                        tmp_path: Path) -> None:
+    """A role hook that hangs (60 s) on every change: SIGTERM of the primary still moves the
+    client to b through the resource IP within 0.5 s; the hook never sits on the safety path."""
+    hook = tmp_path / "hang.sh"
+    hook.write_text("#!/bin/sh\nsleep 60\n")
+    hook.chmod(0o755)
+    node = LocalSidecar("a", "vip", vip_pair.etcd.endpoints_arg, vip_pair.workdir, ttl=TTL,
+                        command_prefix=vip_pair.lab.exec_prefix("a"), unix_socket=True,
+                        extra_args=["--vip", f"{vip_pair.vip}/24", "--vip-interface", "eth0",
+                                    "--on-role-change", str(hook), "--hook-timeout", "120"])
+    vip_pair.nodes["a"] = node
+    node.start().wait_role("PRIMARY")
+    vip_pair.sidecar("b").wait_role("STANDBY")
+    wait_for(lambda: vip_pair.ask() == "a", timeout=3)
+    sent = time.monotonic()
+    node.terminate()
+    wait_for(lambda: vip_pair.ask(timeout=0.1) == "b", timeout=3)
+    assert time.monotonic() - sent < 0.5
+    assert not vip_pair.holds("a")
