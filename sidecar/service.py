@@ -30,6 +30,7 @@ from .mirror import Follower, Writer
 from .node import Node
 from .resource import ResourceController
 from .store import SessionStore, StoreError
+from .systemd import Notifier
 
 log = structlog.get_logger(__name__)
 
@@ -98,6 +99,7 @@ class Service:
                                          self.writer, self.resource, self.hooks,
                                          self.health)
             self.http = HttpServer(self.node, create_registry(collector), settings.http_listen)
+        self.systemd = Notifier()
         self.stop = asyncio.Event()
 
     def _on_signal(self, signum: int) -> None:
@@ -138,6 +140,9 @@ class Service:
                            asyncio.create_task(self.hooks.follow(self.node), name="hook-feed")]
         if self.health is not None:
             background.append(asyncio.create_task(self.health.run(), name="health"))
+        if self.systemd.enabled:
+            background += [asyncio.create_task(self.systemd.watchdog(), name="sd-watchdog"),
+                           asyncio.create_task(self._report_to_systemd(), name="sd-status")]
         node = asyncio.create_task(self.node.run(self.stop), name="node")
         failed = False
         try:
@@ -153,6 +158,7 @@ class Service:
                 self.stop.set()
             await node
         finally:
+            self.systemd.send(stopping="1", status="stopping: handing over")
             await self.grpc.stop(SHUTDOWN_GRACE)
             if self.http is not None:
                 await self.http.stop()
@@ -168,6 +174,18 @@ class Service:
         log.info("stopped")
         return 1 if failed else 0
 
+
+    async def _report_to_systemd(self) -> None:
+        """READY once the API serves; then one STATUS line per role change."""
+        ready = False
+        async for status in self.node.watch():
+            leader = status.leader.node_id if status.leader else "-"
+            line = f"{status.role.name} epoch {status.epoch}, leader {leader}: {status.reason}"
+            if ready:
+                self.systemd.send(status=line)
+            else:
+                self.systemd.send(ready="1", status=line)
+                ready = True
 
     async def _open_store(self) -> None:
         try:
