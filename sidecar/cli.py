@@ -25,6 +25,21 @@ def _parser() -> argparse.ArgumentParser:
     config.add_arguments(run)
     run.set_defaults(func=_cmd_run)
 
+    check = commands.add_parser(
+        "check-config", help="validate the settings (flags, environment, file) and print them")
+    config.add_arguments(check)
+    check.set_defaults(func=_cmd_check_config)
+
+    standin = commands.add_parser(
+        "vsm-standin", help="a stand-in VSM server that follows its sidecar (for demos and "
+                            "tests, and as an example of the API)")
+    standin.add_argument("--grpc", default="127.0.0.1:50051", metavar="ADDR",
+                         help="its sidecar's gRPC address [127.0.0.1:50051]")
+    standin.add_argument("--listen", default="127.0.0.1:9000", metavar="HOST:PORT",
+                         help="where to serve while PRIMARY [127.0.0.1:9000]")
+    standin.add_argument("--name", default=None, help="name it answers with [host name]")
+    standin.set_defaults(func=_cmd_standin)
+
     status = commands.add_parser("status", help="print the role of a running sidecar")
     status.add_argument("--grpc", default="127.0.0.1:50051", metavar="ADDR",
                         help="the sidecar's gRPC address [127.0.0.1:50051]")
@@ -69,6 +84,22 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except EtcdError as exc:  # only errors that retrying cannot mend get this far
         print(f"vsm-sidecar: error: etcd: {exc}", file=sys.stderr)
         return 1
+
+
+def _cmd_check_config(args: argparse.Namespace) -> int:
+    settings = config.load(vars(args))
+    for name in config.SETTING_NAMES:
+        value = getattr(settings, name)
+        if "password" not in name:
+            print(f"{name} = {value!r}")
+    print("settings are valid")
+    return 0
+
+
+def _cmd_standin(args: argparse.Namespace) -> int:
+    from . import standin
+
+    return standin.main(grpc_address=args.grpc, listen=args.listen, name=args.name)
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
