@@ -1,10 +1,12 @@
-"""``vsm-sidecar demo``: watch two sidecars elect, fail over and hand over on a local cluster.
+"""``vsm-sidecar demo``: watch two sidecars elect, fail over, fail back and switch over.
 
-Nothing to set up: the demo starts a real 3-member etcd cluster (the bundled etcd binary) and
-two real sidecar processes, ``vsm-a`` and ``vsm-b``, in one temporary work directory. It plays a
-few scenes (election, crash failover, restart, planned handover, etcd member loss), each with a
-measured result, under a live table of what every process reports. Ctrl-C, SIGTERM or a
-closed terminal (SIGHUP) at any time kills everything it started and removes the directory.
+Nothing to set up: the demo starts a real 3-member etcd cluster (the bundled etcd binary), two
+real sidecar processes, ``vsm-a`` (the preferred primary) and ``vsm-b``, and beside each a
+stand-in VSM server (``vsm-sidecar vsm-standin``) that serves only while its sidecar is
+PRIMARY, all in one temporary work directory. It plays a few scenes (election, sessions, crash
+failover, restart and failback, planned switchover, etcd member loss), each with a measured
+result, under a live table of what every process reports. Ctrl-C, SIGTERM or a closed terminal
+(SIGHUP) at any time kills everything it started and removes the directory.
 
 Times are measured the way a VSM server would see them: from the fault to the arrival of the
 survivor's WatchRole message saying PRIMARY (:class:`~sidecar.localnode.RoleRecorder`).
@@ -15,6 +17,7 @@ from __future__ import annotations
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -27,13 +30,26 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, TextIO
 
+import grpc
+
 from . import client
+from .api import session_pb2, session_pb2_grpc
 from .config import MAX_TTL, MIN_TTL
-from .localcluster import EtcdClusterError, EtcdMember, EtcdMemberUnavailable, LocalEtcdCluster
+from .localcluster import (
+    EtcdClusterError,
+    EtcdMember,
+    EtcdMemberUnavailable,
+    LocalEtcdCluster,
+    free_port,
+)
 from .localnode import LocalSidecar, Observation, RoleRecorder
 
 CLUSTER = "demo"
 NODE_IDS = ("vsm-a", "vsm-b")
+FAILBACK_DELAY_S = 2
+# vsm-a is the node ThinLinc calls primary: it takes the role back after a failover.
+NODE_ARGS = {"vsm-a": ("--preferred-primary", "--failback-delay", str(FAILBACK_DELAY_S))}
+USERS = ("alice", "bob", "carol", "dave", "erin")  # one session each
 HEALTH_REQUEST = '{"service":"thinlinc.ha.v1.Primary"}'
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -54,6 +70,9 @@ RIDE_OUT_S = 2.0  # after an etcd member loss, watch this much longer than a TTL
 # The shortest TTL that outlasts an etcd leader election at stock etcd timing (measured): with
 # a shorter one the primary may fence itself, safely, so scene 5 shows that instead of failing.
 RIDE_OUT_TTL = 3
+# A stand-in that exits this soon after its start is a placeholder: this build has none.
+STANDIN_GRACE_S = 1.0
+RPC_TIMEOUT_S = 5.0
 
 
 class SceneFailed(Exception):
@@ -85,14 +104,82 @@ class Split:
     epoch: int
 
 
+class StandIn:
+    """One stand-in VSM server (``vsm-sidecar vsm-standin``) beside one sidecar.
+
+    It follows its sidecar's WatchRole and serves its TCP port only while that sidecar is
+    PRIMARY: a client gets "NAME COUNT", and "new USER" creates a session through the sidecar.
+    """
+
+    def __init__(self, node: LocalSidecar, workdir: Path) -> None:
+        self.name = node.node_id
+        self.sidecar = node.address
+        self.host, self.port = "127.0.0.1", free_port("127.0.0.1")
+        self.log_path = workdir / f"standin-{self.name}.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def start(self) -> None:
+        command = [sys.executable, "-m", "sidecar", "vsm-standin", "--grpc", self.sidecar,
+                   "--listen", self.address, "--name", self.name]  # fmt: skip
+        with self.log_path.open("ab") as log:
+            # A session of its own, like the sidecars: only the demo's cleanup stops it.
+            self.process = subprocess.Popen(command, stdout=log, stderr=log,
+                                            start_new_session=True)  # fmt: skip
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def serving(self) -> bool:
+        """Whether its port accepts a connection (only while its sidecar is PRIMARY)."""
+        try:
+            with socket.create_connection((self.host, self.port), timeout=PROBE_TIMEOUT_S):
+                return True
+        except OSError:
+            return False
+
+    def new_session(self, user: str) -> int:
+        """Create a session for ``user``; the etcd revision the sidecar acknowledged it at."""
+        try:
+            with socket.create_connection((self.host, self.port), timeout=RPC_TIMEOUT_S) as conn:
+                lines = conn.makefile("rw", encoding="utf-8", newline="\n")
+                lines.readline()  # the greeting, "NAME COUNT"
+                lines.write(f"new {user}\n")
+                lines.flush()
+                answer = lines.readline().strip()
+        except OSError as exc:
+            raise SceneFailed(f"{self.name}'s stand-in did not answer: {exc}") from None
+        match answer.split():
+            case ["ok", _, revision] if revision.isdigit():
+                return int(revision)
+        raise SceneFailed(f"{self.name}'s stand-in answered {answer!r} to 'new {user}'")
+
+    def close(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(EXIT_TIMEOUT_S)
+
+    def log_tail(self, lines: int) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+
 class Lab:
-    """The etcd cluster and the two sidecars of one demo run, under one temporary directory."""
+    """The etcd cluster, the two sidecars and their stand-in VSM servers of one demo run, under
+    one temporary directory."""
 
     def __init__(self, ttl: int) -> None:
         self.ttl = ttl
         self.workdir = Path(tempfile.mkdtemp(prefix="vsm-demo-"))
         self.etcd = LocalEtcdCluster(workdir=self.workdir / "etcd")
         self.nodes: list[LocalSidecar] = []
+        self.standins: dict[str, StandIn] = {}  # by node id; empty when this build has none
         self.recorders: dict[str, RoleRecorder] = {}
         self.down: LocalSidecar | None = None  # killed by one scene, restarted by the next
 
@@ -100,9 +187,68 @@ class Lab:
         self.etcd.start()
         # Ports are chosen now, so the commands to try can be printed before the nodes start.
         self.nodes = [
-            LocalSidecar(node_id, CLUSTER, self.etcd.endpoints_arg, self.workdir, ttl=self.ttl)
+            LocalSidecar(
+                node_id,
+                CLUSTER,
+                self.etcd.endpoints_arg,
+                self.workdir,
+                ttl=self.ttl,
+                extra_args=NODE_ARGS.get(node_id, ()),
+            )
             for node_id in NODE_IDS
         ]
+        self.standins = {node.node_id: StandIn(node, self.workdir) for node in self.nodes}
+
+    def start_standins(self) -> bool:
+        """Start a stand-in beside each sidecar (they wait for it); False, with none kept, if
+        this build has none: its placeholder exits at once."""
+        for standin in self.standins.values():
+            standin.start()
+        deadline = time.monotonic() + STANDIN_GRACE_S
+        while time.monotonic() < deadline:
+            if not all(standin.running for standin in self.standins.values()):
+                for standin in self.standins.values():
+                    standin.close()
+                self.standins = {}
+                return False
+            time.sleep(0.05)
+        return True
+
+    def session_count(self, node: LocalSidecar) -> int | None:
+        """How many sessions the node's copy holds (ListSessions); None if it did not answer."""
+        if not node.running:
+            return None
+        with grpc.insecure_channel(node.address) as channel:
+            stub = session_pb2_grpc.SessionServiceStub(channel)
+            try:
+                answer = stub.ListSessions(
+                    session_pb2.ListSessionsRequest(), timeout=PROBE_TIMEOUT_S
+                )
+            except grpc.RpcError:
+                return None
+        return len(answer.sessions)
+
+    def wait_sessions(self, nodes: Sequence[LocalSidecar], count: int) -> float:
+        """Wait until every node lists ``count`` sessions; the monotonic time they did."""
+        deadline = time.monotonic() + SETTLE_TIMEOUT_S
+        while True:
+            counts = {node.node_id: self.session_count(node) for node in nodes}
+            if all(seen == count for seen in counts.values()):
+                return time.monotonic()
+            if time.monotonic() >= deadline:
+                raise SceneFailed(f"not every node lists {count} sessions: {counts}")
+            time.sleep(0.02)
+
+    def wait_serving(self, node: LocalSidecar) -> float:
+        """Wait until the node's stand-in serves; the monotonic time it did."""
+        standin = self.standins[node.node_id]
+        deadline = time.monotonic() + SETTLE_TIMEOUT_S
+        while not standin.serving():
+            if not standin.running or time.monotonic() >= deadline:
+                state = "exited" if not standin.running else "did not serve in time"
+                raise SceneFailed(f"{node.node_id}'s stand-in VSM server {state}")
+            time.sleep(0.02)
+        return time.monotonic()
 
     def start_node(self, node: LocalSidecar) -> float:
         """Start (or restart) a sidecar without waiting; return the monotonic start time."""
@@ -146,14 +292,6 @@ class Lab:
                 raise SceneFailed(f"no PRIMARY with a STANDBY within {timeout:.0f} s ({seen})")
             time.sleep(0.05)
 
-    def restart_as_standby(self, node: LocalSidecar) -> float:
-        """Restart a stopped node; return how long it took to report STANDBY."""
-        started = self.start_node(node)
-        back = self.wait_role(node, "STANDBY", after=started, timeout=SETTLE_TIMEOUT_S)
-        if "PRIMARY" in self.recorders[node.node_id].roles_since(started):
-            raise SceneFailed(f"{node.node_id} took the leadership back after its restart")
-        return back.at - started
-
     def last_epoch(self, node: LocalSidecar) -> int:
         """The epoch in the node's latest WatchRole message."""
         observations = self.recorders[node.node_id].observations
@@ -166,8 +304,11 @@ class Lab:
             raise SceneFailed(f"etcd has no leader: {exc}") from None
 
     def close(self) -> None:
-        """Kill the sidecars, stop following them, close etcd, remove the work directory."""
+        """Kill the stand-ins and the sidecars, stop following them, close etcd, remove the
+        work directory."""
         try:
+            for standin in self.standins.values():
+                standin.close()
             for node in self.nodes:
                 node.close()
             for recorder in self.recorders.values():
@@ -210,7 +351,10 @@ Scene = Callable[[Lab, Announce], str]
 
 def election(lab: Lab, announce: Announce) -> str:
     first, second = lab.nodes
-    announce(f"election: start {first.node_id}, then {second.node_id}; one becomes PRIMARY")
+    announce(
+        f"election: start {first.node_id} (the preferred primary), then {second.node_id}; one "
+        f"becomes PRIMARY"
+    )
     started = lab.start_node(first)
     won = lab.wait_role(first, "PRIMARY", after=started, timeout=SETTLE_TIMEOUT_S)
     joined = lab.start_node(second)
@@ -222,56 +366,92 @@ def election(lab: Lab, announce: Announce) -> str:
     )
 
 
+def sessions(lab: Lab, announce: Announce) -> str:
+    split = lab.split()
+    primary = split.primary
+    way = f"{primary.node_id}'s stand-in VSM server" if lab.standins else "PutSession"
+    way += "" if lab.standins else f" on {primary.node_id}"
+    announce(f"create {len(USERS)} sessions through {way}; both sidecars must mirror them")
+    started = time.monotonic()
+    if lab.standins:
+        lab.wait_serving(primary)
+        started = time.monotonic()
+        revisions = [lab.standins[primary.node_id].new_session(user) for user in USERS]
+    else:
+        revisions = [_put_session(primary, index, user) for index, user in enumerate(USERS)]
+    acked = time.monotonic()
+    mirrored = lab.wait_sessions(lab.nodes, len(USERS))
+    return (
+        f"{len(USERS)} sessions created through {way} in "
+        f"{_took(acked - started)} (revisions {min(revisions)}-{max(revisions)}); "
+        f"{' and '.join(NODE_IDS)} list all {len(USERS)} {_took(mirrored - acked)} after the "
+        f"last acknowledgement"
+    )
+
+
 def crash_failover(lab: Lab, announce: Announce) -> str:
     before = lab.split()
+    survivor = before.standby
     announce(f"kill -9 the primary ({before.primary.node_id}): a crash, nothing is handed over")
     killed_at = time.monotonic()
     before.primary.kill()
     lab.down = before.primary
     promoted = lab.wait_role(
-        before.standby, "PRIMARY", after=killed_at, timeout=lab.ttl + FAILOVER_SLACK_S
+        survivor, "PRIMARY", after=killed_at, timeout=lab.ttl + FAILOVER_SLACK_S
     )
     epoch = _grown_epoch(before.epoch, promoted)
+    count = lab.session_count(survivor)
+    if count != len(USERS):
+        raise SceneFailed(f"{survivor.node_id} is PRIMARY with {count} sessions, not {len(USERS)}")
+    serving = ""
+    if lab.standins:
+        served = lab.wait_serving(survivor)
+        serving = f"; its stand-in VSM server serves {_took(served - killed_at)} after the kill"
     return (
-        f"{before.standby.node_id} became PRIMARY {_took(promoted.at - killed_at)} after the "
-        f"kill (TTL {lab.ttl} s), epoch {before.epoch} -> {epoch}"
+        f"{survivor.node_id} became PRIMARY {_took(promoted.at - killed_at)} after the kill "
+        f"(TTL {lab.ttl} s), epoch {before.epoch} -> {epoch}, with all {count} sessions{serving}"
     )
 
 
-def restart_killed(lab: Lab, announce: Announce) -> str:
+def restart_and_failback(lab: Lab, announce: Announce) -> str:
     node, lab.down = lab.down, None
     if node is None:
         raise SceneFailed("no node was killed before this scene")
-    announce(f"restart the killed node ({node.node_id}): it must come back as STANDBY")
     survivor = next(other for other in lab.nodes if other is not node)
+    announce(
+        f"restart the killed node ({node.node_id}): back as STANDBY, then, as the preferred "
+        f"primary, it takes the role back after the failback delay ({FAILBACK_DELAY_S} s)"
+    )
     epoch = lab.last_epoch(survivor)
-    took = lab.restart_as_standby(node)
+    started = lab.start_node(node)
+    back = lab.wait_role(node, "STANDBY", after=started, timeout=SETTLE_TIMEOUT_S)
+    taken = lab.wait_role(
+        node, "PRIMARY", after=back.at, timeout=FAILBACK_DELAY_S + SETTLE_TIMEOUT_S
+    )
+    left = _first(lab, survivor.node_id, lambda role: role != "PRIMARY", started)
+    if left is None or left.at > taken.at:
+        raise SceneFailed(f"{node.node_id} became PRIMARY before {survivor.node_id} gave up")
     split = lab.split()
-    if (split.primary, split.epoch) != (survivor, epoch):
-        raise SceneFailed(f"the leadership moved while {node.node_id} restarted: {split}")
+    if split.primary is not node:
+        raise SceneFailed(f"the role moved on after the failback: {split}")
     return (
-        f"{node.node_id} is STANDBY {_took(took)} after its restart, following "
-        f"{split.primary.node_id} (epoch {split.epoch}, unchanged)"
+        f"{node.node_id} was STANDBY {_took(back.at - started)} after its restart and PRIMARY "
+        f"again {_took(taken.at - started)} after it (failback delay {FAILBACK_DELAY_S} s), "
+        f"epoch {epoch} -> {_grown_epoch(epoch, taken)}; the handover, {survivor.node_id} "
+        f"leaving PRIMARY to {node.node_id} PRIMARY, took {_took(taken.at - left.at)}"
     )
 
 
-def handover(lab: Lab, announce: Announce) -> str:
+def switchover(lab: Lab, announce: Announce) -> str:
     before = lab.split()
     primary, standby = before.primary, before.standby
-    announce(f"planned handover: SIGTERM the primary ({primary.node_id}), then restart it")
-    sent_at = time.monotonic()
-    primary.terminate()
-    promoted = lab.wait_role(standby, "PRIMARY", after=sent_at, timeout=lab.ttl + FAILOVER_SLACK_S)
-    took, epoch = promoted.at - sent_at, _grown_epoch(before.epoch, promoted)
-    if took >= lab.ttl:
-        raise SceneFailed(f"{standby.node_id} waited {_took(took)}, a lease expiry: no handover")
-    code = _exit_code(primary)
-    back = lab.restart_as_standby(primary)
-    return (
-        f"{standby.node_id} became PRIMARY {_took(took)} after the SIGTERM (no TTL wait), "
-        f"epoch {before.epoch} -> {epoch}; {primary.node_id} exited {code} and is STANDBY "
-        f"again {_took(back)} after its restart"
+    announce(
+        f"planned switchover to {standby.node_id} (RoleService/Switchover), then back to "
+        f"{primary.node_id}"
     )
+    there = _switch(lab, primary, standby)
+    back = _switch(lab, standby, primary)
+    return f"{there}; {back}"
 
 
 def etcd_leader_loss(lab: Lab, announce: Announce) -> str:
@@ -292,7 +472,14 @@ def etcd_leader_loss(lab: Lab, announce: Announce) -> str:
     )
 
 
-SCENES: tuple[Scene, ...] = (election, crash_failover, restart_killed, handover, etcd_leader_loss)
+SCENES: tuple[Scene, ...] = (
+    election,
+    sessions,
+    crash_failover,
+    restart_and_failback,
+    switchover,
+    etcd_leader_loss,
+)
 
 
 def _grown_epoch(old: int, promoted: Observation) -> int:
@@ -302,14 +489,49 @@ def _grown_epoch(old: int, promoted: Observation) -> int:
     return new
 
 
-def _exit_code(node: LocalSidecar) -> int:
-    try:
-        code = node.wait_exit(EXIT_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        raise SceneFailed(f"{node.node_id} did not exit within {EXIT_TIMEOUT_S:g} s") from None
-    if code != 0:
-        raise SceneFailed(f"{node.node_id} exited with code {code} after SIGTERM, not 0")
-    return code
+def _put_session(primary: LocalSidecar, index: int, user: str) -> int:
+    """PutSession on the primary's sidecar, as a VSM server would; the commit revision."""
+    session = session_pb2.Session(
+        session_id=f"demo-{index + 1}", username=user, agent_hostname="agent1.example.com",
+        agent_address="192.0.2.10", display=10 + index, status="running",
+    )  # fmt: skip
+    with grpc.insecure_channel(primary.address) as channel:
+        stub = session_pb2_grpc.SessionServiceStub(channel)
+        try:
+            answer = stub.PutSession(
+                session_pb2.PutSessionRequest(session=session), timeout=RPC_TIMEOUT_S
+            )
+        except grpc.RpcError as exc:
+            raise SceneFailed(f"PutSession on {primary.node_id} failed: {exc}") from None
+    return int(answer.revision)
+
+
+def _switch(lab: Lab, source: LocalSidecar, target: LocalSidecar) -> str:
+    """Switch the role from ``source`` to ``target``, retrying while ``target`` is not yet a
+    STANDBY that can take it; the measured result."""
+    epoch = lab.last_epoch(source)
+    deadline = time.monotonic() + SETTLE_TIMEOUT_S
+    while True:
+        asked = time.monotonic()
+        try:
+            primary, new_epoch, took = client.switchover(source.address, target.node_id)
+            break
+        except client.Refused as exc:
+            if time.monotonic() >= deadline:
+                raise SceneFailed(f"switchover to {target.node_id} refused: {exc}") from None
+            time.sleep(0.1)
+        except client.Unreachable as exc:
+            raise SceneFailed(f"switchover to {target.node_id}: {exc}") from None
+    answered = time.monotonic() - asked
+    if primary != target.node_id:
+        raise SceneFailed(f"switchover to {target.node_id} made {primary} PRIMARY")
+    split = lab.split()
+    if split.primary is not target:
+        raise SceneFailed(f"the role moved on after the switchover to {target.node_id}")
+    return (
+        f"{target.node_id} took over in {_took(took)} (the RPC answered after "
+        f"{_took(answered)}), epoch {epoch} -> {new_epoch}"
+    )
 
 
 def _after_member_loss(lab: Lab, before: Split, since: float, watched: float) -> str:
@@ -382,40 +604,51 @@ class NodeRow:
     epoch: str
     leader: str
     lease_left: str
+    sessions: str
+    vsm: str
     address: str
-    pid: str
 
     @property
     def key(self) -> tuple[str, ...]:
         """Everything but the ticking lease: what counts as a change in a log."""
-        return (self.node_id, self.role, self.epoch, self.leader, self.pid)
+        return (self.node_id, self.role, self.epoch, self.leader, self.sessions, self.vsm)
 
     def cells(self) -> tuple[str, ...]:
         return (self.node_id, self.role, self.epoch, self.leader, self.lease_left,
-                self.address, self.pid)  # fmt: skip
+                self.sessions, self.vsm, self.address)  # fmt: skip
 
 
-NODE_HEADER = ("node", "role", "epoch", "leader", "lease left", "gRPC address", "pid")
+NODE_HEADER = (
+    "node", "role", "epoch", "leader", "lease left", "sessions mirrored", "VSM", "gRPC address"
+)  # fmt: skip
 MEMBER_HEADER = ("etcd", "state", "client URL", "pid")
 
 
-def node_row(node: LocalSidecar) -> NodeRow:
+def node_row(lab: Lab, node: LocalSidecar) -> NodeRow:
+    vsm = _vsm_state(lab, node)
     if node.process is None:
-        return NodeRow(node.node_id, "not started", "-", "-", "-", node.address, "-")
+        return NodeRow(node.node_id, "not started", "-", "-", "-", "-", vsm, node.address)
     if not node.running:
-        return NodeRow(node.node_id, "down", "-", "-", "-", node.address, "-")
+        return NodeRow(node.node_id, "down", "-", "-", "-", "-", vsm, node.address)
     status = _status_or_none(node)
     if status is None:
-        return NodeRow(node.node_id, "no answer", "-", "-", "-", node.address, str(node.pid))
+        return NodeRow(node.node_id, "no answer", "-", "-", "-", "-", vsm, node.address)
+    count = lab.session_count(node)
     return NodeRow(
         node.node_id,
         client.role_name(status),
         str(status.get("epoch", "0")),
         str(status.get("leader_id") or "-"),
         _seconds(status.get("lease_time_left")),
+        "-" if count is None else str(count),
+        vsm,
         node.address,
-        str(node.pid),
     )
+
+
+def _vsm_state(lab: Lab, node: LocalSidecar) -> str:
+    standin = lab.standins.get(node.node_id)
+    return "serving" if standin is not None and standin.serving() else "-"
 
 
 def _seconds(duration: object) -> str:
@@ -468,6 +701,7 @@ _STYLES = {
     "killed": "31",
     "no answer": "33",
     "leader": "1;32",
+    "serving": "1;32",
 }
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
@@ -477,13 +711,17 @@ def _paint(text: str, style: str | None, color: bool) -> str:
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[str]], color: bool) -> list[str]:
-    """Aligned columns under a header; column 1 (the role or state) is coloured on a terminal."""
+    """Aligned columns under a header; on a terminal the states in them (PRIMARY, killed,
+    serving...) are coloured."""
     widths = [max(map(len, column)) for column in zip(header, *rows, strict=True)]
     lines = []
     for index, cells in enumerate([header, *rows]):
         padded = [cell.ljust(width) for cell, width in zip(cells, widths, strict=True)]
         if index > 0:
-            padded[1] = _paint(padded[1], _STYLES.get(cells[1]), color)
+            padded = [
+                _paint(text, _STYLES.get(cell), color)
+                for text, cell in zip(padded, cells, strict=True)
+            ]
         lines.append("  " + "  ".join(padded).rstrip())
     return lines
 
@@ -581,7 +819,7 @@ class LiveView:
     def _loop(self) -> None:
         while not self._stopping.is_set():
             try:
-                nodes = [node_row(node) for node in self.lab.nodes]
+                nodes = [node_row(self.lab, node) for node in self.lab.nodes]
                 members = self._members.rows()
                 if self.tty:
                     self._redraw(nodes, members)
@@ -675,6 +913,7 @@ def _run(lab: Lab, view: LiveView, duration: float | None) -> None:
     lab.start_etcd()
     view.add_header(*_commands(lab))
     view.start()
+    view.say(_standins_line(lab.start_standins(), lab))
     for number, scene in enumerate(SCENES, start=1):
         _play(number, scene, lab, view)
     view.say(f"All {len(SCENES)} scenes went as expected.")
@@ -701,11 +940,19 @@ def _linger(view: LiveView, duration: float | None) -> None:
         time.sleep(left)
 
 
+def _standins_line(available: bool, lab: Lab) -> str:
+    if not available:
+        return "stand-in VSM servers: not available in this build"
+    where = ", ".join(f"{name} on {standin.address}" for name, standin in lab.standins.items())
+    return f"stand-in VSM servers: {where} (only the primary's serves: try nc HOST PORT)"
+
+
 def _report_failure(lab: Lab, view: LiveView, exc: BaseException) -> None:
     view.say(f"FAILED: {exc}")
-    for node in lab.nodes:
-        if node.process is not None:
-            view.say(f"--- last lines of {node.log_path} ---\n{node.log_tail(LOG_TAIL_LINES)}")
+    logs: list[LocalSidecar | StandIn] = [*lab.nodes, *lab.standins.values()]
+    for proc in logs:
+        if proc.process is not None:
+            view.say(f"--- last lines of {proc.log_path} ---\n{proc.log_tail(LOG_TAIL_LINES)}")
 
 
 def _close(lab: Lab) -> None:
@@ -714,7 +961,7 @@ def _close(lab: Lab) -> None:
     except Exception as exc:  # say so, but the caller's exit code stays what it was
         _emit(f"Cleanup problem: {exc}", file=sys.stderr)
         return
-    _emit(f"Stopped etcd and the sidecars; removed {lab.workdir}.")
+    _emit(f"Stopped etcd, the sidecars and the stand-in VSM servers; removed {lab.workdir}.")
 
 
 def _emit(text: str, end: str = "\n", file: TextIO | None = None) -> None:
@@ -726,20 +973,24 @@ def _emit(text: str, end: str = "\n", file: TextIO | None = None) -> None:
 def _intro(lab: Lab) -> list[str]:
     return [
         f"vsm-sidecar demo: sidecars {' and '.join(NODE_IDS)} on a local 3-member etcd "
-        f"cluster, lease TTL {lab.ttl} s. Resource IP: not shown in this demo yet.",
+        f"cluster, lease TTL {lab.ttl} s; {NODE_IDS[0]} is the preferred primary (failback "
+        f"delay {FAILBACK_DELAY_S} s). Resource IP: not shown in this demo yet.",
         f"Work dir (every process's log): {lab.workdir}",
     ]
 
 
 def _commands(lab: Lab) -> list[str]:
     address, other = (node.address for node in lab.nodes)
-    grpcurl = _tool("grpcurl")
+    grpcurl, sidecar = _tool("grpcurl"), _tool("vsm-sidecar")
     return [
         f"Try these in another terminal while it runs ({NODE_IDS[1]} answers on {other}):",
-        f"  {_tool('vsm-sidecar')} status --grpc {address}",
+        f"  {sidecar} status --grpc {address}",
+        f"  {sidecar} switchover --to {NODE_IDS[1]} --grpc {address}",
         f"  {grpcurl} -plaintext {address} list",
         f"  {grpcurl} -plaintext {address} thinlinc.ha.v1.RoleService/GetRole",
+        f"  {grpcurl} -plaintext {address} thinlinc.ha.v1.SessionService/ListSessions",
         f"  {grpcurl} -plaintext -d '{HEALTH_REQUEST}' {address} grpc.health.v1.Health/Check",
+        *(f"  curl http://{node.host}:{node.http_port}/primary" for node in lab.nodes),
         f"  {_tool('etcdctl')} --endpoints={lab.etcd.endpoints_arg} get --prefix "
         f"/thinlinc-ha/{CLUSTER}/",
     ]

@@ -1,8 +1,8 @@
 """``vsm-sidecar demo`` end to end, as CI runs it: stdout is a pipe, not a terminal.
 
-Every scene must print its measured result, and no etcd or sidecar process the demo started may
-outlive it, whether it ends on its own or is interrupted. The demo's children run in sessions of
-their own, so nothing but the demo's own cleanup stops them.
+Every scene must print its measured result, and no etcd, sidecar or stand-in VSM server process
+the demo started may outlive it, whether it ends on its own or is interrupted. The demo's children
+run in sessions of their own, so nothing but the demo's own cleanup stops them.
 """
 
 from __future__ import annotations
@@ -28,10 +28,17 @@ TIME = r"(\d+(?:\.\d+)?) (ms|s)"
 SCENE_RESULTS = [
     rf"vsm-a became PRIMARY {TIME} after its process started \(epoch \d+\); "
     r"vsm-b follows it as STANDBY",
-    rf"vsm-b became PRIMARY {TIME} after the kill \(TTL 2 s\), epoch \d+ -> \d+",
-    rf"vsm-a is STANDBY {TIME} after its restart, following vsm-b \(epoch \d+, unchanged\)",
-    rf"vsm-a became PRIMARY {TIME} after the SIGTERM \(no TTL wait\), epoch \d+ -> \d+; "
-    rf"vsm-b exited 0 and is STANDBY again {TIME} after its restart",
+    # Through the stand-in VSM server, or through PutSession where this build has none.
+    r"5 sessions created through (vsm-a's stand-in VSM server|PutSession on vsm-a) in "
+    rf"{TIME} \(revisions \d+-\d+\); vsm-a and vsm-b list all 5 {TIME} after the last "
+    r"acknowledgement",
+    rf"vsm-b became PRIMARY {TIME} after the kill \(TTL 2 s\), epoch \d+ -> \d+, with all 5 "
+    rf"sessions(; its stand-in VSM server serves {TIME} after the kill)?",
+    rf"vsm-a was STANDBY {TIME} after its restart and PRIMARY again {TIME} after it "
+    rf"\(failback delay 2 s\), epoch \d+ -> \d+; the handover, vsm-b leaving PRIMARY to vsm-a "
+    rf"PRIMARY, took {TIME}",
+    rf"vsm-b took over in {TIME} \(the RPC answered after {TIME}\), epoch \d+ -> \d+; "
+    rf"vsm-a took over in {TIME} \(the RPC answered after {TIME}\), epoch \d+ -> \d+",
     rf"etcd\d led etcd {TIME} after the kill; "
     # At TTL 2 the primary may fence itself (safely) while etcd elects a new leader.
     r"(for 4 s vsm-a stayed PRIMARY and vsm-b STANDBY \(epoch \d+ unchanged\)"
@@ -39,6 +46,7 @@ SCENE_RESULTS = [
     r"never two PRIMARYs, vsm-[ab] is PRIMARY now, epoch \d+ -> \d+); "
     rf"etcd\d rejoined {TIME} after its restart",
 ]
+NO_STANDINS = "stand-in VSM servers: not available in this build"
 
 
 class DemoRun:
@@ -97,7 +105,7 @@ class DemoRun:
 
 def processes_in(workdir: str) -> dict[int, str]:
     """Processes whose command line or stdout names ``workdir`` (etcd members: their data dir;
-    sidecars: their log file), with their command lines."""
+    sidecars and stand-in VSM servers: their log file), with their command lines."""
     found = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -124,21 +132,29 @@ def demo_runs() -> Iterator[list[DemoRun]]:
 def test_demo_plays_every_scene_with_a_measured_result_and_leaves_nothing_running(
     demo_runs: list[DemoRun],
 ) -> None:
-    """--duration 1: all five scenes print a measured result, exit 0, no process survives."""
+    """--duration 1: all six scenes print a measured result, exit 0, no process survives."""
     run = DemoRun("--duration", "1")
     demo_runs.append(run)
     workdir = run.workdir()
-    run.wait_for(r"^Scene 1/5: ", timeout=120)
+    run.wait_for(r"^Scene 1/6: ", timeout=120)
     assert processes_in(workdir), "the demo's processes were not found while it ran"
     assert run.finish(timeout=240) == 0, run.output
     results = [line.removeprefix("  => ") for line in run.lines if line.startswith("  => ")]
     assert len(results) == len(SCENE_RESULTS), run.output
     for expected, actual in zip(SCENE_RESULTS, results, strict=True):
         assert re.fullmatch(expected, actual), f"{expected!r} != {actual!r}"
-    crash = re.fullmatch(SCENE_RESULTS[1], results[1])
+    crash = re.fullmatch(SCENE_RESULTS[2], results[2])
     assert crash is not None
     # A kill -9 failover waits for the lease to expire in etcd: not much less than a TTL.
-    assert (crash.group(2), float(crash.group(1)) >= 1.0) == ("s", True), results[1]
+    assert (crash.group(2), float(crash.group(1)) >= 1.0) == ("s", True), results[2]
+    # The stand-ins take part wherever this build has them, and then all the way through.
+    standins = NO_STANDINS not in run.lines
+    assert ("stand-in VSM server" in results[1]) == standins, results[1]
+    assert (crash.group(3) is not None) == standins, results[2]
+    failback = re.fullmatch(SCENE_RESULTS[3], results[3])
+    assert failback is not None
+    # The preferred primary waits out its failback delay (2 s) as STANDBY first.
+    assert (failback.group(4), float(failback.group(3)) >= 2.0) == ("s", True), results[3]
     assert processes_in(workdir) == {}
     assert not Path(workdir).exists()
 
@@ -156,10 +172,10 @@ def test_demo_interrupted_mid_scene_cleans_up_and_exits_128_plus_signal(
     run = DemoRun()  # no duration: it would run until interrupted
     demo_runs.append(run)
     workdir = run.workdir()
-    run.wait_for(r"^Scene 2/5: kill -9 the primary", timeout=120)
+    run.wait_for(r"^Scene 3/6: kill -9 the primary", timeout=120)
     assert processes_in(workdir), "the demo's processes were not found while it ran"
     run.process.send_signal(signum)
     assert run.finish(timeout=60) == code, run.output
-    assert "Stopped etcd and the sidecars" in run.output
+    assert "Stopped etcd, the sidecars and the stand-in VSM servers" in run.output
     assert processes_in(workdir) == {}
     assert not Path(workdir).exists()
