@@ -3,10 +3,13 @@
 Nothing to set up: the demo starts a real 3-member etcd cluster (the bundled etcd binary), two
 real sidecar processes, ``vsm-a`` (the preferred primary) and ``vsm-b``, and beside each a
 stand-in VSM server (``vsm-sidecar vsm-standin``) that serves only while its sidecar is
-PRIMARY, all in one temporary work directory. It plays a few scenes (election, sessions, crash
+PRIMARY, all in one temporary work directory. As root, where network namespaces can be made,
+the sidecars and their stand-ins run in two hosts of a namespace lab (:mod:`sidecar.netlab`)
+with a real resource IP that a third host, the client, reaches; ``VSM_DEMO_NETNS=0`` keeps
+them on loopback, without a resource IP. It plays a few scenes (election, sessions, crash
 failover, restart and failback, planned switchover, etcd member loss), each with a measured
 result, under a live table of what every process reports. Ctrl-C, SIGTERM or a closed terminal
-(SIGHUP) at any time kills everything it started and removes the directory.
+(SIGHUP) at any time kills everything it started and removes the directory and the namespaces.
 
 Times are measured the way a VSM server would see them: from the fault to the arrival of the
 survivor's WatchRole message saying PRIMARY (:class:`~sidecar.localnode.RoleRecorder`).
@@ -14,6 +17,7 @@ survivor's WatchRole message saying PRIMARY (:class:`~sidecar.localnode.RoleReco
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import signal
@@ -32,7 +36,7 @@ from typing import Any, TextIO
 
 import grpc
 
-from . import client
+from . import client, netlab
 from .api import session_pb2, session_pb2_grpc
 from .config import MAX_TTL, MIN_TTL
 from .localcluster import (
@@ -74,6 +78,17 @@ RIDE_OUT_TTL = 3
 STANDIN_GRACE_S = 1.0
 RPC_TIMEOUT_S = 5.0
 
+# The resource IP, where the sidecars run in network namespaces (root only).
+NETNS_ENV = "VSM_DEMO_NETNS"  # "0": stay on loopback, without a resource IP
+LAB_HOSTS = {"vsm-a": "a", "vsm-b": "b"}  # node id -> lab host
+VIP_OCTET = 50  # the resource IP is <lab subnet>.50/24 on eth0
+VIP_PORT = 9000  # the stand-ins listen on 0.0.0.0:9000 in their host, so the VIP reaches them
+# Each look through the resource IP runs a short Python in the client's namespace: twice a
+# second is enough. Who holds it (a quick ``ip addr``) is looked at every refresh.
+VIP_ASK_EVERY_S = 0.5
+VIP_ASK_TIMEOUT_S = 0.3
+VIP_SKIPPED = "resource IP: skipped (needs root and network namespaces)"
+
 
 class SceneFailed(Exception):
     """A scene's expectation was not met in time; the message says what was seen instead."""
@@ -111,10 +126,22 @@ class StandIn:
     PRIMARY: a client gets "NAME COUNT", and "new USER" creates a session through the sidecar.
     """
 
-    def __init__(self, node: LocalSidecar, workdir: Path) -> None:
+    def __init__(
+        self, node: LocalSidecar, workdir: Path, net: netlab.NetnsLab | None = None
+    ) -> None:
         self.name = node.node_id
         self.sidecar = node.address
-        self.host, self.port = "127.0.0.1", free_port("127.0.0.1")
+        self.command_prefix: list[str] = []
+        if net is None:
+            self.host, self.port = "127.0.0.1", free_port("127.0.0.1")
+            self.listen = self.address
+        else:
+            # In the node's host, on every address: its own and the resource IP. The demo
+            # reaches it through its own address, over its leg on the lab's bridge.
+            lab_host = LAB_HOSTS[node.node_id]
+            self.host, self.port = net.hosts[lab_host].ipv4, VIP_PORT
+            self.listen = f"0.0.0.0:{VIP_PORT}"
+            self.command_prefix = net.exec_prefix(lab_host)
         self.log_path = workdir / f"standin-{self.name}.log"
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -123,8 +150,9 @@ class StandIn:
         return f"{self.host}:{self.port}"
 
     def start(self) -> None:
-        command = [sys.executable, "-m", "sidecar", "vsm-standin", "--grpc", self.sidecar,
-                   "--listen", self.address, "--name", self.name]  # fmt: skip
+        command = [*self.command_prefix, sys.executable, "-m", "sidecar", "vsm-standin",
+                   "--grpc", self.sidecar, "--listen", self.listen,
+                   "--name", self.name]  # fmt: skip
         with self.log_path.open("ab") as log:
             # A session of its own, like the sidecars: only the demo's cleanup stops it.
             self.process = subprocess.Popen(command, stdout=log, stderr=log,
@@ -177,27 +205,60 @@ class Lab:
     def __init__(self, ttl: int) -> None:
         self.ttl = ttl
         self.workdir = Path(tempfile.mkdtemp(prefix="vsm-demo-"))
-        self.etcd = LocalEtcdCluster(workdir=self.workdir / "etcd")
+        # The namespace lab is only planned here (the subnet and the addresses); start_etcd
+        # builds it, inside the demo's cleanup.
+        self.net: netlab.NetnsLab | None = None
+        self.net_skipped = _netns_skipped()
+        etcd_host = "127.0.0.1"
+        if self.net_skipped is None:
+            try:
+                self.net = netlab.NetnsLab(subnet=netlab.free_subnet())
+            except (netlab.LabError, OSError, subprocess.SubprocessError) as exc:
+                self.net_skipped = str(exc)
+            else:
+                etcd_host = f"{self.net.subnet}.{netlab.ROOT_OCTET}"  # the demo's own leg
+        self.vip = None if self.net is None else f"{self.net.subnet}.{VIP_OCTET}"
+        self.etcd = LocalEtcdCluster(host=etcd_host, workdir=self.workdir / "etcd")
         self.nodes: list[LocalSidecar] = []
         self.standins: dict[str, StandIn] = {}  # by node id; empty when this build has none
         self.recorders: dict[str, RoleRecorder] = {}
         self.down: LocalSidecar | None = None  # killed by one scene, restarted by the next
 
     def start_etcd(self) -> None:
+        """Build the namespace lab (if any), start etcd, and plan the sidecars and stand-ins."""
+        if self.net is not None:
+            self.net.start()
+            self.net.attach_root()
         self.etcd.start()
         # Ports are chosen now, so the commands to try can be printed before the nodes start.
-        self.nodes = [
-            LocalSidecar(
-                node_id,
-                CLUSTER,
-                self.etcd.endpoints_arg,
-                self.workdir,
-                ttl=self.ttl,
-                extra_args=NODE_ARGS.get(node_id, ()),
-            )
-            for node_id in NODE_IDS
-        ]
-        self.standins = {node.node_id: StandIn(node, self.workdir) for node in self.nodes}
+        self.nodes = [self._sidecar(node_id) for node_id in NODE_IDS]
+        self.standins = {node.node_id: StandIn(node, self.workdir, self.net) for node in self.nodes}
+
+    def _sidecar(self, node_id: str) -> LocalSidecar:
+        args = NODE_ARGS.get(node_id, ())
+        if self.net is None:
+            return LocalSidecar(node_id, CLUSTER, self.etcd.endpoints_arg, self.workdir,
+                                ttl=self.ttl, extra_args=args)  # fmt: skip
+        # In its host; the demo talks to it over a Unix socket, reachable from any namespace.
+        return LocalSidecar(
+            node_id, CLUSTER, self.etcd.endpoints_arg, self.workdir, ttl=self.ttl,
+            command_prefix=self.net.exec_prefix(LAB_HOSTS[node_id]), unix_socket=True,
+            extra_args=[*args, "--vip", f"{self.vip}/24", "--vip-interface", netlab.HOST_IFNAME],
+        )  # fmt: skip
+
+    def holds_vip(self, node: LocalSidecar) -> bool:
+        """Whether the node's host has the resource IP on its eth0."""
+        if self.net is None:
+            return False
+        return f"{self.vip}/24" in self.net.addresses(LAB_HOSTS[node.node_id])
+
+    def client_reaches(self, timeout: float = VIP_ASK_TIMEOUT_S) -> str | None:
+        """Who answers the client host through the resource IP: the name in the stand-in's
+        greeting; None if nobody does (or there is no resource IP)."""
+        if self.net is None or self.vip is None:
+            return None
+        answer = self.net.ask("client", self.vip, VIP_PORT, timeout=timeout)
+        return answer.split()[0] if answer and answer.split() else None
 
     def start_standins(self) -> bool:
         """Start a stand-in beside each sidecar (they wait for it); False, with none kept, if
@@ -305,7 +366,7 @@ class Lab:
 
     def close(self) -> None:
         """Kill the stand-ins and the sidecars, stop following them, close etcd, remove the
-        work directory."""
+        work directory and the network namespaces."""
         try:
             for standin in self.standins.values():
                 standin.close()
@@ -315,7 +376,21 @@ class Lab:
                 recorder.close()
             self.etcd.close()
         finally:
-            shutil.rmtree(self.workdir, ignore_errors=True)
+            try:
+                if self.net is not None:
+                    self.net.close()  # deletes every namespace it made, and the veths with them
+            finally:
+                shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def _netns_skipped() -> str | None:
+    """Why the demo stays on loopback, without a resource IP; None if it can use namespaces."""
+    if os.environ.get(NETNS_ENV, "").strip() == "0":
+        return f"{NETNS_ENV}=0"
+    try:
+        return netlab.netns_unavailable()
+    except (OSError, subprocess.SubprocessError) as exc:
+        return str(exc)
 
 
 def _status_or_none(node: LocalSidecar) -> dict[str, Any] | None:
@@ -407,10 +482,34 @@ def crash_failover(lab: Lab, announce: Announce) -> str:
     if lab.standins:
         served = lab.wait_serving(survivor)
         serving = f"; its stand-in VSM server serves {_took(served - killed_at)} after the kill"
+    if lab.standins and lab.vip is not None:
+        reached = _wait_client_reaches(lab, survivor, killed_at + lab.ttl + FAILOVER_SLACK_S)
+        serving += (
+            f"; the client reached {survivor.node_id} through the resource IP {lab.vip} "
+            f"{_took(reached - killed_at)} after the kill"
+        )
+        if lab.holds_vip(before.primary):
+            # Nobody released it; the survivor's gratuitous ARP moved the client all the same.
+            serving += f" ({before.primary.node_id}'s host still has the address)"
     return (
         f"{survivor.node_id} became PRIMARY {_took(promoted.at - killed_at)} after the kill "
         f"(TTL {lab.ttl} s), epoch {before.epoch} -> {epoch}, with all {count} sessions{serving}"
     )
+
+
+def _wait_client_reaches(lab: Lab, node: LocalSidecar, deadline: float) -> float:
+    """Wait until the client host gets ``node``'s stand-in through the resource IP; the
+    monotonic time it did."""
+    while True:
+        reached = lab.client_reaches(timeout=0.2)
+        if reached == node.node_id:
+            return time.monotonic()
+        if time.monotonic() >= deadline:
+            raise SceneFailed(
+                f"the client did not reach {node.node_id} through the resource IP {lab.vip} in "
+                f"time (last answer: {reached or 'none'})"
+            )
+        time.sleep(0.02)
 
 
 def restart_and_failback(lab: Lab, announce: Announce) -> str:
@@ -607,32 +706,44 @@ class NodeRow:
     sessions: str
     vsm: str
     address: str
+    vip: str | None = None  # whether its host holds the resource IP; None: there is none
 
     @property
-    def key(self) -> tuple[str, ...]:
+    def key(self) -> tuple[str | None, ...]:
         """Everything but the ticking lease: what counts as a change in a log."""
-        return (self.node_id, self.role, self.epoch, self.leader, self.sessions, self.vsm)
+        return (self.node_id, self.role, self.epoch, self.leader, self.sessions, self.vsm,
+                self.vip)  # fmt: skip
 
     def cells(self) -> tuple[str, ...]:
+        vip = () if self.vip is None else (self.vip,)
         return (self.node_id, self.role, self.epoch, self.leader, self.lease_left,
-                self.sessions, self.vsm, self.address)  # fmt: skip
+                self.sessions, self.vsm, *vip, self.address)  # fmt: skip
 
 
 NODE_HEADER = (
     "node", "role", "epoch", "leader", "lease left", "sessions mirrored", "VSM", "gRPC address"
 )  # fmt: skip
+VIP_HEADER = "holds VIP"  # after "VSM", where there is a resource IP
 MEMBER_HEADER = ("etcd", "state", "client URL", "pid")
 
 
-def node_row(lab: Lab, node: LocalSidecar) -> NodeRow:
+def node_header(lab: Lab) -> tuple[str, ...]:
+    if lab.vip is None:
+        return NODE_HEADER
+    at = NODE_HEADER.index("VSM") + 1
+    return (*NODE_HEADER[:at], VIP_HEADER, *NODE_HEADER[at:])
+
+
+def node_row(lab: Lab, node: LocalSidecar, holders: dict[str, str] | None = None) -> NodeRow:
     vsm = _vsm_state(lab, node)
+    vip = None if lab.vip is None else (holders or {}).get(node.node_id, "-")
     if node.process is None:
-        return NodeRow(node.node_id, "not started", "-", "-", "-", "-", vsm, node.address)
+        return NodeRow(node.node_id, "not started", "-", "-", "-", "-", vsm, node.address, vip)
     if not node.running:
-        return NodeRow(node.node_id, "down", "-", "-", "-", "-", vsm, node.address)
+        return NodeRow(node.node_id, "down", "-", "-", "-", "-", vsm, node.address, vip)
     status = _status_or_none(node)
     if status is None:
-        return NodeRow(node.node_id, "no answer", "-", "-", "-", "-", vsm, node.address)
+        return NodeRow(node.node_id, "no answer", "-", "-", "-", "-", vsm, node.address, vip)
     count = lab.session_count(node)
     return NodeRow(
         node.node_id,
@@ -643,6 +754,7 @@ def node_row(lab: Lab, node: LocalSidecar) -> NodeRow:
         "-" if count is None else str(count),
         vsm,
         node.address,
+        vip,
     )
 
 
@@ -684,6 +796,34 @@ class MemberProbe:
         return (member.name, state, member.client_url, str(pid))
 
 
+class VipProbe:
+    """Whose host holds the resource IP (every refresh), and whom the client reaches through
+    it (at most twice a second: each look starts a process in the client's namespace)."""
+
+    def __init__(self, lab: Lab) -> None:
+        self.lab = lab
+        self.holders: dict[str, str] = {}
+        self.client = "-"
+        self._asked = float("-inf")
+
+    def refresh(self) -> None:
+        if self.lab.net is None:
+            return
+        self.holders = {
+            node.node_id: "yes" if self.lab.holds_vip(node) else "-" for node in self.lab.nodes
+        }
+        if time.monotonic() - self._asked >= VIP_ASK_EVERY_S:
+            self._asked = time.monotonic()
+            self.client = self.lab.client_reaches() or "no answer"
+
+    def line(self, color: bool) -> str | None:
+        """``client via resource IP ADDRESS: NAME``; None without a resource IP."""
+        if self.lab.vip is None:
+            return None
+        style = _STYLES.get("no answer") if self.client == "no answer" else "1;32"
+        return f"  client via resource IP {self.lab.vip}: {_paint(self.client, style, color)}"
+
+
 def _probe(member: EtcdMember) -> str:
     try:
         return "leader" if member.status(timeout=PROBE_TIMEOUT_S).is_leader else "running"
@@ -702,6 +842,7 @@ _STYLES = {
     "no answer": "33",
     "leader": "1;32",
     "serving": "1;32",
+    "yes": "1;32",
 }
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
@@ -777,6 +918,7 @@ class LiveView:
         self.events: list[str] = []
         self.progress = ""
         self._members = MemberProbe(lab.etcd)
+        self._vip = VipProbe(lab)
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stopping = threading.Event()
@@ -819,7 +961,8 @@ class LiveView:
     def _loop(self) -> None:
         while not self._stopping.is_set():
             try:
-                nodes = [node_row(self.lab, node) for node in self.lab.nodes]
+                self._vip.refresh()
+                nodes = [node_row(self.lab, node, self._vip.holders) for node in self.lab.nodes]
                 members = self._members.rows()
                 if self.tty:
                     self._redraw(nodes, members)
@@ -831,8 +974,10 @@ class LiveView:
             self._wake.clear()
 
     def _tables(self, nodes: list[NodeRow], members: list[tuple[str, ...]]) -> list[str]:
+        client_line = self._vip.line(self.tty)
         return [
-            *table(NODE_HEADER, [row.cells() for row in nodes], self.tty),
+            *table(node_header(self.lab), [row.cells() for row in nodes], self.tty),
+            *([] if client_line is None else [client_line]),
             "",
             *table(MEMBER_HEADER, members, self.tty),
         ]
@@ -854,7 +999,7 @@ class LiveView:
         _emit(f"\x1b[H{screen}\x1b[J", end="")
 
     def _append(self, nodes: list[NodeRow], members: list[tuple[str, ...]]) -> None:
-        key = ([row.key for row in nodes], members)
+        key = ([row.key for row in nodes], members, self._vip.client)
         now = time.monotonic()
         if key != self._last_key:
             lines = [self._footer(), *self._tables(nodes, members)]
@@ -910,8 +1055,10 @@ def _attempt(lab: Lab, view: LiveView, duration: float | None) -> int:
 def _run(lab: Lab, view: LiveView, duration: float | None) -> None:
     view.add_header(*_intro(lab))
     view.say("Starting a 3-member etcd cluster...")
+    if lab.net is not None:
+        view.say("Building the network namespace lab (hosts a, b, client; a bridge)...")
     lab.start_etcd()
-    view.add_header(*_commands(lab))
+    view.add_header(_vip_line(lab), *_commands(lab))
     view.start()
     view.say(_standins_line(lab.start_standins(), lab))
     for number, scene in enumerate(SCENES, start=1):
@@ -947,6 +1094,18 @@ def _standins_line(available: bool, lab: Lab) -> str:
     return f"stand-in VSM servers: {where} (only the primary's serves: try nc HOST PORT)"
 
 
+def _vip_line(lab: Lab) -> str:
+    if lab.net is None or lab.vip is None:
+        reason = "" if lab.net_skipped is None else f": {lab.net_skipped}"
+        return f"{VIP_SKIPPED}{reason}"
+    a, b = (lab.net.hosts[LAB_HOSTS[node_id]] for node_id in NODE_IDS)
+    return (
+        f"resource IP: {lab.vip}/24 on {netlab.HOST_IFNAME} of the primary's host; "
+        f"{NODE_IDS[0]} runs in host a ({a.ipv4}), {NODE_IDS[1]} in host b ({b.ipv4}), and "
+        f"host client asks {lab.vip}:{VIP_PORT} (namespaces {lab.net.tag}-*)"
+    )
+
+
 def _report_failure(lab: Lab, view: LiveView, exc: BaseException) -> None:
     view.say(f"FAILED: {exc}")
     logs: list[LocalSidecar | StandIn] = [*lab.nodes, *lab.standins.values()]
@@ -961,7 +1120,11 @@ def _close(lab: Lab) -> None:
     except Exception as exc:  # say so, but the caller's exit code stays what it was
         _emit(f"Cleanup problem: {exc}", file=sys.stderr)
         return
-    _emit(f"Stopped etcd, the sidecars and the stand-in VSM servers; removed {lab.workdir}.")
+    namespaces = "" if lab.net is None else f" and the network namespaces {lab.net.tag}-*"
+    _emit(
+        f"Stopped etcd, the sidecars and the stand-in VSM servers; removed {lab.workdir}"
+        f"{namespaces}."
+    )
 
 
 def _emit(text: str, end: str = "\n", file: TextIO | None = None) -> None:
@@ -974,7 +1137,8 @@ def _intro(lab: Lab) -> list[str]:
     return [
         f"vsm-sidecar demo: sidecars {' and '.join(NODE_IDS)} on a local 3-member etcd "
         f"cluster, lease TTL {lab.ttl} s; {NODE_IDS[0]} is the preferred primary (failback "
-        f"delay {FAILBACK_DELAY_S} s). Resource IP: not shown in this demo yet.",
+        f"delay {FAILBACK_DELAY_S} s). As root they run in network namespaces with a resource "
+        f"IP; {NETNS_ENV}=0 keeps them on loopback without one.",
         f"Work dir (every process's log): {lab.workdir}",
     ]
 
@@ -982,15 +1146,23 @@ def _intro(lab: Lab) -> list[str]:
 def _commands(lab: Lab) -> list[str]:
     address, other = (node.address for node in lab.nodes)
     grpcurl, sidecar = _tool("grpcurl"), _tool("vsm-sidecar")
+    # grpcurl takes a Unix socket as a path with -unix.
+    target = address.removeprefix("unix:")
+    grpcurl += " -unix" if address.startswith("unix:") else ""
+    extra: list[str] = []
+    if lab.net is not None and lab.vip is not None:
+        client_ns = lab.net.netns("client")
+        extra.append(f"  ip netns exec {client_ns} nc {lab.vip} {VIP_PORT}")
     return [
         f"Try these in another terminal while it runs ({NODE_IDS[1]} answers on {other}):",
         f"  {sidecar} status --grpc {address}",
         f"  {sidecar} switchover --to {NODE_IDS[1]} --grpc {address}",
-        f"  {grpcurl} -plaintext {address} list",
-        f"  {grpcurl} -plaintext {address} thinlinc.ha.v1.RoleService/GetRole",
-        f"  {grpcurl} -plaintext {address} thinlinc.ha.v1.SessionService/ListSessions",
-        f"  {grpcurl} -plaintext -d '{HEALTH_REQUEST}' {address} grpc.health.v1.Health/Check",
-        *(f"  curl http://{node.host}:{node.http_port}/primary" for node in lab.nodes),
+        f"  {grpcurl} -plaintext {target} list",
+        f"  {grpcurl} -plaintext {target} thinlinc.ha.v1.RoleService/GetRole",
+        f"  {grpcurl} -plaintext {target} thinlinc.ha.v1.SessionService/ListSessions",
+        f"  {grpcurl} -plaintext -d '{HEALTH_REQUEST}' {target} grpc.health.v1.Health/Check",
+        *(f"  curl http://{n.host}:{n.http_port}/primary" for n in lab.nodes if n.http_port),
+        *extra,
         f"  {_tool('etcdctl')} --endpoints={lab.etcd.endpoints_arg} get --prefix "
         f"/thinlinc-ha/{CLUSTER}/",
     ]

@@ -1,61 +1,60 @@
-"""Real hosts for network tests, built from network namespaces on one Linux bridge.
+"""Real hosts for network tests: the lab lives in :mod:`sidecar.netlab` (the demo uses it too);
+this module re-exports it and adds the pytest side, :func:`require_netns`.
 
-    switch (namespace with bridge br0)
-      ├── va       ── eth0 in host "a"       192.0.2.11/24  2001:db8::11/64
-      ├── vb       ── eth0 in host "b"       192.0.2.12/24  2001:db8::12/64
-      ├── vclient  ── eth0 in host "client"  192.0.2.100/24 2001:db8::100/64
-      └── vetcd    ── eth0 in host "etcd"    192.0.2.1/24   2001:db8::1/64
-
-Only documentation ranges are used, and nothing is created in the root namespace, so a lab can
-never reach or disturb the machine's real network. Every namespace name carries the creating
-process id and a random tag: parallel runs never clash, and a later run can tell the leftovers
-of a killed run (dead pid) from a lab that is still in use.
-
-Helpers take a host name ("a", "client", "switch") or a full namespace name. This harness uses
-the ``ip`` command freely; the product code must not (it speaks netlink).
+See :mod:`sidecar.netlab` for the topology, the addresses and the clean-up rules.
 """
 
 from __future__ import annotations
 
-import atexit
-import contextlib
-import functools
-import json
 import os
-import secrets
-import select
-import shutil
-import signal
-import subprocess
-import sys
-import time
-from collections.abc import Callable, Mapping
-from typing import IO, Any, Final, NamedTuple
 
 import pytest
 
-PREFIX: Final = "vsmlab"
-BRIDGE: Final = "br0"
-HOST_IFNAME: Final = "eth0"
-# Host name -> last octet / last group of its addresses.
-HOSTS: Final[Mapping[str, int]] = {"etcd": 1, "a": 11, "b": 12, "client": 100}
+from sidecar.netlab import (
+    BRIDGE,
+    HOST_IFNAME,
+    HOSTS,
+    PREFIX,
+    ROOT_OCTET,
+    ROOT_PORT,
+    TEST_NETS,
+    Host,
+    LabError,
+    Neighbour,
+    NetnsLab,
+    free_subnet,
+    list_netns,
+    netns_unavailable,
+    read_line,
+    root_subnets,
+    sweep_orphans,
+    wait_for,
+)
 
+__all__ = [
+    "BRIDGE",
+    "HOSTS",
+    "HOST_IFNAME",
+    "PREFIX",
+    "ROOT_OCTET",
+    "ROOT_PORT",
+    "TEST_NETS",
+    "Host",
+    "LabError",
+    "Neighbour",
+    "NetnsLab",
+    "free_subnet",
+    "list_netns",
+    "netns_unavailable",
+    "read_line",
+    "require_netns",
+    "root_subnets",
+    "sweep_orphans",
+    "wait_for",
+]
 
-class LabError(RuntimeError):
-    """A lab command failed; the message carries the command and its stderr."""
-
-
-class Host(NamedTuple):
-    name: str
-    netns: str
-    ipv4: str
-    ipv6: str
-    mac: str  # fixed per host so that a test failure message is easy to read
-
-
-class Neighbour(NamedTuple):
-    mac: str | None  # None while the entry is INCOMPLETE or FAILED
-    state: str
+# Looked up at call time, so a test can monkeypatch it on this module.
+_netns_unavailable = netns_unavailable
 
 
 def require_netns() -> None:
@@ -69,386 +68,3 @@ def require_netns() -> None:
     if os.environ.get("CI") == "true":
         pytest.fail(f"{reason} (CI=true, where network namespace tests must run)", pytrace=False)
     pytest.skip(reason)
-
-
-@functools.cache
-def _netns_unavailable() -> str | None:
-    if os.geteuid() != 0:
-        return "network namespace tests need root"
-    if shutil.which("ip") is None:
-        return "the ip command (iproute2) is not installed"
-    name = f"{PREFIX}-{os.getpid()}-{secrets.token_hex(3)}-check"
-    created = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True)
-    if created.returncode != 0:
-        return f"cannot create a network namespace: {created.stderr.strip()}"
-    subprocess.run(["ip", "netns", "del", name], capture_output=True)
-    return None
-
-
-def list_netns() -> set[str]:
-    """Names of all named network namespaces (``ip netns list``)."""
-    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True)
-    return {line.split()[0] for line in listed.stdout.splitlines() if line.strip()}
-
-
-def sweep_orphans() -> list[str]:
-    """Delete lab namespaces whose creating process is gone (a run killed before atexit)."""
-    removed = []
-    for name in list_netns():
-        parts = name.split("-")
-        if parts[0] != PREFIX or len(parts) < 3 or not parts[1].isdigit():
-            continue
-        if _alive(int(parts[1])):
-            continue
-        subprocess.run(["ip", "netns", "del", name], capture_output=True)
-        removed.append(name)
-    return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-# Run inside a namespace with ``python -I -S -c``: isolated and without site, it starts in
-# about 20 ms, which keeps "the client asks" close to the moment the test cares about.
-_NAME_SERVER: Final = r"""
-import socket, sys
-name, port = sys.argv[1].encode(), int(sys.argv[2])
-server = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-server.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)  # IPv4 too, as ::ffff:a.b.c.d
-server.bind(("::", port))
-server.listen(64)
-print("ready", flush=True)
-while True:
-    connection, _ = server.accept()
-    with connection:
-        connection.sendall(name)
-"""
-
-_ASK: Final = r"""
-import socket, sys
-host, port, timeout = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
-try:
-    with socket.create_connection((host, port), timeout=timeout) as connection:
-        chunks = []
-        while chunk := connection.recv(256):
-            chunks.append(chunk)
-except OSError as exc:
-    sys.exit(f"{type(exc).__name__}: {exc}")
-sys.stdout.write(b"".join(chunks).decode())
-"""
-
-
-ROOT_OCTET: Final = 254
-TEST_NETS: Final = ("198.51.100", "203.0.113", "192.0.2")  # RFC 5737 documentation ranges
-
-
-def root_subnets() -> set[str]:
-    """The /24 prefixes ("a.b.c") of every IPv4 address or route in the root namespace."""
-    shown = _check(["ip", "-j", "-4", "route", "show", "table", "all"]).stdout
-    found = set()
-    for route in json.loads(shown or "[]"):
-        for key in ("dst", "prefsrc"):
-            value = str(route.get(key, ""))
-            if value.count(".") == 3:
-                found.add(value.split("/")[0].rsplit(".", 1)[0])
-    return found
-
-
-def free_subnet() -> str:
-    """A documentation /24 that the root namespace does not use, for a lab joined to it."""
-    used = root_subnets()
-    for subnet in TEST_NETS:
-        if subnet not in used:
-            return subnet
-    raise LabError(f"every documentation range is in use in the root namespace: {used}")
-ROOT_PORT: Final = "p-root"
-
-
-class NetnsLab:
-    """A bridge, hosts a, b, client and etcd, and every process started in them.
-
-    Use as a context manager (or call ``start()`` and ``close()``). ``close()`` kills what the
-    lab started and deletes what it created, pass or fail, and may be called any number of
-    times; an atexit hook closes labs a crashed test left open.
-    """
-
-    def __init__(self, hosts: Mapping[str, int] = HOSTS, subnet: str = "192.0.2") -> None:
-        self.tag = f"{PREFIX}-{os.getpid()}-{secrets.token_hex(3)}"
-        self.switch = f"{self.tag}-switch"
-        self.subnet = subnet
-        self.hosts = {name: _host(self.tag, name, octet, subnet)
-                      for name, octet in hosts.items()}
-        self._namespaces: list[str] = []  # created, in order
-        self._processes: list[subprocess.Popen[str]] = []
-        self._closed = False
-
-    def __enter__(self) -> NetnsLab:
-        try:
-            self.start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    def start(self) -> None:
-        _open_labs.add(self)
-        sweep_orphans()
-        self._add_netns(self.switch)
-        self._batch(
-            self.switch,
-            "link set lo up",
-            # No STP and no forwarding delay: ports forward the moment they are up. No multicast
-            # snooping: without an MLD querier it would make neighbour discovery flaky.
-            f"link add {BRIDGE} type bridge stp_state 0 forward_delay 0 mcast_snooping 0",
-            f"link set {BRIDGE} up",
-        )
-        for host in self.hosts.values():
-            self._add_host(host)
-
-    def _add_host(self, host: Host) -> None:
-        self._add_netns(host.netns)
-        port = _switch_port(host.name)
-        self._batch(
-            self.switch,
-            f"link add {port} type veth peer name {HOST_IFNAME} address {host.mac} "
-            f"netns {host.netns}",
-            f"link set {port} master {BRIDGE}",
-            f"link set {port} up",
-        )
-        self._batch(
-            host.netns,
-            "link set lo up",
-            f"addr add {host.ipv4}/24 dev {HOST_IFNAME}",
-            # nodad: usable at once; the lab's own addresses are not what the tests examine.
-            f"addr add {host.ipv6}/64 dev {HOST_IFNAME} nodad",
-            f"link set {HOST_IFNAME} up",
-        )
-
-    def attach_root(self) -> str:
-        """Give the test process itself a leg on the bridge, so that it can run etcd there
-        and reach every host; the veth dies with the switch namespace. Returns its address.
-
-        Refuses when the root namespace already routes the lab's subnet: lab traffic must
-        never leak onto the machine's real network (build the lab with ``free_subnet()``)."""
-        if self.subnet in root_subnets():
-            raise LabError(f"the root namespace already uses {self.subnet}.0/24")
-        address = f"{self.subnet}.{ROOT_OCTET}"
-        name = f"vl{secrets.token_hex(4)}"  # root side; under the 15-character limit
-        self._batch(
-            self.switch,
-            f"link add {ROOT_PORT} type veth peer name {name} netns 1",
-            f"link set {ROOT_PORT} master {BRIDGE}",
-            f"link set {ROOT_PORT} up",
-        )
-        _check(["ip", "addr", "add", f"{address}/24", "dev", name])
-        _check(["ip", "link", "set", name, "up"])
-        return address
-
-    def _add_netns(self, name: str) -> None:
-        _check(["ip", "netns", "add", name])
-        self._namespaces.append(name)
-
-    def _batch(self, ns: str, *commands: str) -> None:
-        _check(["ip", "-n", ns, "-batch", "-"], stdin="\n".join(commands) + "\n")
-
-    # -- naming ---------------------------------------------------------------------
-
-    def netns(self, ns: str) -> str:
-        """The full namespace name for a host name (or a full name of this lab)."""
-        if ns in self.hosts:
-            return self.hosts[ns].netns
-        if ns == "switch":
-            return self.switch
-        if ns in self._namespaces:
-            return ns
-        raise KeyError(f"{ns!r} is neither a host nor a namespace of lab {self.tag}")
-
-    def exec_prefix(self, ns: str) -> list[str]:
-        """Runs a command in the host; e.g. ``LocalEtcdCluster(command_prefix=...)``."""
-        return ["ip", "netns", "exec", self.netns(ns)]
-
-    # -- processes ----------------------------------------------------------------------
-
-    def run(
-        self,
-        ns: str,
-        *cmd: str,
-        check: bool = True,
-        timeout: float = 10.0,
-        stdin: str | None = None,
-    ) -> subprocess.CompletedProcess[str]:
-        """Run a command in the host and wait for it; LabError on failure when ``check``."""
-        argv = [*self.exec_prefix(ns), *cmd]
-        done = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=timeout)
-        if check and done.returncode != 0:
-            raise LabError(f"{' '.join(argv)} exited {done.returncode}: {done.stderr.strip()}")
-        return done
-
-    def popen(self, ns: str, *cmd: str, **kwargs: Any) -> subprocess.Popen[str]:
-        """Start a command in the host; the lab kills it (and its process group) at close()."""
-        kwargs.setdefault("text", True)
-        process: subprocess.Popen[str] = subprocess.Popen(
-            [*self.exec_prefix(ns), *cmd], start_new_session=True, **kwargs
-        )
-        self._processes.append(process)
-        return process
-
-    def serve_name(self, ns: str, name: str, port: int) -> subprocess.Popen[str]:
-        """A TCP server in the host that answers every connection with ``name`` and closes.
-
-        It listens on every address (IPv4 and IPv6), so it answers on the resource IP whenever
-        the host holds it. Returns once it is listening.
-        """
-        server = self.popen(
-            ns,
-            *_quick_python(_NAME_SERVER, name, str(port)),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-        if read_line(server.stdout, timeout=5.0) != "ready":
-            raise LabError(f"name server {name!r} in {ns} did not start")
-        return server
-
-    def ask(self, ns: str, address: str, port: int, timeout: float = 1.0) -> str | None:
-        """Connect from the host to ``address:port``; the name served there, or None."""
-        done = self.run(
-            ns,
-            *_quick_python(_ASK, address, str(port), str(timeout)),
-            check=False,
-            timeout=timeout + 10,
-        )
-        return done.stdout if done.returncode == 0 else None
-
-    # -- looking at hosts ---------------------------------------------------------------
-
-    def address_details(self, ns: str, ifname: str = HOST_IFNAME) -> list[dict[str, Any]]:
-        """``ip -j addr`` entries of the interface: local, prefixlen, label, nodad, tentative..."""
-        shown = _check(["ip", "-n", self.netns(ns), "-j", "addr", "show", "dev", ifname])
-        entries: list[dict[str, Any]] = []
-        for link in json.loads(shown.stdout or "[]"):
-            entries.extend(link.get("addr_info", []))
-        return entries
-
-    def addresses(self, ns: str, ifname: str = HOST_IFNAME) -> set[str]:
-        """The addresses on the interface as ``"address/prefix"`` strings."""
-        return {f"{info['local']}/{info['prefixlen']}" for info in self.address_details(ns, ifname)}
-
-    def neigh(self, ns: str, ifname: str = HOST_IFNAME) -> dict[str, Neighbour]:
-        """The host's ARP / neighbour cache: address -> (MAC, state)."""
-        shown = _check(["ip", "-n", self.netns(ns), "-j", "neigh", "show", "dev", ifname])
-        return {
-            entry["dst"]: Neighbour(entry.get("lladdr"), ",".join(entry.get("state", [])))
-            for entry in json.loads(shown.stdout or "[]")
-        }
-
-    # -- faults ---------------------------------------------------------------------------
-
-    def link_down(self, ns: str, side: str = "switch") -> None:
-        """Cut the host off: its switch port down (a dead host or pulled cable) or its eth0."""
-        self._set_link(ns, side, "down")
-
-    def link_up(self, ns: str, side: str = "switch") -> None:
-        self._set_link(ns, side, "up")
-
-    def _set_link(self, ns: str, side: str, state: str) -> None:
-        host = next((h for h in self.hosts.values() if self.netns(ns) == h.netns), None)
-        if host is None:
-            raise KeyError(f"{ns!r} is not a host of lab {self.tag}")
-        if side == "switch":
-            _check(["ip", "-n", self.switch, "link", "set", _switch_port(host.name), state])
-        elif side == "host":
-            _check(["ip", "-n", host.netns, "link", "set", HOST_IFNAME, state])
-        else:
-            raise ValueError(f"side must be 'switch' or 'host', not {side!r}")
-
-    # -- teardown -----------------------------------------------------------------------
-
-    def close(self) -> None:
-        """Kill every process the lab started, then delete every namespace it created."""
-        if self._closed:
-            return
-        self._closed = True
-        for process in reversed(self._processes):
-            _stop(process)
-        # Deleting a namespace destroys its interfaces; a veth dies with either end.
-        for name in reversed(self._namespaces):
-            subprocess.run(["ip", "netns", "del", name], capture_output=True)
-        _open_labs.discard(self)
-
-
-def _host(tag: str, name: str, octet: int, subnet: str = "192.0.2") -> Host:
-    return Host(
-        name=name,
-        netns=f"{tag}-{name}",
-        ipv4=f"{subnet}.{octet}",
-        ipv6=f"2001:db8::{octet}",  # reads like the IPv4 octet
-        mac=f"02:00:00:00:00:{octet:02x}",
-    )
-
-
-def _switch_port(host: str) -> str:
-    return f"v{host}"[:15]
-
-
-def _quick_python(code: str, *args: str) -> list[str]:
-    return [sys.executable, "-I", "-S", "-c", code, *args]
-
-
-def _check(argv: list[str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=30)
-    if done.returncode != 0:
-        raise LabError(f"{' '.join(argv)} exited {done.returncode}: {done.stderr.strip()}")
-    return done
-
-
-def read_line(stream: IO[str] | None, timeout: float) -> str | None:
-    """One line from a child's pipe, or None if none arrives in time."""
-    if stream is None:
-        return None
-    ready, _, _ = select.select([stream], [], [], timeout)
-    return stream.readline().strip() if ready else None
-
-
-def _stop(process: subprocess.Popen[str]) -> None:
-    """SIGTERM the process group, SIGKILL it if it lingers, and close the pipes."""
-    for sig, grace in ((signal.SIGTERM, 2.0), (signal.SIGKILL, 5.0)):
-        if process.poll() is not None:
-            break
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, sig)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(grace)
-    for stream in (process.stdin, process.stdout, process.stderr):
-        if stream is not None:
-            stream.close()
-
-
-_open_labs: set[NetnsLab] = set()
-
-
-@atexit.register
-def _close_open_labs() -> None:
-    for lab in list(_open_labs):
-        lab.close()
-
-
-def wait_for(predicate: Callable[[], object], timeout: float, interval: float = 0.005) -> float:
-    """Poll ``predicate()`` until true; seconds it took. AssertionError on timeout."""
-    start = time.monotonic()
-    deadline = start + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        time.sleep(interval)
-    return time.monotonic() - start

@@ -3,6 +3,10 @@
 Every scene must print its measured result, and no etcd, sidecar or stand-in VSM server process
 the demo started may outlive it, whether it ends on its own or is interrupted. The demo's children
 run in sessions of their own, so nothing but the demo's own cleanup stops them.
+
+Where the suite can build network namespaces (root), the demo does too: its sidecars then run in
+lab hosts with a resource IP, and no namespace of its lab may outlive it either.
+VSM_DEMO_NETNS=0 keeps it on loopback.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from pathlib import Path
 
 import pytest
 
+from sidecar.netlab import list_netns, netns_unavailable
+
 pytestmark = [pytest.mark.etcd, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,7 +39,11 @@ SCENE_RESULTS = [
     rf"{TIME} \(revisions \d+-\d+\); vsm-a and vsm-b list all 5 {TIME} after the last "
     r"acknowledgement",
     rf"vsm-b became PRIMARY {TIME} after the kill \(TTL 2 s\), epoch \d+ -> \d+, with all 5 "
-    rf"sessions(; its stand-in VSM server serves {TIME} after the kill)?",
+    rf"sessions(; its stand-in VSM server serves {TIME} after the kill)?"
+    # Where the sidecars run in network namespaces: the client host, through the resource IP.
+    r"(?P<vip>; the client reached vsm-b through the resource IP "
+    rf"(?P<vip_ip>\d+\.\d+\.\d+\.50) {TIME} after the kill"
+    r"( \(vsm-a's host still has the address\))?)?",
     rf"vsm-a was STANDBY {TIME} after its restart and PRIMARY again {TIME} after it "
     rf"\(failback delay 2 s\), epoch \d+ -> \d+; the handover, vsm-b leaving PRIMARY to vsm-a "
     rf"PRIMARY, took {TIME}",
@@ -47,15 +57,20 @@ SCENE_RESULTS = [
     rf"etcd\d rejoined {TIME} after its restart",
 ]
 NO_STANDINS = "stand-in VSM servers: not available in this build"
+VIP_SKIPPED = "resource IP: skipped (needs root and network namespaces)"
+# The header line naming the lab, and the table's line of whom the client reaches.
+VIP_HEADER = r"^resource IP: (\S+)/24 on eth0 .*\(namespaces (vsmlab-\d+-[0-9a-f]+)-\*\)$"
+CLIENT_LINE = r"^  client via resource IP (\S+): (vsm-a|vsm-b|no answer)$"
 
 
 class DemoRun:
     """``python -m sidecar demo`` as a subprocess whose output is collected line by line."""
 
-    def __init__(self, *args: str) -> None:
+    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "sidecar", "demo", *args],
             cwd=REPO,
+            env={**os.environ, **(env or {})},
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -97,10 +112,20 @@ class DemoRun:
     def workdir(self) -> str:
         return self.wait_for(r"Work dir \(every process's log\): (\S+)", 30).group(1)
 
+    def lab_tag(self) -> str | None:
+        """The tag of the demo's namespace lab (every namespace name starts with it); None
+        where it said it skips the resource IP."""
+        found = self.wait_for(rf"{VIP_HEADER}|^{re.escape(VIP_SKIPPED)}", 60)
+        return found.group(2)
+
     def kill(self) -> None:
         if self.process.poll() is None:
             self.process.kill()
         self.finish(timeout=10)
+
+
+def namespaces_of(tag: str | None) -> set[str]:
+    return set() if tag is None else {name for name in list_netns() if name.startswith(tag)}
 
 
 def processes_in(workdir: str) -> dict[int, str]:
@@ -136,8 +161,13 @@ def test_demo_plays_every_scene_with_a_measured_result_and_leaves_nothing_runnin
     run = DemoRun("--duration", "1")
     demo_runs.append(run)
     workdir = run.workdir()
+    tag = run.lab_tag()
+    # As root the demo uses network namespaces wherever the suite could.
+    assert (tag is not None) == (netns_unavailable() is None), run.output
     run.wait_for(r"^Scene 1/6: ", timeout=120)
     assert processes_in(workdir), "the demo's processes were not found while it ran"
+    if tag is not None:
+        assert namespaces_of(tag), "the demo's namespaces were not found while it ran"
     assert run.finish(timeout=240) == 0, run.output
     results = [line.removeprefix("  => ") for line in run.lines if line.startswith("  => ")]
     assert len(results) == len(SCENE_RESULTS), run.output
@@ -155,6 +185,42 @@ def test_demo_plays_every_scene_with_a_measured_result_and_leaves_nothing_runnin
     assert failback is not None
     # The preferred primary waits out its failback delay (2 s) as STANDBY first.
     assert (failback.group(4), float(failback.group(3)) >= 2.0) == ("s", True), results[3]
+    # Through the resource IP exactly where the sidecars run in namespaces (with stand-ins).
+    assert (crash.group("vip") is not None) == (standins and tag is not None), results[2]
+    assert processes_in(workdir) == {}
+    assert not Path(workdir).exists()
+    assert namespaces_of(tag) == set()
+    if tag is not None:
+        clients = [m for line in run.lines if (m := re.match(CLIENT_LINE, line))]
+        assert clients, run.output
+        assert {m.group(1) for m in clients} == {crash.group("vip_ip")}, clients
+        # The table showed the client reaching vsm-a through the resource IP at some point.
+        assert "vsm-a" in {m.group(2) for m in clients}, clients
+        assert re.search(r"^  node .* VSM +holds VIP +gRPC address$", run.output, re.M)
+
+
+def test_demo_without_namespaces_runs_on_loopback_and_says_it_skips_the_resource_ip(
+    demo_runs: list[DemoRun],
+) -> None:
+    """VSM_DEMO_NETNS=0 (as without root): every scene on loopback, one line saying the
+    resource IP is skipped, no resource IP anywhere in the table."""
+    run = DemoRun("--duration", "1", env={"VSM_DEMO_NETNS": "0"})
+    demo_runs.append(run)
+    workdir = run.workdir()
+    assert run.lab_tag() is None
+    assert run.finish(timeout=240) == 0, run.output
+    skipped = [line for line in run.lines if line.startswith(VIP_SKIPPED)]
+    assert len(skipped) == 1, run.output
+    results = [line.removeprefix("  => ") for line in run.lines if line.startswith("  => ")]
+    assert len(results) == len(SCENE_RESULTS), run.output
+    for expected, actual in zip(SCENE_RESULTS, results, strict=True):
+        assert re.fullmatch(expected, actual), f"{expected!r} != {actual!r}"
+    crash = re.fullmatch(SCENE_RESULTS[2], results[2])
+    assert crash is not None
+    assert crash.group("vip") is None, results[2]
+    assert "client via resource IP" not in run.output
+    assert "holds VIP" not in run.output
+    assert "127.0.0.1:" in run.output  # the sidecars answer on loopback
     assert processes_in(workdir) == {}
     assert not Path(workdir).exists()
 
@@ -172,6 +238,7 @@ def test_demo_interrupted_mid_scene_cleans_up_and_exits_128_plus_signal(
     run = DemoRun()  # no duration: it would run until interrupted
     demo_runs.append(run)
     workdir = run.workdir()
+    tag = run.lab_tag()
     run.wait_for(r"^Scene 3/6: kill -9 the primary", timeout=120)
     assert processes_in(workdir), "the demo's processes were not found while it ran"
     run.process.send_signal(signum)
@@ -179,3 +246,4 @@ def test_demo_interrupted_mid_scene_cleans_up_and_exits_128_plus_signal(
     assert "Stopped etcd, the sidecars and the stand-in VSM servers" in run.output
     assert processes_in(workdir) == {}
     assert not Path(workdir).exists()
+    assert namespaces_of(tag) == set()  # the lab's namespaces too, where it had one
