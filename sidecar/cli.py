@@ -45,6 +45,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="the sidecar's gRPC address [127.0.0.1:50051]")
     status.add_argument("--json", action="store_true", help="print JSON")
     status.add_argument("--timeout", type=float, default=3.0, help="seconds to wait [3]")
+    _add_client_tls(status)
     status.set_defaults(func=_cmd_status)
 
     move = commands.add_parser("switchover", help="move the primary role (a planned handover)")
@@ -52,6 +53,7 @@ def _parser() -> argparse.ArgumentParser:
                       help="the node to hand over to (default: any healthy, caught-up standby)")
     move.add_argument("--grpc", default="127.0.0.1:50051", metavar="ADDR",
                       help="any sidecar's gRPC address [127.0.0.1:50051]")
+    _add_client_tls(move)
     move.set_defaults(func=_cmd_switchover)
 
     demo = commands.add_parser("demo", help="run a local cluster and show a failover")
@@ -60,6 +62,15 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--ttl", type=int, default=2, help="lease TTL of the demo sidecars [2]")
     demo.set_defaults(func=_cmd_demo)
     return parser
+
+
+def _add_client_tls(parser: argparse.ArgumentParser) -> None:
+    """TLS towards a sidecar whose API has grpc_tls_cert (and client certificates with
+    grpc_client_ca); giving any of these turns TLS on."""
+    parser.add_argument("--grpc-ca", metavar="FILE", help="CA that signed the sidecar's "
+                        "certificate (turns TLS on)")
+    parser.add_argument("--grpc-cert", metavar="FILE", help="client certificate (mTLS)")
+    parser.add_argument("--grpc-key", metavar="FILE", help="client key (mTLS)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -106,7 +117,11 @@ def _cmd_status(args: argparse.Namespace) -> int:
     from . import client
 
     try:
-        status = client.get_role(args.grpc, timeout=args.timeout)
+        status = client.get_role(args.grpc, timeout=args.timeout, ca=args.grpc_ca,
+                                 cert=args.grpc_cert, key=args.grpc_key)
+    except (OSError, ValueError) as exc:  # an unreadable or incomplete client certificate
+        print(f"vsm-sidecar: error: TLS files: {exc}", file=sys.stderr)
+        return 2
     except client.Unreachable as exc:
         print(f"vsm-sidecar: {exc}", file=sys.stderr)
         return 1
@@ -121,7 +136,11 @@ def _cmd_switchover(args: argparse.Namespace) -> int:
     from . import client
 
     try:
-        primary, epoch, took = client.switchover(args.grpc, args.to)
+        primary, epoch, took = client.switchover(args.grpc, args.to, ca=args.grpc_ca,
+                                                 cert=args.grpc_cert, key=args.grpc_key)
+    except (OSError, ValueError) as exc:
+        print(f"vsm-sidecar: error: TLS files: {exc}", file=sys.stderr)
+        return 2
     except client.Refused as exc:
         print(f"vsm-sidecar: switchover refused: {exc}", file=sys.stderr)
         return 1

@@ -1,8 +1,14 @@
-"""A small client of a sidecar's gRPC API, for the CLI, the demo and the tests."""
+"""A small client of a sidecar's gRPC API, for the CLI, the demo and the tests.
+
+Plaintext unless TLS material is given: ``ca`` (the CA that signed the sidecar's
+``grpc_tls_cert``; default: the system's trust store) and, for mutual TLS, ``cert`` and ``key``
+(a client certificate signed by the sidecar's ``grpc_client_ca``). Any of the three turns TLS on.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -19,10 +25,28 @@ def to_dict(message: Any) -> dict[str, Any]:
     return json_format.MessageToDict(message, preserving_proto_field_name=True)
 
 
-def get_role(address: str, timeout: float = 3.0) -> dict[str, Any]:
+def _read(path: str | Path | None) -> bytes | None:
+    return None if path is None else Path(path).read_bytes()
+
+
+def channel(address: str, *, ca: str | Path | None = None, cert: str | Path | None = None,
+            key: str | Path | None = None) -> grpc.Channel:
+    """A channel to ``address``: TLS when any of ``ca``, ``cert``, ``key`` is given."""
+    if ca is None and cert is None and key is None:
+        return grpc.insecure_channel(address)
+    if (cert is None) != (key is None):
+        raise ValueError("a client certificate and its key go together")
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=_read(ca), private_key=_read(key), certificate_chain=_read(cert))
+    return grpc.secure_channel(address, credentials)
+
+
+def get_role(address: str, timeout: float = 3.0, *, ca: str | Path | None = None,
+             cert: str | Path | None = None, key: str | Path | None = None,
+             ) -> dict[str, Any]:
     """GetRole as a dict (the shape ``grpcurl`` prints)."""
-    with grpc.insecure_channel(address) as channel:
-        stub = role_pb2_grpc.RoleServiceStub(channel)
+    with channel(address, ca=ca, cert=cert, key=key) as chan:
+        stub = role_pb2_grpc.RoleServiceStub(chan)
         try:
             return to_dict(stub.GetRole(role_pb2.GetRoleRequest(), timeout=timeout))
         except grpc.RpcError as exc:
@@ -34,11 +58,12 @@ class Refused(Exception):
     """The sidecar answered, and said no (the reason is the message)."""
 
 
-def switchover(address: str, target: str | None, timeout: float = 15.0,
-               ) -> tuple[str, int, float]:
+def switchover(address: str, target: str | None, timeout: float = 15.0, *,
+               ca: str | Path | None = None, cert: str | Path | None = None,
+               key: str | Path | None = None) -> tuple[str, int, float]:
     """Switchover: the new primary, its epoch and how long the move took."""
-    with grpc.insecure_channel(address) as channel:
-        stub = role_pb2_grpc.RoleServiceStub(channel)
+    with channel(address, ca=ca, cert=cert, key=key) as chan:
+        stub = role_pb2_grpc.RoleServiceStub(chan)
         request = role_pb2.SwitchoverRequest(target_node=target or "")
         try:
             answer = stub.Switchover(request, timeout=timeout)

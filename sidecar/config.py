@@ -28,6 +28,8 @@ LOG_FORMATS = ("auto", "json", "console")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 MIN_TTL, MAX_TTL = 2, 300
 MIN_MARGIN = 0.1
+# The session_writers rule for peers on loopback or the Unix socket.
+SESSION_WRITERS_LOCAL = "local"
 
 
 class ConfigError(Exception):
@@ -163,6 +165,18 @@ class Settings:
         "deadline (default: max(0.25, ttl / 10))", metavar="SECONDS")
     grpc_listen: str = _setting(
         "127.0.0.1:50051", _text, "gRPC listen address: HOST:PORT or unix:PATH", metavar="ADDR")
+    grpc_tls_cert: Path | None = _setting(
+        None, _optional_path, "server certificate (PEM) for the gRPC API: turns TLS on "
+        "(with --grpc-tls-key)", metavar="FILE")
+    grpc_tls_key: Path | None = _setting(
+        None, _optional_path, "private key (PEM) of --grpc-tls-cert", metavar="FILE")
+    grpc_client_ca: Path | None = _setting(
+        None, _optional_path, "mutual TLS: gRPC clients must present a certificate signed "
+        "by this CA bundle (PEM); needs TLS on", metavar="FILE")
+    session_writers: tuple[str, ...] = _setting(
+        (), _string_list, "who may write sessions (PutSession, DeleteSession), comma "
+        "separated: 'local' (loopback or Unix socket peers) and/or client certificate common "
+        "names (need --grpc-client-ca); empty: anyone who reaches the API", metavar="RULES")
     http_listen: str = _setting(
         "127.0.0.1:8008", _text, "HTTP for load balancers and "
         "Prometheus (/primary /standby /health /metrics): HOST:PORT, empty to turn it off; "
@@ -356,6 +370,7 @@ def validate(s: Settings) -> None:
     _validate_credentials(s)
     _validate_timing(s)
     _validate_listen("grpc_listen", s.grpc_listen)
+    _validate_grpc_security(s)
     if s.http_listen:
         if s.http_listen.startswith("unix:"):
             raise ConfigError("http_listen", "must be HOST:PORT (no Unix socket for HTTP)")
@@ -453,6 +468,45 @@ def _validate_credentials(s: Settings) -> None:
         path = getattr(s, name)
         if path is not None:
             _check_readable(name, path)
+
+
+def _validate_grpc_security(s: Settings) -> None:
+    import ssl
+
+    if (s.grpc_tls_cert is None) != (s.grpc_tls_key is None):
+        missing = "grpc_tls_key" if s.grpc_tls_key is None else "grpc_tls_cert"
+        raise ConfigError(missing, "grpc_tls_cert and grpc_tls_key go together")
+    if s.grpc_client_ca is not None and s.grpc_tls_cert is None:
+        raise ConfigError("grpc_client_ca", "needs grpc_tls_cert and grpc_tls_key: client "
+                                            "certificates are checked only over TLS")
+    for name in ("grpc_tls_cert", "grpc_tls_key", "grpc_client_ca"):
+        path = getattr(s, name)
+        if path is not None:
+            _check_readable(name, path)
+    if s.grpc_tls_cert is not None and s.grpc_tls_key is not None:
+        try:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+                s.grpc_tls_cert, s.grpc_tls_key)
+        except ssl.SSLError as exc:
+            raise ConfigError("grpc_tls_cert", f"{s.grpc_tls_cert} and {s.grpc_tls_key} are "
+                                               f"not a PEM certificate and its key: "
+                                               f"{exc.reason or exc}") from None
+    if s.grpc_client_ca is not None:
+        try:
+            ssl.create_default_context().load_verify_locations(cafile=s.grpc_client_ca)
+        except ssl.SSLError as exc:
+            raise ConfigError("grpc_client_ca", f"{s.grpc_client_ca} is not a PEM CA bundle: "
+                                                f"{exc.reason or exc}") from None
+    for rule in s.session_writers:
+        if rule == SESSION_WRITERS_LOCAL:
+            continue
+        if len(rule) > 64:
+            raise ConfigError("session_writers", f"{rule!r} is longer than a common name "
+                                                 "may be (64)")
+        if s.grpc_client_ca is None:
+            raise ConfigError("session_writers", f"{rule!r} is a certificate common name: it "
+                                                 "needs grpc_client_ca (mutual TLS); use "
+                                                 f"'{SESSION_WRITERS_LOCAL}' without it")
 
 
 def _check_readable(setting: str, path: Path) -> None:

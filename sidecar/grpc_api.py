@@ -3,6 +3,10 @@
 The servicers only ask the node; they never touch etcd. Health has three names: "" (the process
 is working), ``thinlinc.ha.v1.RoleService``, and ``thinlinc.ha.v1.Primary``, which is SERVING only
 while this node is PRIMARY, so a plain gRPC health probe can find the primary.
+
+With ``grpc_tls_cert``/``grpc_tls_key`` the port speaks TLS only (no plaintext fallback); with
+``grpc_client_ca`` as well, every client must present a certificate signed by that CA (mutual
+TLS). Reflection and health are served on the same port, so they follow the same rules.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import contextlib
 import os
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -122,6 +127,15 @@ class RoleServicer(role_pb2_grpc.RoleServiceServicer):
             took=duration_pb2.Duration(seconds=int(took), nanos=int((took % 1) * 1e9)))
 
 
+def server_credentials(cert: Path, key: Path,
+                       client_ca: Path | None = None) -> grpc.ServerCredentials:
+    """TLS credentials for the port; with ``client_ca``, client certificates are required."""
+    root = client_ca.read_bytes() if client_ca is not None else None
+    return grpc.ssl_server_credentials(
+        [(key.read_bytes(), cert.read_bytes())], root_certificates=root,
+        require_client_auth=root is not None)
+
+
 class GrpcServer:
     """The aio server with our services, health and reflection."""
 
@@ -147,7 +161,15 @@ class GrpcServer:
 
     async def start(self) -> None:
         reflection.enable_server_reflection(self.services, self.server)
-        port = self.server.add_insecure_port(self.listen)
+        settings = self.node.settings
+        if settings.grpc_tls_cert is not None and settings.grpc_tls_key is not None:
+            credentials = server_credentials(settings.grpc_tls_cert, settings.grpc_tls_key,
+                                             settings.grpc_client_ca)
+            port = self.server.add_secure_port(self.listen, credentials)
+            security = "mtls" if settings.grpc_client_ca is not None else "tls"
+        else:
+            port = self.server.add_insecure_port(self.listen)
+            security = "plaintext"
         if port == 0:
             raise OSError(f"cannot listen on {self.listen}")
         await self.server.start()
@@ -157,7 +179,8 @@ class GrpcServer:
         await self.health.set("", SERVING)
         await self.health.set(ROLE_SERVICE, SERVING)
         self._follower = asyncio.create_task(self._follow_role(), name="health")
-        log.info("grpc_listening", address=self.listen)
+        log.info("grpc_listening", address=self.listen, security=security,
+                 session_writers=",".join(settings.session_writers) or "anyone")
 
     async def _follow_role(self) -> None:
         async for status in self.node.watch():
