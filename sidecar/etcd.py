@@ -64,6 +64,12 @@ class EtcdAccessDenied(EtcdError):
     transient = False
 
 
+class LeaseGone(EtcdError):
+    """etcd no longer has the lease a call used (it expired or was revoked)."""
+
+    transient = False
+
+
 class Compacted(EtcdError):
     """A watch asked for history that etcd has compacted away."""
 
@@ -132,6 +138,8 @@ def _translate(exc: BaseException, what: str) -> EtcdError:
             return EtcdAccessDenied(f"{what}: {detail}")
         if code in _TRANSIENT_CODES:
             return EtcdUnavailable(f"{what}: {code.name if code else '?'} {detail}")
+        if code == grpc.StatusCode.NOT_FOUND and "lease not found" in (detail or ""):
+            return LeaseGone(f"{what}: {detail}")
         error = EtcdError(f"{what}: {code.name if code else '?'} {detail}")
         error.transient = False
         return error
@@ -336,14 +344,14 @@ class Watch:
         return True
 
 
-def kv_call(client: Any, method: str, request: Any) -> Any:
+def kv_call(client: Any, method: str, request: Any, timeout: float | None = None) -> Any:
     """Call etcd's KV service directly (``Range`` or ``Txn``) on the client's current endpoint.
 
     For what the client's own methods lose: a transaction's response header (its commit
-    revision) and a range's ``more`` flag for paging.
+    revision) and a range's ``more`` flag for paging; and for a deadline of its own.
     """
     client.channel  # noqa: B018 - a property: selects a live endpoint, drops stale stubs
-    return getattr(client.kvstub, method)(request, client.timeout,
+    return getattr(client.kvstub, method)(request, timeout or client.timeout,
                                           credentials=client.call_credentials,
                                           metadata=client.metadata)
 

@@ -57,8 +57,13 @@ log = structlog.get_logger(__name__)
 # etcd's defaults: --max-txn-ops 128 and --max-request-bytes 1.5 MiB. Stay inside both.
 MAX_TXN_OPS = 128
 MAX_TXN_BYTES = 1024 * 1024
-# How long a write may wait for etcd (retrying transient errors) before it is failed.
-WRITE_DEADLINE = 2.0
+# How long a write may wait for etcd (retrying transient errors) before it is failed, and the
+# deadline of each attempt. An attempt stuck on a dead or paused member, or a proposal etcd
+# dropped in a leader change, must not hold the writes for the data client's long timeout:
+# it fails after WRITE_ATTEMPT and the retry goes to another member (the guarded put is safe
+# to repeat).
+WRITE_DEADLINE = 3.0
+WRITE_ATTEMPT = 0.75
 RESYNC_PAGE = 5000
 FLUSH_INTERVAL = 0.05
 
@@ -357,7 +362,8 @@ class Writer:
             epoch = self.epoch()  # raises NotPrimary: never write as a node that is not
             try:
                 succeeded, response = await self.etcd.call(
-                    functools.partial(_txn, leader=self.keys.leader, epoch=epoch, batch=batch),
+                    functools.partial(_txn, leader=self.keys.leader, epoch=epoch, batch=batch,
+                                      timeout=WRITE_ATTEMPT),
                     "write sessions")
             except EtcdError as exc:
                 if not exc.transient or time.monotonic() >= deadline:
@@ -373,7 +379,8 @@ class Writer:
             return [(revision, _deleted(r)) for r in response.responses]
 
 
-def _txn(client: Any, leader: bytes, epoch: int, batch: list[_Op]) -> tuple[bool, Any]:
+def _txn(client: Any, leader: bytes, epoch: int, batch: list[_Op],
+         timeout: float | None = None) -> tuple[bool, Any]:
     compare = epoch_guard(leader, epoch)
     ops = []
     for op in batch:
@@ -384,7 +391,7 @@ def _txn(client: Any, leader: bytes, epoch: int, batch: list[_Op]) -> tuple[bool
             ops.append(etcdrpc.RequestOp(request_put=etcdrpc.PutRequest(key=op.key,
                                                                         value=op.value)))
     request = etcdrpc.TxnRequest(compare=[compare], success=ops)
-    response = kv_call(client, "Txn", request)
+    response = kv_call(client, "Txn", request, timeout)
     return response.succeeded, response
 
 

@@ -36,7 +36,7 @@ from .election import (
     SwitchoverRequest,
     decode_leader,
 )
-from .etcd import Etcd, EtcdAccessDenied, EtcdError, EventType, retry_policy
+from .etcd import Etcd, EtcdAccessDenied, EtcdError, EventType, LeaseGone, retry_policy
 from .handover import SwitchoverRefused, choose_target, ineligibility, request_move
 
 log = structlog.get_logger(__name__)
@@ -46,6 +46,7 @@ log = structlog.get_logger(__name__)
 LEADER_REREAD_SECONDS = 10.0
 MEMBERS_REFRESH_SECONDS = 1.0
 FAILBACK_POLL = 0.2
+ETCD_ERROR_PAUSE = 0.5
 ACCESS_NOTE = ("check etcd_user, the password file, the client certificate and the user's role "
                "(it needs read and write on the cluster's prefix)")
 
@@ -256,12 +257,24 @@ class Node:
                 reason = str(_first_leaf(group))
                 self._set_role(Role.FENCED, f"lease lost: {reason}")
                 stale = lease
+            except* LeaseGone as group:
+                # A call used our lease after etcd had expired it (e.g. a campaign right
+                # after an etcd outage): the lease is lost, whatever the keepalive has seen.
+                self._set_role(Role.FENCED, f"lease lost: {_first_leaf(group)}")
+                stale = None
             except* EtcdAccessDenied as group:
                 # A configuration problem (user, password, role, certificate): say so once,
                 # plainly, and stop; retrying cannot mend it.
                 error = _first_leaf(group)
                 log.error("etcd_access_denied", error=str(error), note=ACCESS_NOTE)
                 raise error from None
+            except* EtcdError as group:
+                # Anything else etcd refuses in a way retrying did not mend: fence and start
+                # over with a new lease rather than end the process.
+                self._set_role(Role.FENCED, f"etcd error: {_first_leaf(group)}")
+                stale = lease
+                log.error("etcd_error", error=str(_first_leaf(group)), decision="fence, retry")
+                await asyncio.sleep(ETCD_ERROR_PAUSE)  # never spin against a refusing etcd
 
     async def _acquire_lease(self) -> Lease:
         async for attempt in retry_policy("grant lease"):

@@ -11,7 +11,7 @@ import pytest
 
 from sidecar import config
 from sidecar.election import Election, LeaseLost
-from sidecar.etcd import Etcd, EtcdUnavailable
+from sidecar.etcd import Etcd, EtcdUnavailable, LeaseGone
 from sidecar.localcluster import LocalEtcdCluster
 
 pytestmark = [pytest.mark.etcd]
@@ -175,3 +175,18 @@ def test_calls_to_an_unreachable_etcd_fail_fast_with_etcd_unavailable(cluster_na
             etcd.close()
 
     asyncio.run(body())
+
+
+def test_campaign_with_a_lease_etcd_no_longer_has_raises_lease_gone(
+        etcd_cluster: LocalEtcdCluster, cluster_name: str) -> None:
+    """A campaign under a lease that expired in etcd (say right after an outage) is a lost
+    lease (LeaseGone), which the node handles by fencing, not a crash."""
+
+    async def body(make: Callable[[str], Election]) -> None:
+        election = make("a")
+        lease = await election.grant()
+        await election.resign(lease)
+        with pytest.raises(LeaseGone):
+            await election.campaign(lease)
+
+    run(etcd_cluster, cluster_name, body)
