@@ -45,14 +45,16 @@ def test_sidecar_notifies_ready_status_watchdog_and_stopping(
                         env={"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "200000"})
     try:
         node.start().wait_role("PRIMARY")
-        messages = received(sock, 1.0)
+        messages = received(sock, 0.3)  # everything since start-up, and a little more
         ready = [m for m in messages if "READY=1" in m]
         assert len(ready) == 1
         statuses = [line for m in messages for line in m.splitlines()
                     if line.startswith("STATUS=")]
         assert any(s.startswith("STATUS=PRIMARY epoch ") for s in statuses), statuses
-        pings = [m for m in messages if m == "WATCHDOG=1"]
-        assert 3 <= len(pings) <= 12, messages  # every 0.1 s over ~1 s, give or take load
+        # Now a fresh window: pings every 0.1 s, so about 10 in a second; loose bounds for load
+        # (none at all, or a flood, would be the bugs).
+        pings = [m for m in received(sock, 1.0) if m == "WATCHDOG=1"]
+        assert 3 <= len(pings) <= 20, pings
         node.terminate()
         assert node.wait_exit(10) == 0
         assert any("STOPPING=1" in m for m in received(sock, 0.5))
