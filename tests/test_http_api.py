@@ -8,7 +8,7 @@ import contextlib
 import time
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -26,6 +26,8 @@ from sidecar.mirror import Follower, Writer
 from sidecar.node import Node, Role
 from sidecar.resource import ResourceController
 from sidecar.store import SessionStore
+
+from .aio import running
 
 T = TypeVar("T")
 WAIT = 10.0  # generous: the machine is shared
@@ -91,18 +93,6 @@ def metrics(body: bytes) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
             for sample in family.samples:
                 samples[tuple(sorted(sample.labels.items()))] = sample.value
     return result
-
-
-@contextlib.asynccontextmanager
-async def running(coro: Awaitable[Any], name: str) -> AsyncIterator[asyncio.Task[Any]]:
-    task = asyncio.ensure_future(coro)
-    task.set_name(name)
-    try:
-        yield task
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 @contextlib.asynccontextmanager

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, MutableMapping
+from collections.abc import AsyncIterator, Callable, Coroutine, MutableMapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,6 +23,8 @@ from sidecar.mirror import Follower, Writer
 from sidecar.node import Node, NotPrimary, Role
 from sidecar.sessions import encode_session
 from sidecar.store import SessionStore
+
+from .aio import running
 
 pytestmark = [pytest.mark.etcd]
 
@@ -64,19 +66,6 @@ def current_revision(client: Any) -> int:
 
 def run(body: Callable[[], Coroutine[Any, Any, T]]) -> T:
     return asyncio.run(body())
-
-
-@contextlib.asynccontextmanager
-async def running(coro: Awaitable[Any], name: str) -> AsyncIterator[asyncio.Task[Any]]:
-    """Run ``coro`` as a task for the block; cancel it and wait for it afterwards."""
-    task = asyncio.ensure_future(coro)
-    task.set_name(name)
-    try:
-        yield task
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 @contextlib.asynccontextmanager
