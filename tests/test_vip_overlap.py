@@ -8,20 +8,16 @@ from __future__ import annotations
 
 import signal
 import statistics
-import subprocess
-import sys
-import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
 
 import pytest
 
 from sidecar.localnode import LocalSidecar
 
-from .netns_lab import read_line, wait_for
+from .netns_lab import wait_for
 from .test_vip_failover import TTL, VipPair, start_pair, vip_pair
+from .vip_watch import Lifetimes, held_spans, intersect, start_sampler
 
 __all__ = ["vip_pair"]  # the fixture must live in this module's namespace to be used
 
@@ -29,104 +25,6 @@ pytestmark = [pytest.mark.netns, pytest.mark.etcd, pytest.mark.slow]
 
 FAILOVERS = 10
 SAMPLE_PERIOD = 0.010
-
-# One sampler per namespace: a netlink address dump every SAMPLE_PERIOD, one line per sample:
-# "<monotonic before dump> <monotonic after dump> <1 if the address is on the interface>".
-# CLOCK_MONOTONIC is shared by every namespace, so lines compare with the test's own clock.
-_SAMPLER = r"""
-import sys, time
-from pyroute2 import IPRoute
-address, ifname, period = sys.argv[1], sys.argv[2], float(sys.argv[3])
-with IPRoute() as ipr:
-    index = ipr.link_lookup(ifname=ifname)[0]
-    print("ready", flush=True)
-    due = time.monotonic()
-    while True:
-        before = time.monotonic()
-        held = any(m.get_attr("IFA_ADDRESS") == address for m in ipr.get_addr(index=index))
-        after = time.monotonic()
-        sys.stdout.write(f"{before:.6f} {after:.6f} {int(held)}\n")
-        sys.stdout.flush()
-        due += period
-        time.sleep(max(0.0, due - time.monotonic()))
-"""
-
-
-@dataclass
-class Sampler:
-    """Reads one namespace's sampler lines in a thread: (time, holds) per sample."""
-
-    stream: IO[str]
-    samples: list[tuple[float, bool]] = field(default_factory=list)
-    costs: list[float] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self.thread = threading.Thread(target=self._read, daemon=True)
-        self.thread.start()
-
-    def _read(self) -> None:
-        for line in self.stream:
-            before, after, held = line.split()
-            self.samples.append(((float(before) + float(after)) / 2, held == "1"))
-            self.costs.append(float(after) - float(before))
-
-
-def start_sampler(pair: VipPair, host: str, address: str) -> Sampler:
-    # Not isolated (-I -S) like the lab's helpers: pyroute2 lives in the venv's site-packages.
-    process = pair.lab.popen(
-        host,
-        sys.executable,
-        "-c",
-        _SAMPLER,
-        address,
-        "eth0",
-        str(SAMPLE_PERIOD),
-        stdout=subprocess.PIPE,
-    )
-    assert read_line(process.stdout, timeout=10) == "ready"
-    assert process.stdout is not None
-    return Sampler(process.stdout)
-
-
-def held_spans(samples: list[tuple[float, bool]]) -> list[tuple[float, float]]:
-    """Maximal runs of consecutive 'held' samples as closed [first, last] time intervals."""
-    spans, start, last = [], None, None
-    for at, held in samples:
-        if held:
-            start = at if start is None else start
-            last = at
-        elif start is not None:
-            spans.append((start, last))
-            start = None
-    if start is not None:
-        spans.append((start, last))
-    return spans  # type: ignore[return-value]
-
-
-def intersect(xs: list[tuple[float, float]], ys: list[tuple[float, float]]):
-    return [
-        (max(x0, y0), min(x1, y1)) for x0, x1 in xs for y0, y1 in ys if max(x0, y0) <= min(x1, y1)
-    ]
-
-
-@dataclass
-class Lifetimes:
-    """Per host, intervals during which its sidecar process is alive and past start-up."""
-
-    open_since: dict[str, float | None] = field(default_factory=dict)
-    done: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
-
-    def ready(self, host: str) -> None:
-        self.open_since[host] = time.monotonic()
-
-    def gone(self, host: str, at: float) -> None:
-        since = self.open_since.pop(host)
-        assert since is not None
-        self.done.setdefault(host, []).append((since, at))
-
-    def intervals(self, host: str, now: float) -> list[tuple[float, float]]:
-        current = self.open_since.get(host)
-        return self.done.get(host, []) + ([(current, now)] if current is not None else [])
 
 
 def test_resource_ip_never_on_both_hosts_while_both_sidecars_run(vip_pair: VipPair) -> None:
@@ -148,7 +46,7 @@ def test_resource_ip_never_on_both_hosts_while_both_sidecars_run(vip_pair: VipPa
     """
     pair = vip_pair
     lives = Lifetimes()
-    samplers = {host: start_sampler(pair, host, pair.vip) for host in ("a", "b")}
+    samplers = {host: start_sampler(pair.lab, host, pair.vip, SAMPLE_PERIOD) for host in ("a", "b")}
     start_pair(pair)
     lives.ready("a")
     lives.ready("b")
@@ -178,7 +76,7 @@ def test_resource_ip_never_on_both_hosts_while_both_sidecars_run(vip_pair: VipPa
     spans = {h: intersect(held_spans(s.samples), window) for h, s in samplers.items()}
     overlap = intersect(spans["a"], spans["b"])
     for sampler in samplers.values():
-        gaps = [y[0] - x[0] for x, y in zip(sampler.samples, sampler.samples[1:], strict=False)]
+        gaps = sampler.gaps()
         assert statistics.median(gaps) <= 0.015, statistics.median(gaps)
         assert max(gaps) <= 0.100, max(gaps)
     assert sum(e - s for s, e in window) > 3.0  # the window is not trivially empty
