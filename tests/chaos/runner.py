@@ -933,8 +933,10 @@ def machine() -> str:
                                  text=True, timeout=10).stdout.splitlines()[0]
     except Exception:
         version = "etcd version unknown"
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True, cwd=Path(__file__).parent).stdout.strip() or "unknown"
     return (f"{platform.system()} {platform.release()}, {os.cpu_count()} CPUs ({model}), "
-            f"Python {platform.python_version()}, {version}")
+            f"Python {platform.python_version()}, {version}, commit {commit}")
 
 
 def layout_text(lab: Lab) -> str:
