@@ -6,7 +6,10 @@ revision order, so once the follower has seen the event of *any* key at revision
 session change up to W has been applied. That turns safety rule 5 (a node becomes PRIMARY only
 with a copy current to the revision at which it won) into :meth:`Follower.wait_current` of the
 leader key's own revision. When etcd has compacted past the copy, the follower re-reads the
-whole range at one revision and says so in the log.
+whole range at one revision and says so in the log: page by page, each page checked (in a
+worker thread) while etcd reads the next, into a :class:`~sidecar.store.Replacement` that the
+store swaps in whole at the end, so the copy never holds part of the new range and the process
+never holds the whole range as Python objects.
 
 :class:`Writer` is the primary's write path (rule 2): every write is a transaction guarded on
 ``create_revision(leader) == epoch``; a write whose guard fails is refused, never retried.
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import functools
 import time
 from collections.abc import AsyncIterator, Callable
@@ -46,11 +50,11 @@ from .etcd import (
 from .node import NotPrimary
 from .sessions import (
     SessionDecodeError,
-    decode_session,
+    check_record,
     encode_session,
     validate_session_id,
 )
-from .store import SessionStore
+from .store import Replacement, SessionStore
 
 log = structlog.get_logger(__name__)
 
@@ -64,7 +68,11 @@ MAX_TXN_BYTES = 1024 * 1024
 # to repeat).
 WRITE_DEADLINE = 3.0
 WRITE_ATTEMPT = 0.75
-RESYNC_PAGE = 5000
+# Records per page of a full re-read (~1.2 MB of ~450-byte records). etcd walks every key
+# left in the range to count them on each page, so small pages cost time (500: +1.3 s for
+# 100,000 records); big ones cost memory that the C allocator keeps after it was freed
+# (5000: +20 MB of resident memory, 2500: +5 MB).
+RESYNC_PAGE = 2500
 FLUSH_INTERVAL = 0.05
 
 
@@ -128,37 +136,48 @@ class Follower:
 
     async def _resync(self) -> None:
         started = time.monotonic()
-        records, revision = await self._read_all()
-        # ~1 s for 100,000 records: in a thread, or the node's deadline watchdog, keepalives
-        # and the gRPC server (all on this event loop) would stall behind it.
-        await asyncio.to_thread(self.store.replace_all, records, revision)
+        with Replacement() as fresh:
+            revision = await self._read_all(fresh)
+            # ~0.5 s for 100,000 records: in a thread, or the node's deadline watchdog,
+            # keepalives and the gRPC server (all on this event loop) would stall behind it.
+            await asyncio.to_thread(self.store.replace, fresh, revision)
+            records = len(fresh)
+        _return_free_memory()
         self.resyncs += 1
         self._flush_needed.set()
-        log.info("mirror_resynced", records=len(records), revision=revision,
+        log.info("mirror_resynced", records=records, revision=revision,
                  seconds=round(time.monotonic() - started, 3))
         await self._notify_seen()
 
-    async def _read_all(self) -> tuple[list[tuple[str, bytes, int]], int]:
-        """Every valid record under ``sessions/``, read page by page at one revision."""
-        records: list[tuple[str, bytes, int]] = []
+    async def _read_all(self, fresh: Replacement) -> int:
+        """Put every valid record under ``sessions/`` into ``fresh``, read page by page at one
+        revision, and return that revision. Each page is checked while the next is read."""
         start, end = self.keys.sessions, prefix_end(self.keys.sessions)
-        revision = 0
+        page = await self._read_page(start, end, 0)
+        revision = int(page.header.revision)
         while True:
-            page = await self._read_page(start, end, revision)
-            revision = revision or page.header.revision
-            records.extend(await asyncio.to_thread(self._valid_records, page.kvs))
-            if not page.more or not page.kvs:
-                return records, revision
-            start = page.kvs[-1].key + b"\0"
+            following = None
+            if page.more and page.kvs:
+                following = asyncio.create_task(
+                    self._read_page(page.kvs[-1].key + b"\0", end, revision))
+            try:
+                # ~10 µs a record: in a thread, for the same reason as above.
+                await asyncio.to_thread(self._take_valid, page.kvs, fresh)
+            except BaseException:
+                if following is not None:
+                    following.cancel()
+                raise
+            if following is None:
+                return revision
+            page = await following
 
-    def _valid_records(self, kvs: Any) -> list[tuple[str, bytes, int]]:
-        """The valid records of one page (decoding takes ~35 µs each: run it in a thread)."""
-        valid = []
+    def _take_valid(self, kvs: Any, fresh: Replacement) -> None:
+        """Add the valid records of one page to ``fresh``; skip (and count) the others."""
         for kv in kvs:
-            session_id = self._valid_id_and_record(kv.key, kv.value)
+            value = kv.value
+            session_id = self._valid_id_and_record(kv.key, value)
             if session_id is not None:
-                valid.append((session_id, kv.value, kv.mod_revision))
-        return valid
+                fresh.add(session_id, value, kv.mod_revision)
 
     async def _read_page(self, start: bytes, end: bytes, revision: int) -> Any:
         def read(client: Any) -> Any:
@@ -214,7 +233,7 @@ class Follower:
         try:
             validate_session_id(session_id)
             if value is not None:
-                decode_session(value, session_id)
+                check_record(value, session_id)
             return session_id
         except (ValueError, SessionDecodeError) as exc:
             self.garbage += 1
@@ -281,6 +300,17 @@ class Follower:
                         yield Change(session_id, raw, event.mod_revision)
                     elif (dropped := self._id_of(event.key)) is not None:
                         yield Change(dropped, None, event.mod_revision)  # as _apply drops it
+
+
+def _return_free_memory() -> None:
+    """Give the memory the C allocator holds free back to the system (glibc only).
+
+    A re-read passes some 100 MB through short-lived buffers (gRPC messages, their protobuf
+    copies) in several threads; glibc keeps what they freed in per-thread heaps, ~5-10 MB more
+    resident memory for as long as the process lives. malloc_trim returns every free page.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).malloc_trim(0)
 
 
 @dataclass

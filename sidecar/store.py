@@ -47,14 +47,17 @@ Nothing here touches etcd or the network.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
+import mmap
 import os
 import struct
 import threading
 import time
 import uuid
 import zlib
+from array import array
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -93,6 +96,8 @@ _MAX_FRAME: Final = 64 * 1024 * 1024
 # re-packed once per chunk rather than once per change, while the raw JSON held meanwhile stays
 # a few MB (a whole journal's would be as large as the snapshot again).
 _REPLAY_CHUNK: Final = 4096
+# The size of each memory map a Replacement packs records into (~9,000 records of ~450 bytes).
+_SPILL_CHUNK: Final = 4 * 1024 * 1024
 _PUT: Final = b"P"
 _DELETE: Final = b"D"
 _COMMIT_OP: Final = b"C"
@@ -196,14 +201,20 @@ class _RecordTable:
 
 
 def _pack(records: dict[str, StoredRecord]) -> bytes:
-    if not records:
+    return _compress([_entry(session_id.encode(), record.raw, record.revision)
+                      for session_id, record in records.items()])
+
+
+def _entry(key: bytes, raw: bytes, revision: int) -> bytes:
+    return _ENTRY.pack(len(key), len(raw), revision) + key + raw
+
+
+def _compress(entries: list[bytes]) -> bytes:
+    """A bucket of these packed entries (each id distinct)."""
+    if not entries:
         return b""
-    pieces = []
-    for session_id, record in records.items():
-        key = session_id.encode()
-        pieces.append(_ENTRY.pack(len(key), len(record.raw), record.revision) + key + record.raw)
     deflate = zlib.compressobj(6, zlib.DEFLATED, _WBITS, 8, zlib.Z_DEFAULT_STRATEGY, _DICTIONARY)
-    return _COUNT.pack(len(records)) + deflate.compress(b"".join(pieces)) + deflate.flush()
+    return _COUNT.pack(len(entries)) + deflate.compress(b"".join(entries)) + deflate.flush()
 
 
 def _unpack(blob: bytes) -> dict[str, StoredRecord]:
@@ -225,6 +236,85 @@ def _unpack(blob: bytes) -> dict[str, StoredRecord]:
 
 def _bucket_size(blob: bytes) -> int:
     return _COUNT.unpack_from(blob)[0] if blob else 0
+
+
+class Replacement:
+    """A whole new copy, filled record by record (a full re-read, page by page) while the store
+    goes on with the old one, and swapped in at once by :meth:`SessionStore.replace`.
+
+    Records wait here as their packed entries, back to back in anonymous memory maps of
+    ``_SPILL_CHUNK`` bytes, not as Python objects: ~450 bytes a record instead of ~600, and
+    the maps go back to the system once the copy is built. 100,000 records as Python objects
+    (an id, a value and a revision each) left the process ~40 MB larger after they were freed,
+    their memory spread over the allocator's arenas with live objects in between.
+
+    Not thread safe: fill it from one thread at a time. Close it (or use ``with``) after use.
+    """
+
+    def __init__(self) -> None:
+        self._chunks: list[mmap.mmap] = []
+        self._used = 0  # bytes written to the last chunk
+        self._offsets = array("Q")  # of each entry: chunk number << 32 | offset in the chunk
+        self._sizes = array("I")
+        self._hashes = array("I")  # CRC-32 of each id, which chooses its bucket
+        self.max_revision = 0
+
+    def __len__(self) -> int:
+        return len(self._offsets)
+
+    def add(self, session_id: str, raw: bytes, mod_revision: int) -> None:
+        """Take the record etcd holds under ``session_id`` (a later add of an id wins)."""
+        validate_session_id(session_id)
+        if mod_revision < 1:
+            raise ValueError(f"{session_id}: mod revision {mod_revision} is not a revision")
+        key = session_id.encode()
+        entry = _entry(key, raw, mod_revision)
+        if not self._chunks or self._used + len(entry) > len(self._chunks[-1]):
+            size = max(_SPILL_CHUNK, len(entry))
+            self._chunks.append(mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS))
+            self._used = 0
+        chunk = self._chunks[-1]
+        chunk[self._used : self._used + len(entry)] = entry
+        self._offsets.append((len(self._chunks) - 1) << 32 | self._used)
+        self._sizes.append(len(entry))
+        self._hashes.append(zlib.crc32(key))
+        self._used += len(entry)
+        self.max_revision = max(self.max_revision, mod_revision)
+
+    def build(self, buckets: int) -> _RecordTable:
+        """The table of every record taken, each bucket packed once."""
+        blobs = _RecordTable.empty(buckets).bucket_list()
+        bucket_of = [crc & (buckets - 1) for crc in self._hashes]
+        # A stable sort: within a bucket, entries stay in the order they were added.
+        order = sorted(range(len(self)), key=bucket_of.__getitem__)
+        for index, group in itertools.groupby(order, key=bucket_of.__getitem__):
+            blobs[index] = _compress(_distinct(self._entry_bytes(i) for i in group))
+        return _RecordTable(blobs)
+
+    def _entry_bytes(self, number: int) -> bytes:
+        where = self._offsets[number]
+        start = where & 0xFFFFFFFF
+        return self._chunks[where >> 32][start : start + self._sizes[number]]
+
+    def close(self) -> None:
+        for chunk in self._chunks:
+            chunk.close()
+        self._chunks = []
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+
+def _distinct(entries: Iterable[bytes]) -> list[bytes]:
+    """Packed entries with one per id, the last of each."""
+    by_id = {}
+    for entry in entries:
+        id_length = _ENTRY.unpack_from(entry)[0]
+        by_id[entry[_ENTRY.size : _ENTRY.size + id_length]] = entry
+    return list(by_id.values())
 
 
 # -- the store ------------------------------------------------------------------------------------
@@ -253,7 +343,8 @@ class SessionStore:
     """Records (session id -> JSON value and mod revision) and the etcd revision they reflect.
 
     Call ``load()`` once before use. Feed it with ``apply_put`` / ``apply_delete`` (revisions
-    never go down; several changes may share one revision) or ``replace_all``, and call
+    never go down; several changes may share one revision) or ``replace`` / ``replace_all``
+    (a full re-read), and call
     ``flush()`` after each complete etcd watch response, so that the revision on disk always
     means "every change up to here": the watch can then resume at ``applied_revision + 1``.
 
@@ -264,7 +355,9 @@ class SessionStore:
     threshold. Load 0.03 s from a fresh snapshot, 1.7 s with a full journal (~22,000 changes);
     full snapshot (the flush after replace_all, or a compaction) 30-70 ms, 13.7 MB on disk;
     apply_put ~80 µs; flush of a 100-change batch 0.5 ms; replace_all 1.0 s (it may run in a
-    worker thread); snapshot() 0.45 s; sessions() ~4 s (decoding and validating each record).
+    worker thread; 0.7 s of it building the copy from a Replacement, which holds the records
+    meanwhile in memory maps it gives back: +45 MB at the peak, nothing after); snapshot()
+    0.45 s; sessions() ~4 s (decoding and validating each record).
     """
 
     def __init__(
@@ -482,14 +575,23 @@ class SessionStore:
 
         The revision may be lower than before: etcd may have been restored from a backup.
         """
-        fresh: dict[str, StoredRecord | None] = {}
-        for session_id, raw, mod_revision in records:
-            validate_session_id(session_id)
-            if not 0 < mod_revision <= revision:
-                raise ValueError(f"{session_id}: mod revision {mod_revision} not in 1..{revision}")
-            fresh[session_id] = StoredRecord(mod_revision, raw)
-        table = _RecordTable.empty(self._bucket_count)
-        table.update(fresh)  # outside the lock: ~1 s for 100,000 records
+        with Replacement() as fresh:
+            for session_id, raw, mod_revision in records:
+                fresh.add(session_id, raw, mod_revision)
+            self.replace(fresh, revision)
+
+    def replace(self, fresh: Replacement, revision: int) -> None:
+        """Replace the whole copy with the records of ``fresh``, read at ``revision``.
+
+        The copy in memory changes in one step, under the lock; the copy on disk changes at the
+        next flush, as a whole new snapshot. Until then a crash leaves the old copy at its old
+        revision, never a mix of old and new claimed at the new one. Blocking for a second or
+        so with 100,000 records: call it from a worker thread.
+        """
+        if fresh.max_revision > revision:
+            raise ValueError(f"a record has mod revision {fresh.max_revision}, after the "
+                             f"revision {revision} of the read")
+        table = fresh.build(self._bucket_count)  # outside the lock
         with self._lock:
             self._table, self._revision = table, revision
             self._pending = []

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 import pytest
 import structlog
 
-from sidecar import config
+from sidecar import config, mirror
 from sidecar.api.session_pb2 import Session
 from sidecar.config import Settings
 from sidecar.election import Election, Keys
@@ -351,6 +351,51 @@ def test_follower_behind_a_compaction_re_reads_everything(
     events = [entry["event"] for entry in logs]
     assert "mirror_compacted" in events
     assert events.index("mirror_compacted") < events.index("mirror_resynced")
+
+
+def test_full_re_read_over_many_pages_skips_garbage_and_switches_at_once(
+    etcd_cluster: LocalEtcdCluster,
+    cluster_name: str,
+    etcd_client: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A re-read of a range spanning many pages (pages of 7 here) takes every valid record once,
+    skips and counts the garbage on every page, and the copy moves from its old content to the
+    new in one step: while the range is being read it still holds only the old records at the
+    old revision, never part of the new ones."""
+    monkeypatch.setattr(mirror, "RESYNC_PAGE", 7)
+    s = settings(etcd_cluster, cluster_name)
+    keys = Keys(s.prefix)
+    for i in range(60):
+        value = b"not json" if i % 13 == 5 else encode_session(record(f"p-{i:02d}"))
+        etcd_client.put(keys.sessions + f"p-{i:02d}".encode(), value)
+    store = SessionStore(tmp_path)
+    store.load()
+    store.replace_all([("old", encode_session(record("old")), 1)], 1)
+    seen: list[tuple[int, list[str]]] = []
+    take_valid = mirror.Follower._take_valid
+
+    def observed(follower: Follower, kvs: Any, fresh: Any) -> None:
+        seen.append((store.applied_revision, [r for r, _ in store.records()]))
+        take_valid(follower, kvs, fresh)
+
+    monkeypatch.setattr(mirror.Follower, "_take_valid", observed)
+
+    async def body() -> None:
+        async with opened(s) as etcd:
+            follower = Follower(etcd, keys, store)
+            await follower._resync()
+            assert follower.garbage == 5
+            assert follower.revision == current_revision(etcd_client)
+
+    run(body)
+    assert len(seen) == 9  # ceil(60 / 7) pages
+    assert seen == [(1, ["old"])] * 9
+    valid = {k: v for k, v in etcd_sessions(etcd_client, keys).items() if v[0] != b"not json"}
+    assert len(valid) == 55
+    assert copy_of(store) == valid
+    store.close()
 
 
 # -- the promotion gate (rule 5) ----------------------------------------------------------------

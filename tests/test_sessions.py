@@ -20,6 +20,7 @@ from sidecar.sessions import (
     MAX_SESSION_ID_LENGTH,
     SessionDecodeError,
     SessionValidationError,
+    check_record,
     decode_session,
     encode_session,
     format_timestamp,
@@ -285,6 +286,58 @@ def test_decode_refuses_garbage_with_session_decode_error(raw: bytes) -> None:
         decode_session(raw, KEY_ID)
 
 
+@pytest.mark.parametrize("raw", GARBAGE.values(), ids=GARBAGE.keys())
+def test_check_record_refuses_the_same_garbage(raw: bytes) -> None:
+    """The mirror's cheaper check refuses every record that decoding refuses."""
+    with pytest.raises(SessionDecodeError):
+        check_record(raw, KEY_ID)
+
+
+def _verdict(check: Callable[[bytes, str], object], raw: bytes) -> str | None:
+    try:
+        check(raw, KEY_ID)
+    except SessionDecodeError as exc:
+        return str(exc)
+    return None
+
+
+_QUICK_PATH_CASES: dict[str, dict[str, object]] = {
+    "hour 24": {"created_at": "2024-05-01T24:00:00Z"},
+    "minute 60": {"last_connection_at": "2024-05-01T08:60:00Z"},
+    "second 60": {"created_at": "2024-05-01T08:00:60Z"},
+    "day 0": {"created_at": "2024-05-00T08:00:00Z"},
+    "not a leap year": {"created_at": "2023-02-29T08:00:00Z"},
+    "a leap year": {"created_at": "2024-02-29T08:00:00Z"},
+    "year 1": {"created_at": "0001-01-01T00:00:00Z"},
+    "year 9999": {"last_connection_at": "9999-12-31T23:59:59.999999999Z"},
+    "display 65535": {"display": 65535},
+    "display -1": {"display": -1},
+    "pid 2**63 - 1": {"session_pid": 2**63 - 1},
+    "pid -1": {"session_pid": -1},
+    "empty user": {"username": ""},
+    "framebuffer 1x": {"framebuffer_size": "1x"},
+    "C1 control in a value": {"attributes": {"k": "a\x85"}},
+    "DEL in a text": {"terminal_id": "a\x7f"},
+    "non-ASCII text": {"username": "ålice", "attributes": {"k": "ü"}},
+    "attribute key with a slash": {"attributes": {"a/b": "x"}},
+    "65 attributes": {"attributes": {f"k{i}": "v" for i in range(65)}},
+    "64 attributes": {"attributes": {f"k{i}": "v" for i in range(64)}},
+    "long hostname": {"agent_hostname": "h" * 254},
+    "longest hostname": {"agent_hostname": "h" * 253},
+    "version 1.0": {"v": 1.0},
+}
+
+
+@pytest.mark.parametrize("changes", _QUICK_PATH_CASES.values(), ids=_QUICK_PATH_CASES.keys())
+def test_check_record_agrees_with_decode_at_the_edges(changes: dict[str, object]) -> None:
+    """At each rule's edge, the check accepts exactly what decoding accepts, and refuses the
+    rest with the same message."""
+    doc = json.loads(encode_session(make_session()))
+    doc.update(changes)
+    raw = json.dumps(doc, ensure_ascii=False).encode()
+    assert _verdict(check_record, raw) == _verdict(decode_session, raw)
+
+
 def test_decode_ignores_unknown_keys_and_fills_missing_ones() -> None:
     """A newer writer's extra field is ignored; fields an older writer left out are empty."""
     raw = json.dumps(
@@ -463,6 +516,24 @@ def test_decode_raises_only_decode_errors_on_mangled_records(changes: dict[str, 
         return
     validate_session(session)
     assert decode_session(encode_session(session), KEY_ID) == session
+
+
+@settings(properties, max_examples=300)
+@given(st.dictionaries(st.sampled_from(_FIELDS), json_values, max_size=4))
+def test_check_record_agrees_with_decode_on_mangled_records(changes: dict[str, object]) -> None:
+    """For a valid record with any fields replaced by any JSON, the mirror's check gives the
+    verdict of decoding: both accept, or both refuse with the same message."""
+    doc = json.loads(encode_session(make_session()))
+    doc.update(changes)
+    raw = json.dumps(doc, allow_nan=True).encode()
+    assert _verdict(check_record, raw) == _verdict(decode_session, raw)
+
+
+@properties
+@given(valid_sessions())
+def test_check_record_accepts_every_valid_session(session: Session) -> None:
+    """Whatever a primary may write, the mirror's check accepts."""
+    check_record(encode_session(session), session.session_id)
 
 
 def test_canonical_growth_bound_holds_at_the_limit() -> None:

@@ -12,11 +12,13 @@ from pathlib import Path
 
 import pytest
 
+from sidecar import store as store_module
 from sidecar.api.session_pb2 import Session
 from sidecar.sessions import encode_session
 from sidecar.store import (
     JOURNAL_NAME,
     SNAPSHOT_NAME,
+    Replacement,
     SessionStore,
     StoredRecord,
     StoreError,
@@ -186,6 +188,70 @@ def test_replace_all_without_flush_leaves_the_old_copy_on_disk(data_dir: Path) -
         store.replace_all([("new", record("new"), 20)], 20)
     with open_store(data_dir) as again:
         assert (contents(again), again.applied_revision) == ({"old": (9, record("old"))}, 9)
+
+
+def test_replacement_filled_page_by_page_leaves_the_copy_alone_until_replace(
+    data_dir: Path,
+) -> None:
+    """A re-read in progress (records taken into a Replacement) changes nothing in memory or
+    on disk; one abandoned half way (a crash, an etcd error) leaves the old copy at its old
+    revision; replace() then switches to every new record and the new revision at once."""
+    with open_store(data_dir) as store:
+        store.apply_put("old", record("old"), 9)
+        store.flush()
+        with Replacement() as fresh:
+            fresh.add("n1", record("n1"), 11)
+            assert (contents(store), store.applied_revision) == ({"old": (9, record("old"))}, 9)
+        with open_store(data_dir) as meanwhile:
+            assert contents(meanwhile) == {"old": (9, record("old"))}
+        with Replacement() as fresh:
+            for n in range(500):
+                fresh.add(f"n{n}", record(f"n{n}"), 10 + n)
+            assert len(fresh) == 500
+            store.replace(fresh, 600)
+        assert store.applied_revision == 600
+        assert contents(store) == {f"n{n}": (10 + n, record(f"n{n}")) for n in range(500)}
+        store.flush()
+    with open_store(data_dir) as again:
+        assert (len(again), again.applied_revision) == (500, 600)
+
+
+def test_replacement_keeps_the_last_record_of_an_id(data_dir: Path) -> None:
+    """An id taken twice is held once, with the record taken last, and counted once."""
+    with open_store(data_dir, buckets=4) as store, Replacement() as fresh:
+        fresh.add("a", record("a", "first"), 3)
+        fresh.add("b", record("b"), 4)
+        fresh.add("a", record("a", "second"), 5)
+        store.replace(fresh, 5)
+        assert len(store) == 2
+        assert contents(store) == {"a": (5, record("a", "second")), "b": (4, record("b"))}
+
+
+def test_replacement_spans_several_memory_maps(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Records spread over many spill chunks, and one larger than a chunk, all come back."""
+    monkeypatch.setattr(store_module, "_SPILL_CHUNK", 1024)
+    big = encode_session(Session(session_id="big", username="u" * 200,
+                                 attributes={f"k{i}": "v" * 100 for i in range(20)}))
+    assert len(big) > 1024
+    with open_store(data_dir) as store, Replacement() as fresh:
+        for n in range(40):
+            fresh.add(f"s{n}", record(f"s{n}"), n + 1)
+        fresh.add("big", big, 50)
+        store.replace(fresh, 50)
+        expected = {f"s{n}": (n + 1, record(f"s{n}")) for n in range(40)} | {"big": (50, big)}
+        assert contents(store) == expected
+
+
+def test_replacement_refuses_bad_ids_and_revisions() -> None:
+    """What a copy may not hold is refused as it is taken."""
+    with Replacement() as fresh:
+        with pytest.raises(ValueError, match="session_id"):
+            fresh.add("a/b", record("a"), 1)
+        with pytest.raises(ValueError, match="mod revision"):
+            fresh.add("a", record("a"), 0)
+        assert len(fresh) == 0
 
 
 def test_leftover_temporary_file_is_ignored_and_removed(data_dir: Path) -> None:

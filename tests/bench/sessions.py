@@ -262,7 +262,7 @@ class Bench:
     # -- 3. throughput ----------------------------------------------------------------------------
 
     def throughput(self) -> None:
-        for threads in (1, 8, 32):
+        for threads in self.args.writers:
             say(f"throughput: {threads} writer(s), {self.args.seconds} s each")
             sidecar, cpu, per_txn = self._measured(threads, self._sidecar_writer)
             raw, raw_cpu, _ = self._measured(threads, self._raw_writer)
@@ -486,6 +486,14 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+PHASES: dict[str, Callable[[Bench], None]] = {
+    "latency": Bench.latency,
+    "lag": Bench.mirror_lag,
+    "throughput": Bench.throughput,
+    "reread": Bench.full_reread,
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument(
@@ -499,7 +507,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--latency-count", type=int, default=1000)
     parser.add_argument("--lag-count", type=int, default=1000)
+    parser.add_argument(
+        "--writers",
+        type=lambda text: [int(n) for n in text.split(",")],
+        default=[1, 8, 32],
+        help="concurrent writers of the throughput runs, comma-separated (default 1,8,32)",
+    )
+    parser.add_argument(
+        "--phases",
+        type=lambda text: text.split(","),
+        default=list(PHASES),
+        help=f"which parts to run, comma-separated (default {','.join(PHASES)})",
+    )
     args = parser.parse_args(argv)
+    if unknown := set(args.phases) - set(PHASES):
+        parser.error(f"unknown phase(s) {', '.join(sorted(unknown))}")
     note = machine()
     command = "python -m tests.bench.sessions " + " ".join(
         argv if argv is not None else sys.argv[1:]
@@ -511,10 +533,8 @@ def main(argv: list[str] | None = None) -> int:
         bench = Bench(etcd, Path(work), args)
         try:
             bench.start()
-            bench.latency()
-            bench.mirror_lag()
-            bench.throughput()
-            bench.full_reread()
+            for phase in args.phases:
+                PHASES[phase](bench)
         finally:
             bench.close()
     today = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
