@@ -24,8 +24,8 @@ from typing import Any
 import structlog
 from etcd3 import etcdrpc
 
-from .config import Settings
-from .etcd import Etcd, EtcdError, EtcdUnavailable, kv_call
+from .config import NAME_PATTERN, Settings
+from .etcd import Etcd, EtcdError, EtcdUnavailable, kv_call, prefix_end
 
 log = structlog.get_logger(__name__)
 
@@ -59,6 +59,82 @@ def epoch_guard(leader_key: bytes, epoch: int) -> Any:
                            result=etcdrpc.Compare.EQUAL, create_revision=epoch)
 
 
+# -- values read from etcd, and what to do with garbage ------------------------------------------
+#
+# Anyone with write access to the prefix (an operator with etcdctl, a script, a bug) can put
+# anything under these keys. Every value is decoded defensively: garbage is logged and counted
+# (GarbageLog), and then treated in the way that keeps rule 1 and rule 4: a leader key counts as
+# held whatever it holds (never two primaries), a member record or a switchover request that
+# cannot be read is left out (it can only hold a move back, never cause one).
+
+GARBAGE_KINDS = ("leader", "member", "switchover")
+# Distinct bad values remembered so that each is logged and counted once, not on every re-read.
+GARBAGE_MEMORY = 1024
+LOG_VALUE_CHARS = 200
+MAX_TEXT = 1024  # characters of a free-text field (address, reason, version ...)
+MAX_EPOCH = 2**63 - 1  # etcd revisions are int64, and so is every epoch field of the API
+
+
+class GarbageLog:
+    """Values under the cluster prefix that cannot be used, logged and counted by kind.
+
+    A value is one (key, mod revision): a node that re-reads the same garbage every second logs
+    and counts it once. The counts are ``vsm_sidecar_etcd_garbage_total``.
+    """
+
+    def __init__(self) -> None:
+        self.counts = dict.fromkeys(GARBAGE_KINDS, 0)
+        self._seen: dict[bytes, int] = {}
+
+    def known(self, key: bytes, revision: int) -> bool:
+        """Whether this very value was already found to be garbage (no need to decode it)."""
+        return revision != 0 and self._seen.get(key) == revision
+
+    def report(self, kind: str, key: bytes, revision: int, problem: str, value: bytes) -> None:
+        if self.known(key, revision):
+            return
+        if len(self._seen) >= GARBAGE_MEMORY:
+            self._seen.clear()
+        self._seen[key] = revision
+        self.counts[kind] += 1
+        log.warning("etcd_garbage", kind=kind, key=key[:LOG_VALUE_CHARS].decode("latin-1"),
+                    revision=revision, problem=problem, size=len(value),
+                    value=value[:LOG_VALUE_CHARS].decode("latin-1"),
+                    decision=_GARBAGE_DECISIONS[kind])
+
+
+_GARBAGE_DECISIONS = {
+    "leader": "counted as held: nobody campaigns while it exists",
+    "member": "skipped: that record is no member",
+    "switchover": "ignored: no move is made, nobody is held back",
+}
+
+
+def load_json(value: bytes) -> Any:
+    """``json.loads`` that raises only ValueError (also for empty or too deeply nested input,
+    which would otherwise escape as RecursionError and end the task that read it)."""
+    if not value:
+        raise ValueError("empty value")
+    try:
+        return json.loads(value)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+
+
+def _text(data: dict[str, Any], name: str, default: str = "") -> str:
+    value = data.get(name, default)
+    if not isinstance(value, str) or len(value) > MAX_TEXT:
+        raise ValueError(f"{name} must be a string of at most {MAX_TEXT} characters")
+    return value
+
+
+def _node_name(data: dict[str, Any], name: str) -> str:
+    value = data.get(name)
+    if not isinstance(value, str) or not NAME_PATTERN.fullmatch(value):
+        raise ValueError(f"{name} must be a node name (1-63 letters, digits, '.', '_', '-')")
+    return value
+
+
 @dataclass(frozen=True)
 class LeaderInfo:
     """The leader key as read from etcd. ``epoch`` is its create revision."""
@@ -68,7 +144,15 @@ class LeaderInfo:
     since: str
     epoch: int
     lease: int
-    valid: bool = True  # False when the value is not ours to read (garbage written by someone)
+    valid: bool = True  # False when the value is not a leader record (garbage written by someone)
+    # The key's mod revision: equal to the epoch until someone overwrites the key, as no
+    # sidecar ever does (it creates the key once and deletes it). 0 when unknown.
+    revision: int = 0
+    problem: str = ""  # why the value is garbage, for the log and the role reason
+
+    @property
+    def overwritten(self) -> bool:
+        return self.revision not in (0, self.epoch)
 
 
 def encode_leader(node_id: str, address: str) -> bytes:
@@ -77,18 +161,21 @@ def encode_leader(node_id: str, address: str) -> bytes:
                       sort_keys=True).encode()
 
 
-def decode_leader(value: bytes, epoch: int, lease: int) -> LeaderInfo:
-    """Read a leader value; garbage still counts as a leader (the key exists) but is marked."""
+def decode_leader(value: bytes, epoch: int, lease: int, revision: int = 0) -> LeaderInfo:
+    """Read a leader value. Garbage still counts as a leader (the key exists, so nobody may
+    take it) but is marked invalid, with the problem named. Logs nothing: see GarbageLog."""
     try:
-        data = json.loads(value)
-        node_id, address = data["node_id"], data.get("address", "")
-        if not isinstance(node_id, str) or not node_id or not isinstance(address, str):
-            raise ValueError("node_id and address must be strings")
-        return LeaderInfo(node_id, address, str(data.get("since", "")), epoch, lease)
-    except (ValueError, KeyError, TypeError) as exc:
-        log.warning("leader_value_invalid", error=str(exc), value=value[:200].decode("latin-1"),
-                    epoch=epoch)
-        return LeaderInfo("", "", "", epoch, lease, valid=False)
+        data = load_json(value)
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        return LeaderInfo(_node_name(data, "node_id"), _text(data, "address"),
+                          _text(data, "since"), epoch, lease, revision=revision)
+    except ValueError as exc:
+        return garbage_leader(epoch, lease, revision, str(exc))
+
+
+def garbage_leader(epoch: int, lease: int, revision: int, problem: str) -> LeaderInfo:
+    return LeaderInfo("", "", "", epoch, lease, valid=False, revision=revision, problem=problem)
 
 
 # A switchover request lives this long (on a lease of its own): a target that is gone by then
@@ -111,18 +198,51 @@ class SwitchoverRequest:
                            "ttl": SWITCHOVER_TTL}, sort_keys=True).encode()
 
     @staticmethod
-    def decode(value: bytes) -> SwitchoverRequest | None:
-        """The request, or None for garbage (logged): garbage never holds anyone back."""
-        try:
-            data = json.loads(value)
-            fields = [data["target"], data.get("requested_by", ""), data.get("reason", "")]
-            if not all(isinstance(f, str) for f in fields) or not fields[0]:
-                raise ValueError("target, requested_by and reason must be strings")
-            return SwitchoverRequest(*fields)
-        except (ValueError, KeyError, TypeError) as exc:
-            log.warning("switchover_value_invalid", error=str(exc),
-                        value=value[:200].decode("latin-1"))
-            return None
+    def decode(value: bytes, lease: int) -> SwitchoverRequest:
+        """The request; raises ValueError for garbage. A request without a lease is garbage
+        too: every sidecar writes one under a short lease, and one that never expired would
+        hold every other node back from campaigning for ever."""
+        data = load_json(value)
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        request = SwitchoverRequest(_node_name(data, "target"), _text(data, "requested_by"),
+                                    _text(data, "reason"))
+        if lease == 0:
+            raise ValueError("no lease: not written by a sidecar, and it would never expire")
+        return request
+
+
+# The fields of a members/ record that other nodes judge a node by, and their JSON types.
+# type() rather than isinstance(): JSON true must not pass for the integer 1, nor 1 for true.
+MEMBER_FIELDS: dict[str, type] = {
+    "address": str, "role": str, "epoch": int, "version": str, "role_since": str,
+    "health": str, "copy_current": bool, "preferred_primary": bool,
+}
+
+
+def decode_member(name: bytes, value: bytes, lease: int) -> dict[str, Any]:
+    """The record under ``members/<name>``; raises ValueError for garbage.
+
+    Its node_id must be the key's name (a record under another key could otherwise stand in
+    for a node), it must live on a lease (every sidecar's does; one without outlives its node),
+    and the fields in MEMBER_FIELDS must have their types. Unknown fields (a newer version's)
+    are kept.
+    """
+    data = load_json(value)
+    if not isinstance(data, dict):
+        raise ValueError("not a JSON object")
+    if _node_name(data, "node_id").encode() != name:
+        raise ValueError("node_id is not the name in the key")
+    for field_name, kind in MEMBER_FIELDS.items():
+        if field_name in data and type(data[field_name]) is not kind:
+            raise ValueError(f"{field_name} must be {kind.__name__}")
+        if kind is str and field_name in data:
+            _text(data, field_name)
+    if not 0 <= data.get("epoch", 0) <= MAX_EPOCH:
+        raise ValueError("epoch out of range")
+    if lease == 0:
+        raise ValueError("no lease: not written by a live sidecar")
+    return data
 
 
 @dataclass
@@ -165,6 +285,7 @@ class Election:
         self.settings = settings
         self.keys = Keys(settings.prefix)
         self.keepalive_latency = 0.0
+        self.garbage = GarbageLog()
 
     async def grant(self) -> Lease:
         sent = time.monotonic()
@@ -208,18 +329,44 @@ class Election:
             self) -> tuple[LeaderInfo | None, SwitchoverRequest | None, int]:
         """The leader key and any switchover request, read together at one revision."""
 
-        def read(client: Any) -> tuple[LeaderInfo | None, SwitchoverRequest | None, int]:
+        def read(client: Any) -> Any:
             get = [etcdrpc.RequestOp(request_range=etcdrpc.RangeRequest(key=key))
                    for key in (self.keys.leader, self.keys.switchover)]
-            response = kv_call(client, "Txn", etcdrpc.TxnRequest(success=get))
-            leader_kvs = response.responses[0].response_range.kvs
-            request_kvs = response.responses[1].response_range.kvs
-            leader = (decode_leader(leader_kvs[0].value, leader_kvs[0].create_revision,
-                                    leader_kvs[0].lease) if leader_kvs else None)
-            request = SwitchoverRequest.decode(request_kvs[0].value) if request_kvs else None
-            return leader, request, response.header.revision
+            return kv_call(client, "Txn", etcdrpc.TxnRequest(success=get))
 
-        return await self.etcd.call(read, "read leader")
+        # Decoded here, on the event loop, where the garbage log lives (not in an etcd thread).
+        response = await self.etcd.call(read, "read leader")
+        leader_kvs = response.responses[0].response_range.kvs
+        request_kvs = response.responses[1].response_range.kvs
+        leader = self.leader_info(leader_kvs[0]) if leader_kvs else None
+        request = self.switchover_request(request_kvs[0]) if request_kvs else None
+        return leader, request, response.header.revision
+
+    def leader_info(self, kv: Any) -> LeaderInfo:
+        """The leader key from a KeyValue of a read (which, unlike a watch event, carries the
+        lease); garbage is reported. So is a key without a lease: no sidecar writes one (each
+        puts the key under its own lease), and it would never expire."""
+        info = decode_leader(kv.value, kv.create_revision, kv.lease, kv.mod_revision)
+        if info.valid and kv.lease == 0:
+            info = garbage_leader(kv.create_revision, 0, kv.mod_revision,
+                                  "no lease: not written by a sidecar, and it would never "
+                                  "expire")
+        if not info.valid:
+            self.garbage.report("leader", self.keys.leader, kv.mod_revision, info.problem,
+                                kv.value)
+        return info
+
+    def switchover_request(self, kv: Any) -> SwitchoverRequest | None:
+        """The request in a KeyValue of a read, or None for garbage (reported): garbage never
+        causes a move and never holds anyone back."""
+        if self.garbage.known(self.keys.switchover, kv.mod_revision):
+            return None
+        try:
+            return SwitchoverRequest.decode(kv.value, kv.lease)
+        except ValueError as exc:
+            self.garbage.report("switchover", self.keys.switchover, kv.mod_revision, str(exc),
+                                kv.value)
+            return None
 
     async def request_switchover(self, request: SwitchoverRequest) -> None:
         """Publish a switchover request on a short lease of its own."""
@@ -232,6 +379,20 @@ class Election:
 
     async def clear_switchover(self) -> None:
         await self.etcd.call(lambda c: c.delete(self.keys.switchover), "clear switchover")
+
+    async def remove_unowned_leader(self, revision: int) -> bool:
+        """Delete a leader key that has no lease, if it is still the value seen at ``revision``
+        (its mod revision): a newer value, or a real leader's key, is never touched."""
+
+        def txn(client: Any) -> bool:
+            delete = etcdrpc.RequestOp(request_delete_range=etcdrpc.DeleteRangeRequest(
+                key=self.keys.leader))
+            same = etcdrpc.Compare(key=self.keys.leader, target=etcdrpc.Compare.MOD,
+                                   result=etcdrpc.Compare.EQUAL, mod_revision=revision)
+            request = etcdrpc.TxnRequest(compare=[same], success=[delete])
+            return bool(kv_call(client, "Txn", request).succeeded)
+
+        return await self.etcd.call(txn, "remove unowned leader key")
 
     async def step_down(self, epoch: int) -> bool:
         """Delete the leader key if it is still the one we created (rule 6 handover)."""
@@ -250,29 +411,31 @@ class Election:
         value = encode_leader(self.settings.node_id, self.settings.published_address)
         key = self.keys.leader
 
-        def txn(client: Any) -> CampaignResult:
-            t = client.transactions
-            won, responses = client.transaction(
-                compare=[t.create(key) == 0],
-                success=[t.put(key, value, lease=lease.id), t.get(key)],
-                failure=[t.get(key)])
-            found = responses[-1]
-            if not found:  # the key vanished between compare and get: impossible in one txn
-                return CampaignResult(False, None, 0)
-            raw, meta = found[0]
-            info = decode_leader(raw, meta.create_revision, meta.lease_id)
-            # A retry after an ambiguous failure finds the key our first attempt created.
-            won = won or meta.lease_id == lease.id
-            return CampaignResult(won, info, meta.response_header.revision)
+        def txn(client: Any) -> tuple[bool, Any]:
+            get = etcdrpc.RequestOp(request_range=etcdrpc.RangeRequest(key=key))
+            put = etcdrpc.RequestOp(request_put=etcdrpc.PutRequest(key=key, value=value,
+                                                                   lease=lease.id))
+            absent = etcdrpc.Compare(key=key, target=etcdrpc.Compare.CREATE,
+                                     result=etcdrpc.Compare.EQUAL, create_revision=0)
+            response = kv_call(client, "Txn", etcdrpc.TxnRequest(
+                compare=[absent], success=[put, get], failure=[get]))
+            return response.succeeded, response
 
         try:
-            return await self.etcd.call(txn, "campaign")
+            won, response = await self.etcd.call(txn, "campaign")
         except EtcdUnavailable:
             # The outcome is unknown: the put may have been applied after we stopped waiting.
             # The key tells: ours carries our lease.
             leader, revision = await self.read_leader()
             won = leader is not None and leader.lease == lease.id
             return CampaignResult(won, leader, revision)
+        found = response.responses[-1].response_range.kvs
+        if not found:  # the key vanished between compare and get: impossible in one txn
+            return CampaignResult(False, None, 0)
+        info = self.leader_info(found[0])
+        # A retry after an ambiguous failure finds the key our first attempt created.
+        won = won or found[0].lease == lease.id
+        return CampaignResult(won, info, response.header.revision)
 
     async def put_member(self, lease: Lease, record: dict[str, Any]) -> None:
         value = json.dumps(record, sort_keys=True).encode()
@@ -280,23 +443,25 @@ class Election:
         await self.etcd.call(lambda c: c.put(key, value, lease=lease.id), "put member")
 
     async def read_members(self) -> list[dict[str, Any]]:
-        def read(client: Any) -> list[dict[str, Any]]:
-            return [_member(raw) for raw, _ in client.get_prefix(self.keys.members)]
+        """The members' records; garbage under members/ is reported and left out."""
+        start = self.keys.members
 
-        return [m for m in await self.etcd.call(read, "read members") if m]
+        def read(client: Any) -> Any:
+            return kv_call(client, "Range", etcdrpc.RangeRequest(key=start,
+                                                                 range_end=prefix_end(start)))
+
+        members = []
+        for kv in (await self.etcd.call(read, "read members")).kvs:
+            if self.garbage.known(kv.key, kv.mod_revision):
+                continue
+            try:
+                members.append(decode_member(kv.key[len(start):], kv.value, kv.lease))
+            except ValueError as exc:
+                self.garbage.report("member", kv.key, kv.mod_revision, str(exc), kv.value)
+        return members
 
     async def resign(self, lease: Lease) -> None:
         """Revoke the lease: the leader key (if ours) and our member key go at once (rule 6)."""
         await self.etcd.call(lambda c: c.revoke_lease(lease.id), "revoke lease")
         log.info("lease_revoked", lease=hex(lease.id))
 
-
-def _member(raw: bytes) -> dict[str, Any]:
-    try:
-        data = json.loads(raw)
-        if isinstance(data, dict) and isinstance(data.get("node_id"), str):
-            return data
-        raise ValueError("not a member record")
-    except ValueError as exc:
-        log.warning("member_value_invalid", error=str(exc), value=raw[:200].decode("latin-1"))
-        return {}

@@ -10,11 +10,10 @@ someone else, so the target wins without anyone waiting for a TTL.
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from .election import SWITCHOVER_TTL, Election, SwitchoverRequest, decode_leader
+from .election import SWITCHOVER_TTL, Election, SwitchoverRequest, decode_leader, load_json
 from .etcd import Etcd, EventType
 
 HEALTH_UNHEALTHY = "unhealthy"
@@ -72,6 +71,9 @@ async def request_move(election: Election, etcd: Etcd, requester: str,
     leader, _, revision = await election.read_leader_and_request()
     if leader is None:
         raise SwitchoverRefused("there is no primary to move from")
+    if not leader.valid:
+        raise SwitchoverRefused(f"the leader key holds no leader record ({leader.problem}); "
+                                "there is no primary to move from")
     if target == leader.node_id:
         return leader.node_id, leader.epoch  # already there: nothing to move
     chosen = choose_target(await election.read_members(), leader.node_id, target)
@@ -89,7 +91,8 @@ async def request_move(election: Election, etcd: Etcd, requester: str,
                         if event.type is not EventType.PUT:
                             continue
                         if event.key == election.keys.leader:
-                            new = decode_leader(event.value, event.create_revision, 0)
+                            new = decode_leader(event.value, event.create_revision, 0,
+                                                event.mod_revision)
                             epoch = new.epoch if new.node_id == chosen else 0
                         elif event.key == member_key and epoch and _serving(event.value, epoch):
                             return chosen, epoch
@@ -100,7 +103,7 @@ async def request_move(election: Election, etcd: Etcd, requester: str,
 
 def _serving(record: bytes, epoch: int) -> bool:
     try:
-        data = json.loads(record)
+        data = load_json(record)
     except ValueError:
         return False
     return isinstance(data, dict) and data.get("role") == "ROLE_PRIMARY" and \

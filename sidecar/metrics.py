@@ -22,7 +22,7 @@ from prometheus_client.core import (
 )
 
 from . import __version__
-from .election import Election
+from .election import Election, GarbageLog
 from .etcd import Etcd
 from .health import HealthCheck
 from .hooks import HookRunner
@@ -63,6 +63,7 @@ class SidecarCollector:
         resource: ResourceController | None = None,
         hooks: HookRunner | None = None,
         health: HealthCheck | None = None,
+        garbage: GarbageLog | None = None,
     ) -> None:
         self.node = node
         self.election = election
@@ -72,11 +73,14 @@ class SidecarCollector:
         self.resource = resource
         self.hooks = hooks
         self.health = health
+        self.garbage = garbage
 
     def collect(self) -> Iterator[Metric]:
         yield from self._role()
         yield from self._etcd()
         yield from self._sessions()
+        if self.garbage is not None:
+            yield self._garbage(self.garbage)
         if self.resource is not None:
             yield from self._resource_ip(self.resource)
         if self.hooks is not None:
@@ -132,6 +136,16 @@ class SidecarCollector:
                        "could not be decoded.", follower.garbage)
         yield _counter("mirror_resyncs", "Full re-reads of the session records (after a "
                        "compaction or a broken watch).", follower.resyncs)
+
+    def _garbage(self, garbage: GarbageLog) -> Metric:
+        family = CounterMetricFamily(
+            PREFIX + "etcd_garbage", "Values under the cluster prefix in etcd that could not be "
+            "used (not written by a sidecar, or corrupt), by key: each distinct value once.",
+            labels=["key"])
+        for kind, count in garbage.counts.items():
+            family.add_metric([kind], count)
+        family.add_metric(["session"], self.follower.garbage)
+        return family
 
     def _resource_ip(self, resource: ResourceController) -> Iterator[Metric]:
         # view() reads the interface's addresses over netlink: one short, local, synchronous

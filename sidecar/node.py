@@ -47,6 +47,10 @@ LEADER_REREAD_SECONDS = 10.0
 MEMBERS_REFRESH_SECONDS = 1.0
 FAILBACK_POLL = 0.2
 ETCD_ERROR_PAUSE = 0.5
+# A leader key without a lease (no sidecar writes one) counts as held for this many TTLs after a
+# node first sees it unchanged, then that node deletes it: by then any node that held the key
+# has seen it change, or lost etcd for longer than its lease deadline and fenced itself.
+UNOWNED_LEADER_TTLS = 2
 ACCESS_NOTE = ("check etcd_user, the password file, the client certificate and the user's role "
                "(it needs read and write on the cluster's prefix)")
 
@@ -96,6 +100,12 @@ class Deposed(Exception):
     """The leader key is no longer ours although our lease is alive (deleted by someone)."""
 
 
+class Tampered(Deposed):
+    """Our leader key was overwritten in place (same create revision, so same epoch) by
+    someone else: it may no longer be on our lease or say who we are. We never write it twice,
+    so any put on it is foreign."""
+
+
 class Node:
     """One sidecar's role, driven by :meth:`run` until the stop event is set."""
 
@@ -123,6 +133,7 @@ class Node:
         self.health: Callable[[], bool | None] = lambda: None
         self.health_configured = False
         self.handovers = 0
+        self._unowned: tuple[int, float] | None = None  # (mod revision, first seen), see below
 
     # -- reading the role ------------------------------------------------------------------
 
@@ -315,11 +326,17 @@ class Node:
         while True:
             leader, request, revision = await self._read_state()
             if leader is not None and leader.lease == lease.id:
+                if leader.overwritten:  # someone wrote over our key while we were fenced
+                    await self._step_down(leader.epoch, "our leader key was overwritten")
+                    continue
                 # Our own key under our live lease: a fence ended before etcd expired it.
                 await self._serve(lease, leader, revision)
                 continue
+            if leader is not None and leader.lease == 0:
+                await self._unowned_leader(leader, revision)
+                continue
             if leader is None:
-                held_back = self._held_back(request)
+                held_back = await self._held_back(request)
                 if held_back is not None:
                     self._set_role(Role.STANDBY, held_back)
                     await self._follow(revision, SWITCHOVER_TTL if request else 0.5)
@@ -333,13 +350,53 @@ class Node:
                 leader, revision = result.leader, result.revision
                 if leader is None:
                     continue
-            self._set_role(Role.STANDBY, "following the leader", leader=leader)
+            self._set_role(Role.STANDBY, _following(leader), leader=leader)
             await self._follow(revision)
 
-    def _held_back(self, request: SwitchoverRequest | None) -> str | None:
+    async def _unowned_leader(self, leader: LeaderInfo, revision: int) -> None:
+        """A leader key without a lease would never expire and would block every election:
+        it counts as held (never two primaries) for UNOWNED_LEADER_TTLS after this node first
+        saw it, unchanged, and then is deleted, guarded on its mod revision."""
+        now, grace = time.monotonic(), UNOWNED_LEADER_TTLS * self.settings.ttl
+        if self._unowned is None or self._unowned[0] != leader.revision:
+            self._unowned = (leader.revision, now)
+            log.error("leader_key_unowned", problem=leader.problem, revision=leader.revision,
+                      decision=f"counted as held; removed after {grace} s unless it changes")
+        left = self._unowned[1] + grace - now
+        if left > 0:
+            reason = (f"the leader key is not a sidecar's ({leader.problem}): counted as held, "
+                      f"removed {grace} s after it appeared unless it changes")
+            self._set_role(Role.STANDBY, reason, leader=leader)
+            await self._follow(revision, left)
+            return
+        try:
+            removed = await self.election.remove_unowned_leader(leader.revision)
+        except EtcdError as exc:
+            log.warning("leader_key_not_removed", error=str(exc))
+            await asyncio.sleep(ETCD_ERROR_PAUSE)
+            return
+        log.error("leader_key_removed", revision=leader.revision, removed=removed,
+                  decision="campaign" if removed else "it changed: look again")
+
+    async def _held_back(self, request: SwitchoverRequest | None) -> str | None:
         """Why this node must not campaign now, or None."""
         if request is not None and request.target != self.settings.node_id:
-            return f"holding back: {request.target} takes over ({request.reason})"
+            # Only a live member is waited for: a request naming anyone else (a node long gone,
+            # a typo) must not keep the cluster without a primary.
+            known = self._member(request.target) is not None
+            if not known:
+                try:
+                    members = await self.election.read_members()
+                except EtcdError as exc:
+                    log.info("members_not_read", error=str(exc))
+                    known = True  # cannot tell: wait, as for a member
+                else:
+                    self._status = replace(self._status, members=tuple(members))
+                    known = self._member(request.target) is not None
+            if known:
+                return f"holding back: {request.target} takes over ({request.reason})"
+            log.warning("switchover_target_unknown", target=request.target,
+                        decision="not held back: it is no member")
         if self.health_configured and self.health() is not True:
             state = "unhealthy" if self.health() is False else "not yet known healthy"
             return f"not campaigning: the local VSM server is {state}"
@@ -370,7 +427,10 @@ class Node:
         raise AssertionError("unreachable")
 
     async def _follow(self, revision: int, wait: float = LEADER_REREAD_SECONDS) -> None:
-        """Return as soon as the leader key is deleted, on a watch error, or after ``wait``."""
+        """Return as soon as the leader key changes, on a watch error, or after ``wait``.
+
+        A changed key is read again by the caller rather than taken from the event: only a
+        read shows its lease, which tells a sidecar's key from one written by hand."""
         try:
             async with asyncio.timeout(wait):
                 async with self.etcd.watch(self.election.keys.leader,
@@ -379,16 +439,11 @@ class Node:
                         for event in batch.events:
                             if event.type is EventType.DELETE:
                                 log.info("leader_key_deleted", decision="campaign")
-                                return
-                            self._note_new_leader(event.value, event.create_revision)
+                            return
         except TimeoutError:
             return
         except EtcdError as exc:
             log.info("leader_watch_ended", error=str(exc), decision="re-read the leader key")
-
-    def _note_new_leader(self, value: bytes, epoch: int) -> None:
-        leader = decode_leader(value, epoch, 0)
-        self._set_role(Role.STANDBY, "following the leader", leader=leader)
 
     async def _serve(self, lease: Lease, leader: LeaderInfo, revision: int) -> None:
         """Hold the leadership until the lease is lost or the key is taken from us."""
@@ -404,6 +459,13 @@ class Node:
                 tasks.create_task(self._watch_deadline(lease), name="deadline")
                 tasks.create_task(self._guard_key(leader.epoch, revision), name="key-guard")
                 tasks.create_task(self._await_handover(revision), name="handover")
+        except* Tampered as group:
+            # Stop serving first (rule 4), then free the election: the key is still the one
+            # created at our epoch, so deleting it is ours to do, as in a handover (rule 6).
+            # Whoever wins next does so with a new epoch.
+            log.error("leader_key_overwritten", epoch=leader.epoch,
+                      decision="step down and delete the key; a new election follows")
+            await self._step_down(leader.epoch, str(_first_leaf(group)))
         except* Deposed as group:
             self._set_role(Role.STANDBY, str(_first_leaf(group)))
         except* HandOver as group:
@@ -413,7 +475,10 @@ class Node:
         """Rule 6: stop writes and release the IP (in _set_role), then delete the leader key;
         the request in etcd keeps everyone but the target from campaigning."""
         self.handovers += 1
-        self._set_role(Role.STANDBY, str(handover))
+        await self._step_down(epoch, str(handover))
+
+    async def _step_down(self, epoch: int, reason: str) -> None:
+        self._set_role(Role.STANDBY, reason)
         try:
             await self.election.step_down(epoch)
         except EtcdError as exc:
@@ -500,17 +565,33 @@ class Node:
                         for event in batch.events:
                             if event.type is EventType.DELETE or event.create_revision != epoch:
                                 raise Deposed("the leader key was deleted or replaced")
+                            self._report_overwrite(event.value, event.mod_revision)
+                            raise Tampered("the leader key was overwritten by someone else")
             except EtcdError as exc:
                 log.info("leader_guard_watch_ended", error=str(exc))
             await asyncio.sleep(0.1)
             leader, revision = await self._read_leader()
             if leader is None or leader.epoch != epoch:
                 raise Deposed("the leader key was deleted or replaced")
+            if leader.overwritten:
+                if leader.valid:  # (garbage was reported by the read itself)
+                    self._report_overwrite(b"", leader.revision)
+                raise Tampered("the leader key was overwritten by someone else")
+
+    def _report_overwrite(self, value: bytes, revision: int) -> None:
+        """Count a put over our own leader key: whatever it holds, no sidecar wrote it."""
+        info = decode_leader(value, 0, 0) if value else None
+        problem = info.problem if info is not None and not info.valid else \
+            "a put over this node's key by someone else"
+        self.election.garbage.report("leader", self.election.keys.leader, revision, problem,
+                                     value)
 
     def _failback_state(self) -> tuple[object, ...]:
         st = self._status
         current = self.member_fields.get("copy_current", lambda: True)()
-        return (st.role, st.leader.node_id if st.leader else None, self.health(), current)
+        # Garbage in the leader key is no leader to take the role back from.
+        leader = st.leader.node_id if st.leader is not None and st.leader.valid else None
+        return (st.role, leader, self.health(), current)
 
     async def _failback(self) -> None:
         """The preferred primary asks for the role back once it has been a healthy, caught-up
@@ -551,6 +632,12 @@ class Node:
                     published = record
                 members = await self.election.read_members()
                 self._status = replace(self._status, members=tuple(members))
+                if published is not None and published not in members:
+                    # Our record was overwritten or deleted by someone (or went with a lease
+                    # that just expired): put it back, or the others stop counting us as a
+                    # member (no switchover, no failback to us). Garbage is logged as such.
+                    log.info("member_record_restored", decision="publish it again")
+                    self._member_dirty.set()
             except EtcdError as exc:
                 log.debug("member_update_failed", error=str(exc))
                 self._member_dirty.set()
@@ -569,6 +656,13 @@ class Node:
                 "role": s.role.value, "epoch": s.epoch, "version": __version__,
                 "role_since": datetime.fromtimestamp(s.role_since, UTC).isoformat(
                     timespec="milliseconds").replace("+00:00", "Z")}
+
+
+def _following(leader: LeaderInfo) -> str:
+    if leader.valid:
+        return "following the leader"
+    return (f"the leader key holds no leader record ({leader.problem}): counted as held until "
+            "its lease ends; nobody campaigns")
 
 
 def _first_leaf(group: BaseExceptionGroup[Any]) -> BaseException:

@@ -97,7 +97,7 @@ class Service:
             collector = SidecarCollector(self.node, self.node.election,
                                          [self.etcd, self.data_etcd], self.follower,
                                          self.writer, self.resource, self.hooks,
-                                         self.health)
+                                         self.health, self.node.election.garbage)
             self.http = HttpServer(self.node, create_registry(collector), settings.http_listen)
         self.systemd = Notifier()
         self.stop = asyncio.Event()

@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from sidecar.election import GarbageLog, SwitchoverRequest, decode_leader, decode_member
 from sidecar.localcluster import LocalEtcdCluster
 from sidecar.localnode import RoleRecorder
 
@@ -225,3 +226,47 @@ def test_fenced_primary_resumes_with_the_same_epoch_when_etcd_kept_its_lease(
     assert back.status["epoch"] == epoch
     assert "PRIMARY" not in recorders[standby.node_id].roles_since(stopped_at)
     assert "lease_resumed" in primary.log_tail(100)
+
+
+@pytest.mark.parametrize("value", [
+    b"", b"\xff\xfe", b"[]", b"null", b'"a"', b"[" * 100_000, b'{"node_id": 5}',
+    b'{"node_id": "a b"}', b'{"node_id": "a", "address": 1e999}',
+    json.dumps({"node_id": "a", "since": "x" * 2000}).encode(),
+])
+def test_garbage_leader_values_decode_as_held_but_invalid(value: bytes) -> None:
+    """Whatever the leader key holds, decoding never raises: garbage is a leader that is
+    marked invalid, with the problem named (it still counts as held)."""
+    info = decode_leader(value, epoch=7, lease=9, revision=8)
+    assert (info.valid, info.node_id, info.epoch, info.lease) == (False, "", 7, 9)
+    assert info.problem
+    assert info.overwritten
+
+
+def test_member_records_must_match_their_key_have_a_lease_and_typed_fields() -> None:
+    """decode_member keeps a good record (unknown fields too) and refuses the rest."""
+    good = {"node_id": "b", "role": "ROLE_STANDBY", "epoch": 3, "copy_current": True,
+            "newer_field": [1]}
+    assert decode_member(b"b", json.dumps(good).encode(), lease=1) == good
+    bad = [(b"c", good, 1), (b"b", good, 0), (b"b", {**good, "copy_current": "yes"}, 1),
+           (b"b", {**good, "epoch": True}, 1), (b"b", {**good, "epoch": 2**63}, 1),
+           (b"b", {**good, "epoch": -1}, 1), (b"b", {**good, "address": "x" * 5000}, 1)]
+    for name, record, lease in bad:
+        with pytest.raises(ValueError, match=r"\w"):
+            decode_member(name, json.dumps(record).encode(), lease)
+
+
+def test_switchover_request_needs_a_lease_and_a_node_name() -> None:
+    good = SwitchoverRequest("b", "a", "operator")
+    assert SwitchoverRequest.decode(good.encode(), lease=5) == good
+    for value, lease in [(good.encode(), 0), (b'{"target": 5}', 5), (b"[" * 100_000, 5)]:
+        with pytest.raises(ValueError, match=r"\w"):
+            SwitchoverRequest.decode(value, lease)
+
+
+def test_garbage_log_counts_each_value_once() -> None:
+    """The same bad value re-read (same key, same mod revision) is counted once; a new one
+    is counted again."""
+    garbage = GarbageLog()
+    for revision in (5, 5, 5, 6):
+        garbage.report("member", b"/p/members/x", revision, "bad", b"x")
+    assert garbage.counts == {"leader": 0, "member": 2, "switchover": 0}
