@@ -7,14 +7,24 @@ import asyncio
 import json
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from . import __version__, config, logs
 
 EXIT_CONFIG = 2
 
 
+class _Parser(argparse.ArgumentParser):
+    """Command-line mistakes get one line on stderr and exit code 2, as settings do: without
+    the usage text argparse prints first, which would bury the line that says what is wrong."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_CONFIG, f"{self.prog}: error: {config.printable(message)} "
+                               f"(see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="vsm-sidecar",
         description="etcd-backed leader election that makes the ThinLinc VSM server highly "
                     "available")

@@ -36,9 +36,18 @@ class ConfigError(Exception):
     """A setting is missing, unknown or invalid. ``str()`` is the one line an operator sees."""
 
     def __init__(self, setting: str, problem: str) -> None:
-        super().__init__(f"setting '{setting}': {problem}")
+        super().__init__(f"setting '{printable(setting)}': {printable(problem)}")
         self.setting = setting
         self.problem = problem
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters (and line separators) escaped: a value quoted in an
+    error, or an unknown key taken from a TOML file, must not break the message's one line."""
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
 
 
 Parser = Callable[[Any], Any]
@@ -57,18 +66,30 @@ def _optional_text(value: Any) -> str | None:
 
 def _optional_path(value: Any) -> Path | None:
     text = _text(value)
-    return Path(text) if text else None
+    return _checked_path(text) if text else None
+
+
+def _checked_path(text: str) -> Path:
+    if "\0" in text:  # only TOML can spell it ("\u0000"); no system call takes it
+        raise ValueError("a path cannot contain a NUL character")
+    return Path(text)
 
 
 def _number(kind: type[int] | type[float]) -> Parser:
+    expected = "a whole number" if kind is int else "a number"
+
     def parse(value: Any) -> int | float:
         if isinstance(value, bool) or not isinstance(value, int | float | str):
-            raise ValueError(f"expected a number, got {type(value).__name__}")
+            raise ValueError(f"expected {expected}, got {type(value).__name__}")
+        # int() would cut 2.5 (a TOML float) to 2, and int() and float() read any script's
+        # digits ("\u0663" is 3): refuse both rather than guess.
+        if (kind is int and isinstance(value, float)) or \
+                (isinstance(value, str) and not value.isascii()):
+            raise ValueError(f"expected {expected}, got {value!r}")
         try:
             number = kind(value)
-        except ValueError:
-            raise ValueError(f"expected {'a whole number' if kind is int else 'a number'}, "
-                             f"got {value!r}") from None
+        except (ValueError, OverflowError):  # OverflowError: float() of a 400-digit TOML int
+            raise ValueError(f"expected {expected}, got {value!r}") from None
         if isinstance(number, float) and not math.isfinite(number):
             raise ValueError(f"expected a finite number, got {value!r}")
         return number
@@ -82,7 +103,7 @@ def _path(value: Any) -> Path:
     text = _text(value)
     if not text:
         raise ValueError("expected a path")
-    return Path(text)
+    return _checked_path(text)
 
 
 def _boolean(value: Any) -> bool:
@@ -314,7 +335,10 @@ def load(flags: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> 
 
 def read_file(path: Path) -> dict[str, Any]:
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        # Bytes, not read_text(): its newline translation would turn a lone "\r", which TOML
+        # refuses, into a line break, and change multi-line strings.
+        with path.open("rb") as file:
+            data = tomllib.load(file)
     except OSError as exc:
         raise ConfigError("config", f"cannot read {path}: {exc.strerror}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
@@ -363,13 +387,15 @@ def build(raw: Mapping[str, Any]) -> Settings:
 def validate(s: Settings) -> None:
     """Check each setting and the rules that tie them together."""
     for name in ("node_id", "cluster"):
-        if not NAME_PATTERN.match(getattr(s, name)):
+        if not NAME_PATTERN.fullmatch(getattr(s, name)):
             raise ConfigError(name, "must be 1-63 characters of letters, digits, '.', '_' or '-', "
                                     f"starting with a letter or digit (got {getattr(s, name)!r})")
     _validate_endpoints(s.etcd_endpoints)
     _validate_credentials(s)
     _validate_timing(s)
     _validate_listen("grpc_listen", s.grpc_listen)
+    if s.advertise_address is not None:
+        _validate_address("advertise_address", s.advertise_address)
     _validate_grpc_security(s)
     if s.http_listen:
         if s.http_listen.startswith("unix:"):
@@ -420,6 +446,10 @@ def _validate_vip(s: Settings) -> None:
             raise ConfigError("vip", str(exc)) from None
     if s.vip and not s.vip_interface:
         raise ConfigError("vip_interface", "is needed when a resource IP is configured")
+    if s.vip_interface is not None and (
+            not _IFNAME.fullmatch(s.vip_interface) or s.vip_interface in (".", "..")):
+        raise ConfigError("vip_interface", f"{s.vip_interface!r} is not an interface name "
+                                           "(1-15 characters, no '/', ':' or white space)")
     if not re.fullmatch(r"[A-Za-z0-9_-]{1,14}", s.vip_label):
         raise ConfigError("vip_label", "must be 1-14 letters, digits, '_' or '-'")
     if not 1 <= s.garp_repeat <= 100:
@@ -539,6 +569,29 @@ def _validate_timing(s: Settings) -> None:
                                           f"({s.ttl - s.margin:g} s)")
 
 
+# What Linux takes as an interface name (dev_valid_name): below IFNAMSIZ, no "/", ":" or space.
+_IFNAME = re.compile(r"[^/:\s]{1,15}")
+# A host name or IPv4 address, or an IPv6 address in brackets (with a zone index, perhaps).
+_HOST = re.compile(r"[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+(%[A-Za-z0-9._-]+)?\]")
+
+
+def _validate_address(setting: str, address: str) -> None:
+    """HOST:PORT or unix:PATH, as another host would dial it (no local checks)."""
+    if address.startswith("unix:") and len(address) > len("unix:"):
+        return
+    _validate_host_port(setting, address)
+
+
+def _validate_host_port(setting: str, address: str) -> None:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isascii() or not port.isdigit() or \
+            not 0 < int(port) < 65536:
+        raise ConfigError(setting, f"{address!r} is not HOST:PORT or unix:PATH")
+    if not _HOST.fullmatch(host):
+        raise ConfigError(setting, f"{address!r}: {host!r} is not a host name or IP address "
+                                   "(an IPv6 address goes in brackets: [::1]:PORT)")
+
+
 def _validate_listen(setting: str, address: str) -> None:
     if address.startswith("unix:"):
         path = address[len("unix:"):]
@@ -549,6 +602,4 @@ def _validate_listen(setting: str, address: str) -> None:
         if not usable:
             raise ConfigError(setting, f"{address!r}: the socket's folder does not exist")
         return
-    host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(setting, f"{address!r} is not HOST:PORT or unix:PATH")
+    _validate_host_port(setting, address)

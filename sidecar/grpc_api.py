@@ -13,20 +13,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import grpc
 import structlog
 from google.protobuf import duration_pb2, timestamp_pb2
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from .api import role_pb2, role_pb2_grpc
+from .config import NAME_PATTERN
 from .etcd import EtcdError
 from .handover import SwitchoverFailed, SwitchoverRefused
 from .node import Node, Role, Status
@@ -112,6 +115,13 @@ class RoleServicer(role_pb2_grpc.RoleServiceServicer):
                          ) -> role_pb2.SwitchoverResponse:
         started = time.monotonic()
         target = request.target_node or None
+        if target is not None and not NAME_PATTERN.fullmatch(target):
+            # Checked here, not left to "is not a member": that answer echoes the name, and a
+            # name of a few kB would not fit in the status trailer (the client sees a broken
+            # stream instead of the refusal).
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                "target_node: not a node id (1-63 characters of letters, "
+                                "digits, '.', '_' or '-', starting with a letter or digit)")
         try:
             primary, epoch = await self.node.switchover(target)
         except SwitchoverRefused as exc:
@@ -136,13 +146,107 @@ def server_credentials(cert: Path, key: Path,
         require_client_auth=root is not None)
 
 
+class _Undecodable:
+    """What a request that does not parse turns into, so the method can refuse it."""
+
+    def __init__(self, error: DecodeError) -> None:
+        self.error = error
+
+
+def _tolerant(deserializer: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def deserialize(raw: bytes) -> Any:
+        try:
+            return deserializer(raw)
+        except DecodeError as exc:
+            return _Undecodable(exc)
+
+    return deserialize
+
+
+async def _refuse_undecodable(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    if isinstance(request, _Undecodable):
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                            f"request: not a valid message: {request.error}")
+
+
+class RequestGuard(grpc.aio.ServerInterceptor):
+    """Answers INVALID_ARGUMENT to a request whose bytes do not parse (corrupt wire format,
+    a string that is not UTF-8, a truncated message).
+
+    Left alone, grpc.aio lets the DecodeError escape from the generated deserializer and answers
+    UNKNOWN, which tells a client nothing about whose fault it was. The guard swaps in a
+    deserializer that returns a marker instead of raising, and a method that refuses the marker
+    before the servicer sees it, for every service on the port."""
+
+    async def intercept_service(
+            self, continuation: Callable[[grpc.HandlerCallDetails],
+                                         Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
+            handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        for kind, make in _HANDLER_MAKERS.items():
+            behavior = getattr(handler, kind)
+            if behavior is None:
+                continue
+            guarded = _guarded(behavior, handler.request_streaming)
+            if guarded is None:
+                return handler
+            return make(guarded, _tolerant(handler.request_deserializer),
+                        handler.response_serializer)
+        return handler
+
+
+Behavior = Callable[..., Any]
+_HANDLER_MAKERS: dict[str, Callable[..., grpc.RpcMethodHandler[Any, Any]]] = {
+    "unary_unary": grpc.unary_unary_rpc_method_handler,
+    "unary_stream": grpc.unary_stream_rpc_method_handler,
+    "stream_unary": grpc.stream_unary_rpc_method_handler,
+    "stream_stream": grpc.stream_stream_rpc_method_handler,
+}
+
+
+def _guarded(behavior: Behavior, request_streaming: bool) -> Behavior | None:
+    """``behavior`` with undecodable requests refused before it sees them, in the same form
+    (an async generator, or a coroutine such as the health Watch that answers through
+    ``context.write``); None for a synchronous one, which this aio server does not have."""
+
+    async def checked(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        if request_streaming:
+            return _checked_stream(request, context)
+        await _refuse_undecodable(request, context)
+        return request
+
+    if inspect.isasyncgenfunction(behavior):
+        async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any],
+                         ) -> AsyncIterator[Any]:
+            async for response in behavior(await checked(request, context), context):
+                yield response
+
+        return stream
+    if inspect.iscoroutinefunction(behavior):
+        async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            return await behavior(await checked(request, context), context)
+
+        return call
+    return None
+
+
+async def _checked_stream(requests: AsyncIterator[Any],
+                          context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+    async for request in requests:
+        await _refuse_undecodable(request, context)
+        yield request
+
+
 class GrpcServer:
     """The aio server with our services, health and reflection."""
 
     def __init__(self, node: Node, listen: str, resource: ResourceView | None = None) -> None:
         self.node = node
         self.listen = listen
-        self.server = grpc.aio.server()
+        self.server = grpc.aio.server(interceptors=[RequestGuard()])
         self.health = health_aio.HealthServicer()
         role_pb2_grpc.add_RoleServiceServicer_to_server(RoleServicer(node, resource),
                                                         self.server)

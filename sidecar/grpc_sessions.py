@@ -118,6 +118,9 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         session = Session()
         session.CopyFrom(request.session)
         session.revision = 0  # filled by the server, whatever the client sent
+        # Fields of a newer schema are not stored (the record is JSON of the known ones), so
+        # they must not come back in the answer, which is "the record as stored".
+        session.DiscardUnknownFields()
         await self._validate(context, validate_session, session)
         revision = await self._write(context, self.writer.put(session))
         session.revision = revision

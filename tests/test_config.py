@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -64,17 +65,36 @@ BAD = [
     ({"grpc_listen": "nohost"}, "grpc_listen", "HOST:PORT"),
     ({"grpc_listen": "unix:/nonexistent/dir/s.sock"}, "grpc_listen", "folder does not exist"),
     ({"log_format": "xml"}, "log_format", "json"),
+    # Found by tests/test_config_fuzz.py: each was a traceback or was taken silently.
+    ({"ttl": 2.5}, "ttl", "whole number"),  # a TOML float, cut to 2 by int()
+    ({"ttl": float("inf")}, "ttl", "whole number"),  # OverflowError
+    ({"etcd_timeout": 10**400}, "etcd_timeout", "expected a number"),  # OverflowError
+    ({"ttl": "\u0663"}, "ttl", "whole number"),  # int() reads Arabic-Indic digits
+    ({"etcd_ca": "/etc/host\0name", "etcd_endpoints": "https://a:1"}, "etcd_ca", "NUL"),
+    ({"vip_interface": "eth0/1"}, "vip_interface", "not an interface name"),
+    ({"advertise_address": "not an address"}, "advertise_address", "HOST:PORT"),
+    ({"grpc_listen": "::1:50051"}, "grpc_listen", "brackets"),
+    ({"grpc_listen": "a host:50051"}, "grpc_listen", "not a host name"),
 ]
 
 
 @pytest.mark.parametrize(("raw", "setting", "message"), BAD)
-def test_invalid_settings_name_the_setting(raw: dict[str, str], setting: str,
+def test_invalid_settings_name_the_setting(raw: dict[str, Any], setting: str,
                                            message: str) -> None:
     """Each invalid value raises ConfigError naming the setting and what is wrong."""
     with pytest.raises(config.ConfigError) as info:
         config.build(raw)
     assert info.value.setting == setting
     assert message in str(info.value)
+
+
+def test_an_error_stays_on_one_line() -> None:
+    """A value or an unknown TOML key with a newline in it is escaped in the message."""
+    with pytest.raises(config.ConfigError) as info:
+        config.build({"node_id": "a\nb"})
+    assert str(info.value).splitlines() == [str(info.value)]
+    assert "'a\\nb'" in str(info.value)
+    assert str(config.ConfigError("x\ny", "bad\u2028line")) == "setting 'x\\ny': bad\\u2028line"
 
 
 def test_unknown_key_in_file_and_environment(tmp_path: Path) -> None:

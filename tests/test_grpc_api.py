@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -76,3 +77,35 @@ def test_grpcurl_lists_services_and_gets_the_role(pair: Pair) -> None:
     health = json.loads(run_grpcurl("-plaintext", "-d", '{"service":"thinlinc.ha.v1.Primary"}',
                                     primary.address, "grpc.health.v1.Health/Check").stdout)
     assert health == {"status": "SERVING"}
+
+
+def test_health_watch_and_garbled_requests_to_every_service(pair: Pair) -> None:
+    """The guard that turns undecodable requests into INVALID_ARGUMENT covers health and
+    reflection too, and leaves the health Watch (which answers through context.write) working:
+    its first message is the current status."""
+    a, _ = pair.start(ttl=2, count=1)
+    with grpc.insecure_channel(a.address) as channel:
+        watch = health_pb2_grpc.HealthStub(channel).Watch(
+            health_pb2.HealthCheckRequest(service=""), timeout=10)
+        try:
+            assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        finally:
+            watch.cancel()
+        garbled = b"\x0a\x05ab"  # a string field whose length runs past the end
+        calls = {
+            "/grpc.health.v1.Health/Check": channel.unary_unary,
+            "/grpc.health.v1.Health/Watch": channel.unary_stream,
+            "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo":
+                channel.stream_stream,
+        }
+        answers = {}
+        for path, kind in calls.items():
+            request: object = iter([garbled]) if kind == channel.stream_stream else garbled
+            try:
+                result = kind(path)(request, timeout=10)
+                answers[path] = ("answered", str(result if kind == channel.unary_unary
+                                                 else next(result)))
+            except grpc.RpcError as exc:
+                error: Any = exc
+                answers[path] = (error.code(), (error.details() or "").split(":")[0])
+        assert answers == dict.fromkeys(calls, (grpc.StatusCode.INVALID_ARGUMENT, "request"))
