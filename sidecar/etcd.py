@@ -125,6 +125,10 @@ def _password(settings: Settings) -> str | None:
     return settings.etcd_password_file.read_text(encoding="utf-8").rstrip("\r\n")
 
 
+class ClientClosed(EtcdUnavailable):
+    """The client was closed (by another thread) while a call was on its way."""
+
+
 def _translate(exc: BaseException, what: str) -> EtcdError:
     """Map the many shapes of a failed call onto our three kinds."""
     if isinstance(exc, EtcdError):
@@ -150,6 +154,10 @@ def _translate(exc: BaseException, what: str) -> EtcdError:
         detail = cause.details() if isinstance(cause, grpc.RpcError) and hasattr(
             cause, "details") else ""
         return EtcdUnavailable(f"{what}: {type(exc).__name__} {exc} {detail or ''}".rstrip())
+    if isinstance(exc, ValueError) and "closed" in str(exc) and "channel" in str(exc).lower():
+        # Another thread dropped the client (after an access error) while this call was on
+        # its way: the next attempt gets a fresh client.
+        return ClientClosed(f"{what}: the client was closed during the call")
     raise exc
 
 
@@ -185,6 +193,12 @@ class Etcd:
         if client is not None:
             client.close()
 
+    def _forget(self, client: Any) -> None:
+        """Stop handing out ``client`` (closed under a call) if it is still the current one."""
+        with self._lock:
+            if self._client is client:
+                self._client = None
+
     def run_sync(self, fn: Callable[[Any], T], what: str) -> T:
         """Run ``fn(client)`` in the calling thread, mapping errors to :class:`EtcdError`."""
         client = None
@@ -199,6 +213,8 @@ class Etcd:
                 _fail_over(client, exc)  # the client does this only for its own methods
             if isinstance(error, EtcdAccessDenied):
                 self._drop_client()  # a fresh client authenticates anew
+            elif isinstance(error, ClientClosed):
+                self._forget(client)
             raise error from exc
 
     async def call(self, fn: Callable[[Any], T], what: str) -> T:

@@ -190,3 +190,23 @@ def test_campaign_with_a_lease_etcd_no_longer_has_raises_lease_gone(
             await election.campaign(lease)
 
     run(etcd_cluster, cluster_name, body)
+
+
+def test_a_call_on_a_client_another_thread_closed_is_unavailable_not_a_crash(
+        etcd_cluster: LocalEtcdCluster, cluster_name: str) -> None:
+    """After an access error one thread drops (closes) the client while another thread's call
+    is on its way: that call is a transient EtcdUnavailable (the retry gets a fresh client),
+    not a ValueError that would end the node."""
+    settings = config.build({"node_id": "a", "cluster": cluster_name,
+                             "etcd_endpoints": etcd_cluster.endpoints_arg})
+    etcd = Etcd(settings)
+    try:
+        def closed_under_us(client: Any) -> Any:
+            client.close()  # what _drop_client does from the other thread
+            return client.get("/thinlinc-ha/" + cluster_name + "/leader")
+
+        with pytest.raises(EtcdUnavailable, match="closed during the call"):
+            etcd.run_sync(closed_under_us, "read leader")
+        assert etcd.run_sync(lambda c: c.get("/x")[0], "read again") is None  # a fresh client
+    finally:
+        etcd.close()
