@@ -33,6 +33,9 @@ DEFAULT_SESSIONS_FILE: Final = Path("/var/lib/vsm/sessions")
 # limits to 1.5 MiB (--max-request-bytes) and 128 operations (--max-txn-ops) by default: a file
 # over ~1.4 MiB needs the first raised, and 512 KiB chunks keep the second out of reach (63 MiB).
 DEFAULT_CHUNK_SIZE: Final = 512 * 1024
+# More chunks than one transaction could ever carry (even with --max-txn-ops raised 32-fold):
+# a manifest claiming more is garbage, refused before anything is sized after it.
+MAX_CHUNKS: Final = 4096
 DEFAULT_INTERVAL: Final = 2.0
 MANIFEST_VERSION: Final = 1
 
@@ -176,6 +179,8 @@ class Manifest:
     def _check_shape(self) -> None:
         if self.chunk_size <= 0 or self.size < 0:
             raise ChunkError("manifest: size and chunk_size must be positive")
+        if not 0 <= self.chunks <= MAX_CHUNKS:
+            raise ChunkError(f"manifest: {self.chunks} chunks (at most {MAX_CHUNKS})")
         if self.chunks != -(-self.size // self.chunk_size):
             raise ChunkError(f"manifest: {self.chunks} chunks cannot hold {self.size} bytes")
 

@@ -100,8 +100,13 @@ def parse_target(text: str) -> Target:
     raise ValueError(f"health check {text!r}: expected tcp:HOST:PORT, tcp:PORT or exec:COMMAND")
 
 
+def _digits(text: str) -> bool:
+    """ASCII digits only: str.isdigit() also takes "٣" and "²"."""
+    return text.isascii() and text.isdigit()
+
+
 def _parse_tcp(rest: str) -> TcpTarget:
-    if rest.isdigit():
+    if _digits(rest):
         host, port_text = DEFAULT_HOST, rest
     elif rest.startswith("["):  # [IPv6]:PORT or [IPv6]
         host, _, after = rest[1:].partition("]")
@@ -111,7 +116,7 @@ def _parse_tcp(rest: str) -> TcpTarget:
     else:  # a bare host name, or a bare IPv6 address
         host, port_text = rest, ""
     host = host or DEFAULT_HOST
-    port = int(port_text) if port_text.isdigit() else (VSM_SERVER_PORT if not port_text else 0)
+    port = int(port_text) if _digits(port_text) else (VSM_SERVER_PORT if not port_text else 0)
     if not 0 < port < 65536:
         raise ValueError(f"health check tcp:{rest}: port must be 1-65535, not {port_text!r}")
     return TcpTarget(host, port)

@@ -196,6 +196,9 @@ def test_join_detects_corruption(
         b'{"v":1,"generation":"g","size":10,"sha256":"x","chunks":1,"chunk_size":5}',
         b'{"v":1,"generation":"g","size":10,"sha256":"x","chunks":2,"chunk_size":0}',
         b'{"v":1,"generation":"g","size":-1,"sha256":"x","chunks":0,"chunk_size":5}',
+        # Consistent but absurd: a reader would size a list after it and run out of memory.
+        b'{"v":1,"generation":"g","size":1000000000000000,"sha256":"x",'
+        b'"chunks":1000000000000000,"chunk_size":1}',
         b"\xff",
     ],
 )

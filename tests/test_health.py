@@ -152,6 +152,7 @@ def test_parse_target_accepts(text: str, expected: TcpTarget | CommandTarget) ->
         ("tcp:localhost:0", "port must be 1-65535"),
         ("tcp:localhost:65536", "port must be 1-65535"),
         ("tcp:localhost:http", "port must be 1-65535"),
+        ("tcp:localhost:\u0663", "port must be 1-65535"),  # an Arabic-Indic digit three
         ("exec:", "no command"),
         ("exec:/nonexistent/check-vsm", "not an executable command"),
         ("exec:sh -c 'unterminated", "No closing quotation"),
