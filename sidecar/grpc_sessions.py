@@ -16,6 +16,7 @@ Others get PERMISSION_DENIED naming the rule. Empty: no restriction.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import ipaddress
 from collections.abc import AsyncIterator, Awaitable, Collection, Iterable, Mapping, Sequence
 from typing import TypeVar
@@ -183,10 +184,21 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
 
     async def ListSessions(self, request: session_pb2.ListSessionsRequest,
                            context: Context) -> session_pb2.ListSessionsResponse:
+        if request.page_size < 0:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                "page_size: must be 0 (every record) or a positive number")
+        if request.page_token:
+            await self._validate(context, _page_token, request.page_token)
         await self._read_your_writes()
         revision, records = await asyncio.to_thread(self.follower.store.snapshot_at)
         response = session_pb2.ListSessionsResponse(revision=revision, stale=self._stale())
-        response.sessions.extend(_session(i, r.raw, r.revision) for i, r in records.items())
+        ids = list(records)  # ordered by id
+        first = bisect.bisect_right(ids, request.page_token) if request.page_token else 0
+        last = first + request.page_size if request.page_size else len(ids)
+        response.sessions.extend(_session(i, records[i].raw, records[i].revision)
+                                 for i in ids[first:last])
+        if last < len(ids):
+            response.next_page_token = ids[last - 1]
         age = self.follower.age()
         if response.stale and age is not None:
             response.copy_age.CopyFrom(_duration(age))
@@ -263,3 +275,8 @@ def _event(change: Change) -> SessionEvent:
 def _duration(seconds: float) -> duration_pb2.Duration:
     whole = int(seconds)
     return duration_pb2.Duration(seconds=whole, nanos=int((seconds - whole) * 1e9))
+
+
+def _page_token(token: str) -> None:
+    """A page token is the last session id of the previous page."""
+    validate_session_id(token, "page_token")

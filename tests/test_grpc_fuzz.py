@@ -485,11 +485,26 @@ class Fuzzer:
 
     def judge_ListSessions(self, probe: Probe, request: Any, outcome: Outcome,
                            said: str) -> None:
+        if request is not None and request.page_size < 0:
+            assert outcome.code is Code.INVALID_ARGUMENT, said
+            assert outcome.details.startswith("page_size:"), said
+            return
+        if request is not None and request.page_token and \
+                not SESSION_ID.fullmatch(request.page_token):
+            assert outcome.code is Code.INVALID_ARGUMENT, said
+            assert outcome.details.startswith("page_token:"), said
+            return
         assert outcome.reply is not None, said
         reply = ListSessionsResponse.FromString(outcome.reply)
         if reply.revision >= self.ledger.revision:
-            listed = {s.session_id: without_revision(s) for s in reply.sessions}
-            assert listed == self.ledger.expected(), said
+            token = request.page_token if request is not None else ""
+            size = request.page_size if request is not None else 0
+            after = [(i, x) for i, x in self.ledger.expected().items() if i > token]
+            page = after[:size] if size else after
+            listed = [(s.session_id, without_revision(s)) for s in reply.sessions]
+            assert listed == page, said
+            assert reply.next_page_token == (page[-1][0] if len(after) > len(page) else ""), \
+                said
 
     def judge_WatchSessions(self, probe: Probe, request: Any, outcome: Outcome,
                             said: str) -> None:
@@ -591,6 +606,10 @@ def typed_request(data: st.DataObject, fuzzer: Fuzzer, rpc: Rpc) -> tuple[Messag
     if rpc.name in ("DeleteSession", "GetSession"):
         ids = st.sampled_from(KEEP_IDS) | ID | bad_id() | ANY_TEXT
         return rpc.request(session_id=data.draw(ids)), None
+    if rpc.name == "ListSessions":
+        size = data.draw(st.sampled_from([0, 1, 3]) | st.integers(-(2**31), 2**31 - 1))
+        token = data.draw(st.just("") | st.sampled_from(KEEP_IDS) | ID | bad_id() | ANY_TEXT)
+        return rpc.request(page_size=size, page_token=token), None
     if rpc.name == "WatchSessions":
         # Drawn relative to the last write, without letting it shape the strategy: hypothesis
         # replays choices and must get the same strategies back.

@@ -345,6 +345,34 @@ def invalid_puts() -> Iterator[tuple[str, str, PutSessionRequest]]:
     yield "missing session", "session", PutSessionRequest()
 
 
+def test_list_pages_through_every_record_in_order(pair: Pair) -> None:
+    """ListSessions with page_size answers that many records at most, in id order, with the
+    last id as next_page_token; following the tokens yields every record exactly once and the
+    last page has no token. page_size 0 is every record at once."""
+    primary, standby = split(pair)
+    with Client(primary.address) as p, Client(standby.address) as s:
+        sent = sorted(f"page-{i:03d}" for i in range(23))
+        revision = 0
+        for session_id in sent:
+            revision = p.put(record(session_id))
+        assert [x.session_id for x in wait_current(s, revision).sessions] == sent
+        for client in (p, s):
+            pages, token = [], ""
+            while True:
+                page = client.stub.ListSessions(
+                    ListSessionsRequest(page_size=10, page_token=token), timeout=RPC_TIMEOUT)
+                pages.append([x.session_id for x in page.sessions])
+                token = page.next_page_token
+                if not token:
+                    break
+                assert token == pages[-1][-1]
+            assert [len(x) for x in pages] == [10, 10, 3]
+            assert [i for page in pages for i in page] == sent
+            whole = client.list()
+            assert [x.session_id for x in whole.sessions] == sent
+            assert whole.next_page_token == ""
+
+
 def test_invalid_requests_get_invalid_argument_naming_the_field(pair: Pair) -> None:
     """Each invalid request gets INVALID_ARGUMENT whose message starts with the offending
     field's path, nothing is written, and the server keeps serving afterwards."""
@@ -368,6 +396,8 @@ def test_invalid_requests_get_invalid_argument_naming_the_field(pair: Pair) -> N
                 p.stub.WatchSessions,
                 WatchSessionsRequest(start_revision=-1),
             ),
+            ("list", "page_size", p.stub.ListSessions, ListSessionsRequest(page_size=-1)),
+            ("list", "page_token", p.stub.ListSessions, ListSessionsRequest(page_token="a b")),
         ]
         for what, field, method, other in others:
             try:
