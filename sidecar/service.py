@@ -8,6 +8,8 @@ are synchronous and fast) so that even then no resource IP is left behind.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
 import os
 import signal
 
@@ -196,5 +198,22 @@ class Service:
                  records=report.records, quarantined=[str(p) for p in report.quarantined])
 
 
+# glibc's mallopt parameter M_ARENA_MAX, and the arenas the sidecar allows itself.
+M_ARENA_MAX = -8
+MALLOC_ARENAS = 2
+
+
+def limit_malloc_arenas() -> None:
+    """Cap glibc's malloc arenas (as MALLOC_ARENA_MAX=2 would; glibc only, else nothing).
+
+    glibc gives each thread that allocates concurrently an arena of its own, up to 8 per core,
+    and keeps what they freed: with the etcd worker threads and gRPC's own that is ~7 MB more
+    resident memory for nothing, since the sidecar's threads mostly wait on the network.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).mallopt(M_ARENA_MAX, MALLOC_ARENAS)
+
+
 async def run(settings: Settings) -> int:
+    limit_malloc_arenas()
     return await Service(settings).serve()
