@@ -48,7 +48,7 @@ from sidecar.localnode import LocalSidecar
 from sidecar.sessions import NOT_PRIMARY_METADATA_KEY
 
 from .sidecars import Pair
-from .test_grpc_sessions import eventually, record, without_revision
+from .test_grpc_sessions import eventually, record, session_with, without_revision
 
 pytestmark = [pytest.mark.etcd]
 
@@ -203,18 +203,6 @@ FIELDS: dict[str, tuple[st.SearchStrategy[Any], st.SearchStrategy[Any]]] = {
 }
 # Within the rules field by field, too big as a whole (the 64 KiB record limit).
 TOO_BIG_RECORD = {f"k{i:03d}": "\u00e9" * 1024 for i in range(64)}
-
-
-def session_with(values: dict[str, Any]) -> Session:
-    session = Session()
-    for name, value in values.items():
-        if name == "attributes":
-            session.attributes.update(value)
-        elif isinstance(value, Timestamp):
-            getattr(session, name).CopyFrom(value)
-        elif value is not None:
-            setattr(session, name, value)
-    return session
 
 
 @st.composite

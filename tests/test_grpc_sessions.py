@@ -123,6 +123,19 @@ def eventually(check: Callable[[], T], timeout: float = 10.0) -> T:
             time.sleep(0.02)
 
 
+def session_with(values: dict[str, Any]) -> Session:
+    """A Session with these fields set (None leaves a field unset)."""
+    session = Session()
+    for name, value in values.items():
+        if name == "attributes":
+            session.attributes.update(value)
+        elif isinstance(value, Timestamp):
+            getattr(session, name).CopyFrom(value)
+        elif value is not None:
+            setattr(session, name, value)
+    return session
+
+
 def without_revision(session: Session) -> Session:
     copy = Session()
     copy.CopyFrom(session)
@@ -462,16 +475,8 @@ def sessions(draw: st.DrawFn) -> Session:
         st.just(frozenset())
         | st.frozensets(st.sampled_from(sorted(_FIELDS)), min_size=1, max_size=3)
     )
-    session = Session()
-    for name, (valid, anything) in _FIELDS.items():
-        value = draw(anything if name in wild else valid)
-        if name == "attributes":
-            session.attributes.update(value)
-        elif isinstance(value, Timestamp):
-            getattr(session, name).CopyFrom(value)
-        elif value is not None:
-            setattr(session, name, value)
-    return session
+    return session_with({name: draw(anything if name in wild else valid)
+                         for name, (valid, anything) in _FIELDS.items()})
 
 
 @pytest.mark.slow

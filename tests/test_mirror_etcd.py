@@ -78,6 +78,19 @@ async def opened(s: Settings) -> AsyncIterator[Etcd]:
 
 
 @contextlib.asynccontextmanager
+async def primary_writer(s: Settings) -> AsyncIterator[Writer]:
+    """Win the election with a fresh lease, then a running Writer guarded on that epoch."""
+    async with opened(s) as etcd:
+        election = Election(etcd, s)
+        won = await election.campaign(await election.grant())
+        assert won.leader is not None
+        epoch = won.leader.epoch
+        writer = Writer(etcd, Keys(s.prefix), lambda: epoch)
+        async with running(writer.run(), "writer"):
+            yield writer
+
+
+@contextlib.asynccontextmanager
 async def following(s: Settings, data_dir: Path) -> AsyncIterator[Follower]:
     """A loaded store in ``data_dir`` and a running follower on it; both closed afterwards."""
     store = SessionStore(data_dir)
@@ -149,32 +162,26 @@ def test_concurrent_puts_are_group_committed_at_one_revision_in_order(
     keys = Keys(s.prefix)
 
     async def body() -> None:
-        async with opened(s) as etcd:
-            election = Election(etcd, s)
-            won = await election.campaign(await election.grant())
-            assert won.leader is not None
-            epoch = won.leader.epoch
-            writer = Writer(etcd, keys, lambda: epoch)
-            async with running(writer.run(), "writer"):
-                revisions = await asyncio.gather(
-                    *(writer.put(record(f"g-{i:02d}")) for i in range(64))
-                )
-                assert writer.writes == 64
-                assert writer.transactions <= 8, writer.transactions
-                held = etcd_sessions(etcd_client, keys)
-                assert sorted(held) == [f"g-{i:02d}" for i in range(64)]
-                for i, revision in enumerate(revisions):
-                    assert held[f"g-{i:02d}"][1] == revision
-                assert len(set(revisions)) == writer.transactions
+        async with primary_writer(s) as writer:
+            revisions = await asyncio.gather(
+                *(writer.put(record(f"g-{i:02d}")) for i in range(64))
+            )
+            assert writer.writes == 64
+            assert writer.transactions <= 8, writer.transactions
+            held = etcd_sessions(etcd_client, keys)
+            assert sorted(held) == [f"g-{i:02d}" for i in range(64)]
+            for i, revision in enumerate(revisions):
+                assert held[f"g-{i:02d}"][1] == revision
+            assert len(set(revisions)) == writer.transactions
 
-                first, second = await asyncio.gather(
-                    writer.put(record("twice", username="first")),
-                    writer.put(record("twice", username="second")),
-                )
-                assert first < second
-                value, mod_revision = etcd_sessions(etcd_client, keys)["twice"]
-                assert value == encode_session(record("twice", username="second"))
-                assert mod_revision == second
+            first, second = await asyncio.gather(
+                writer.put(record("twice", username="first")),
+                writer.put(record("twice", username="second")),
+            )
+            assert first < second
+            value, mod_revision = etcd_sessions(etcd_client, keys)["twice"]
+            assert value == encode_session(record("twice", username="second"))
+            assert mod_revision == second
 
     run(body)
 
@@ -188,21 +195,15 @@ def test_delete_reports_whether_a_record_was_deleted(
     keys = Keys(s.prefix)
 
     async def body() -> None:
-        async with opened(s) as etcd:
-            election = Election(etcd, s)
-            won = await election.campaign(await election.grant())
-            assert won.leader is not None
-            epoch = won.leader.epoch
-            writer = Writer(etcd, keys, lambda: epoch)
-            async with running(writer.run(), "writer"):
-                await writer.put(record("here"))
-                (rev_here, here), (_, missing) = await asyncio.gather(
-                    writer.delete("here"), writer.delete("never-was")
-                )
-                assert (here, missing) == (True, False)
-                assert rev_here == current_revision(etcd_client)
-                assert etcd_sessions(etcd_client, keys) == {}
-                assert (await writer.delete("here"))[1] is False
+        async with primary_writer(s) as writer:
+            await writer.put(record("here"))
+            (rev_here, here), (_, missing) = await asyncio.gather(
+                writer.delete("here"), writer.delete("never-was")
+            )
+            assert (here, missing) == (True, False)
+            assert rev_here == current_revision(etcd_client)
+            assert etcd_sessions(etcd_client, keys) == {}
+            assert (await writer.delete("here"))[1] is False
 
     run(body)
 

@@ -73,7 +73,7 @@ def test_resource_ip_never_on_both_hosts_while_both_sidecars_run(vip_pair: VipPa
     now = time.monotonic()
 
     window = intersect(lives.intervals("a", now), lives.intervals("b", now))
-    spans = {h: intersect(held_spans(s.samples), window) for h, s in samplers.items()}
+    spans = {h: intersect(held_spans(s.snapshot()), window) for h, s in samplers.items()}
     overlap = intersect(spans["a"], spans["b"])
     for sampler in samplers.values():
         gaps = sampler.gaps()

@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import IO
+from typing import IO, Any
 
 from sidecar.netlab import NetnsLab, read_line
 
@@ -65,29 +65,35 @@ while True:
 """
 
 
-@dataclass
-class Sampler:
-    """Reads one namespace's sampler lines in a thread: (time, holds) per sample."""
+class _Lines:
+    """Reads a helper process's output lines in a thread, keeping one parsed item per line."""
 
-    stream: IO[str]
-    samples: list[tuple[float, bool]] = field(default_factory=list)
-    costs: list[float] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
+    def __init__(self, stream: IO[str]) -> None:
         self.lock = threading.Lock()
-        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.items: list[Any] = []
+        self.thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
         self.thread.start()
 
-    def _read(self) -> None:
-        for line in self.stream:
-            before, after, held = line.split()
+    def _read(self, stream: IO[str]) -> None:
+        for line in stream:
+            item = self.parse(line)
             with self.lock:
-                self.samples.append(((float(before) + float(after)) / 2, held == "1"))
-                self.costs.append(float(after) - float(before))
+                self.items.append(item)
+
+    def parse(self, line: str) -> Any:
+        raise NotImplementedError
+
+
+class Sampler(_Lines):
+    """One namespace's sampler: (time, holds) per sample, time the midpoint of the dump."""
+
+    def parse(self, line: str) -> tuple[float, bool]:
+        before, after, held = line.split()
+        return (float(before) + float(after)) / 2, held == "1"
 
     def snapshot(self) -> list[tuple[float, bool]]:
         with self.lock:
-            return list(self.samples)
+            return list(self.items)
 
     def gaps(self) -> list[float]:
         """Times between consecutive samples (how well the sampler kept pace)."""
@@ -106,28 +112,16 @@ def start_sampler(lab: NetnsLab, host: str, address: str, period: float = 0.010,
     return Sampler(process.stdout)
 
 
-@dataclass
-class Probe:
-    """Reads the client probe's lines in a thread: (asked, answered, name or None)."""
+class Probe(_Lines):
+    """The client probe: (asked, answered, name or None) per connection."""
 
-    stream: IO[str]
-    answers: list[tuple[float, float, str | None]] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self.lock = threading.Lock()
-        self.thread = threading.Thread(target=self._read, daemon=True)
-        self.thread.start()
-
-    def _read(self) -> None:
-        for line in self.stream:
-            before, after, name = line.split(maxsplit=2)
-            with self.lock:
-                self.answers.append((float(before), float(after),
-                                     None if name.strip() == "-" else name.strip()))
+    def parse(self, line: str) -> tuple[float, float, str | None]:
+        before, after, name = line.split(maxsplit=2)
+        return float(before), float(after), None if name.strip() == "-" else name.strip()
 
     def snapshot(self) -> list[tuple[float, float, str | None]]:
         with self.lock:
-            return list(self.answers)
+            return list(self.items)
 
     def first_answer_from(self, name: str, since: float) -> float | None:
         """When the first connection made at or after ``since`` was answered by ``name``."""

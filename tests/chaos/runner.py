@@ -442,6 +442,12 @@ class Lab:
     def other(self, node: LocalSidecar) -> LocalSidecar:
         return next(n for n in self.nodes.values() if n is not node)
 
+    def wait_other_primary(self, node: LocalSidecar, since: float) -> None:
+        """Until the other node reports PRIMARY after ``since`` (the checkers judge a miss)."""
+        with contextlib.suppress(TimeoutError):
+            self.recorders[self.other(node).node_id].wait_role("PRIMARY", timeout=TTL + 8,
+                                                              after=since)
+
 
 # ---------------------------------------------------------------------------------------------
 # Scenarios: each injects one fault and heals it; it returns (fault start, heal done).
@@ -454,9 +460,7 @@ def kill_primary(lab: Lab, primary: LocalSidecar, run: int) -> tuple[float, floa
     start = time.monotonic()
     lab.lives.gone(primary.node_id, start)  # from SIGKILL on it cannot release anything
     primary.kill()
-    with contextlib.suppress(TimeoutError):
-        lab.recorders[lab.other(primary).node_id].wait_role("PRIMARY", timeout=TTL + 8,
-                                                           after=start)
+    lab.wait_other_primary(primary, start)
     primary.start(timeout=20)  # returns once GetRole answers: in control again
     lab.lives.ready(primary.node_id)
     return start, time.monotonic()
@@ -481,9 +485,7 @@ def host_death(lab: Lab, primary: LocalSidecar, run: int) -> tuple[float, float]
     assert lab.net is not None
     start = time.monotonic()
     lab.net.link_down(primary.node_id)
-    with contextlib.suppress(TimeoutError):
-        lab.recorders[lab.other(primary).node_id].wait_role("PRIMARY", timeout=TTL + 8,
-                                                           after=start)
+    lab.wait_other_primary(primary, start)
     time.sleep(1.0)
     lab.net.link_up(primary.node_id)
     return start, time.monotonic()
@@ -500,9 +502,7 @@ def primary_cut_off(lab: Lab, primary: LocalSidecar, run: int) -> tuple[float, f
     reach it, etcd does not. It must fence and release; the other node takes over."""
     start = time.monotonic()
     _blackhole(lab, primary.node_id, add=True)
-    with contextlib.suppress(TimeoutError):
-        lab.recorders[lab.other(primary).node_id].wait_role("PRIMARY", timeout=TTL + 8,
-                                                           after=start)
+    lab.wait_other_primary(primary, start)
     time.sleep(1.0)
     _blackhole(lab, primary.node_id, add=False)
     return start, time.monotonic()
