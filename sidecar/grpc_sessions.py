@@ -16,7 +16,6 @@ Others get PERMISSION_DENIED naming the rule. Empty: no restriction.
 from __future__ import annotations
 
 import asyncio
-import bisect
 import ipaddress
 from collections.abc import AsyncIterator, Awaitable, Collection, Iterable, Mapping, Sequence
 from typing import TypeVar
@@ -36,7 +35,7 @@ from .sessions import (
     SessionDecodeError,
     SessionValidationError,
     decode_session,
-    validate_session,
+    encode_session,
     validate_session_id,
 )
 
@@ -122,8 +121,11 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         # Fields of a newer schema are not stored (the record is JSON of the known ones), so
         # they must not come back in the answer, which is "the record as stored".
         session.DiscardUnknownFields()
-        await self._validate(context, validate_session, session)
-        revision = await self._write(context, self.writer.put(session))
+        try:
+            raw = encode_session(session)  # validates: one pass, the bytes etcd will hold
+        except SessionValidationError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        revision = await self._write(context, self.writer.put_encoded(session.session_id, raw))
         session.revision = revision
         return session_pb2.PutSessionResponse(revision=revision, session=session)
 
@@ -190,15 +192,20 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         if request.page_token:
             await self._validate(context, _page_token, request.page_token)
         await self._read_your_writes()
-        revision, records = await asyncio.to_thread(self.follower.store.snapshot_at)
+        store = self.follower.store
+        if request.page_size:
+            # One more than asked for tells whether another page follows.
+            revision, records = await asyncio.to_thread(
+                store.page, request.page_token, request.page_size + 1)
+        else:
+            revision, everything = await asyncio.to_thread(store.snapshot_at)
+            records = [(i, r) for i, r in everything.items() if i > request.page_token]
         response = session_pb2.ListSessionsResponse(revision=revision, stale=self._stale())
-        ids = list(records)  # ordered by id
-        first = bisect.bisect_right(ids, request.page_token) if request.page_token else 0
-        last = first + request.page_size if request.page_size else len(ids)
-        response.sessions.extend(_session(i, records[i].raw, records[i].revision)
-                                 for i in ids[first:last])
-        if last < len(ids):
-            response.next_page_token = ids[last - 1]
+        shown = records[:request.page_size] if request.page_size else records
+        response.sessions.extend(_session(i, record.raw, record.revision)
+                                 for i, record in shown)
+        if len(records) > len(shown):
+            response.next_page_token = shown[-1][0]
         age = self.follower.age()
         if response.stale and age is not None:
             response.copy_age.CopyFrom(_duration(age))

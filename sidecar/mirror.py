@@ -339,8 +339,12 @@ class Writer:
         self.last_revision = 0  # of the last write this node committed
 
     async def put(self, session: Session) -> int:
-        raw = encode_session(session)
-        revision, _ = await self._submit(self.keys.sessions + session.session_id.encode(), raw)
+        """Validate, encode and write ``session``; the revision it committed at."""
+        return await self.put_encoded(session.session_id, encode_session(session))
+
+    async def put_encoded(self, session_id: str, raw: bytes) -> int:
+        """Write a record that :func:`~sidecar.sessions.encode_session` made."""
+        revision, _ = await self._submit(self.keys.sessions + session_id.encode(), raw)
         return revision
 
     async def delete(self, session_id: str) -> tuple[int, bool]:

@@ -665,7 +665,7 @@ def mangled(draw: st.DrawFn, payload: bytes) -> bytes:
 # Examples per RPC, node and test: most for the RPC with the most fields. Each RPC and node gets
 # its own run, so every pair is covered however hypothesis spreads its choices.
 EXAMPLES = {"PutSession": 25, "DeleteSession": 10, "GetSession": 10, "WatchSessions": 10,
-            "Switchover": 8, "GetRole": 4, "WatchRole": 4, "ListSessions": 4}
+            "Switchover": 8, "GetRole": 4, "WatchRole": 4, "ListSessions": 12}
 MakeProbe = Callable[[st.DataObject, Fuzzer, Rpc, str], "Probe | None"]
 
 
