@@ -19,7 +19,11 @@ JSON, shaped like ThinLinc sessions. In order:
    threads, the same record bytes, the same first endpoint the sidecar uses), run right after
    the sidecar figure at the same concurrency. Ratio = sidecar / raw. For both, the CPU time
    each process used per write (from /proc/<pid>/stat; "client" is this program), and for the
-   sidecar the writes per etcd transaction (writes / revisions used).
+   sidecar the writes per etcd transaction (writes / revisions used). Then the ceiling: the
+   same writers against a PutSession that does nothing (tests/bench/echo_server.py, grpcio's
+   asyncio server in its own process), the most any sidecar on this gRPC stack could answer on
+   this machine; with 1 writer also that exchange and a raw put in series, since a lone
+   writer waits for both.
 4. Full re-read: the standby is stopped, the sessions range is cleared and --records records
    are written straight to etcd in 128-put transactions; the standby is started again with an
    empty data dir. Time from its process start to its ``mirror_resynced`` log line (the log
@@ -119,6 +123,8 @@ class Bench:
         self.workdir = workdir
         self.args = args
         self.rows: list[Row] = []
+        self.echo: subprocess.Popen[str] | None = None
+        self.echo_address = ""
         self.prefix = f"/thinlinc-ha/{CLUSTER}/sessions/".encode()
         self.primary = LocalSidecar("a", CLUSTER, etcd.endpoints_arg, workdir, ttl=TTL)
         self.standby = LocalSidecar("b", CLUSTER, etcd.endpoints_arg, workdir, ttl=TTL)
@@ -130,6 +136,11 @@ class Bench:
     # -- set-up ---------------------------------------------------------------------------------
 
     def start(self) -> None:
+        self.echo = subprocess.Popen(
+            [sys.executable, "-m", "tests.bench.echo_server"], stdout=subprocess.PIPE, text=True
+        )
+        assert self.echo.stdout is not None
+        self.echo_address = f"127.0.0.1:{self.echo.stdout.readline().strip()}"
         self.primary.start()
         self.primary.wait_role("PRIMARY", timeout=15)
         self.standby.start()
@@ -138,6 +149,9 @@ class Bench:
     def close(self) -> None:
         for node in (self.primary, self.standby):
             node.close()
+        if self.echo is not None:
+            self.echo.kill()
+            self.echo.wait()
 
     # -- 1. latency -------------------------------------------------------------------------------
 
@@ -266,6 +280,7 @@ class Bench:
             say(f"throughput: {threads} writer(s), {self.args.seconds} s each")
             sidecar, cpu, per_txn = self._measured(threads, self._sidecar_writer)
             raw, raw_cpu, _ = self._measured(threads, self._raw_writer)
+            echo, echo_cpu, _ = self._measured(threads, self._echo_writer)
             ratio = sidecar / raw
             goal = {1: 0.8, 32: 3.0}.get(threads)
             self.row(
@@ -280,6 +295,10 @@ class Bench:
                 f"{cpu['primary']:.0f}, standby {cpu['standby']:.0f}, 3 etcd members "
                 f"{cpu['etcd']:.0f} ({raw_cpu['etcd']:.0f}) µs; {per_txn:.1f} writes per txn",
             )
+            self.row(
+                f"ceiling, {threads} writer(s): a PutSession that does nothing (gRPC alone)",
+                self._ceiling(threads, raw, echo, echo_cpu),
+            )
 
     def _measured(
         self, threads: int, writer: Callable[[int, threading.Barrier, list[int]], None]
@@ -290,6 +309,7 @@ class Bench:
             "primary": [self.primary.pid],
             "standby": [self.standby.pid],
             "etcd": [m.pid for m in self.etcd.members if m.pid is not None],
+            "echo": [self.echo.pid] if self.echo is not None else [],
         }
         before = {name: sum(cpu_seconds(pid) for pid in pids) for name, pids in groups.items()}
         first = self._revision()
@@ -302,6 +322,23 @@ class Bench:
             for name, pids in groups.items()
         }
         return rate, used, writes / revisions
+
+    @staticmethod
+    def _ceiling(threads: int, raw: float, echo: float, echo_cpu: dict[str, float]) -> str:
+        """What the gRPC layer alone allows, as a ratio to raw puts.
+
+        No sidecar on this stack answers faster than a server that does nothing. A single
+        writer waits for one gRPC exchange and then one etcd commit per write, one after the
+        other, so its ceiling is their serial sum; with many writers the exchanges overlap
+        and the do-nothing server's own rate is the bound.
+        """
+        text = (f"{echo:,.0f} calls/s = {echo / raw:.2f} x raw; its CPU per call: client "
+                f"{echo_cpu['client']:.0f}, server {echo_cpu['echo']:.0f} µs")
+        if threads == 1:
+            serial = 1 / (1 / echo + 1 / raw)
+            text += (f"; 1 exchange + 1 raw put in series: {serial:,.0f} writes/s = "
+                     f"{serial / raw:.2f} x raw")
+        return text
 
     def _revision(self) -> int:
         with self.etcd.client() as client:
@@ -333,7 +370,15 @@ class Bench:
             n += 1
 
     def _sidecar_writer(self, index: int, barrier: threading.Barrier, counts: list[int]) -> None:
-        with grpc.insecure_channel(self.primary.address) as channel:
+        self._grpc_writer(self.primary.address, index, barrier, counts)
+
+    def _echo_writer(self, index: int, barrier: threading.Barrier, counts: list[int]) -> None:
+        self._grpc_writer(self.echo_address, index, barrier, counts)
+
+    def _grpc_writer(
+        self, address: str, index: int, barrier: threading.Barrier, counts: list[int]
+    ) -> None:
+        with grpc.insecure_channel(address) as channel:
             stub = session_pb2_grpc.SessionServiceStub(channel)
             records = self._records(f"tp{index}")
             for _ in range(3):
