@@ -45,6 +45,9 @@ T = TypeVar("T")
 SERVICE_NAME = session_pb2.DESCRIPTOR.services_by_name["SessionService"].full_name
 # How long a read on the primary waits for the copy to hold our own last write.
 READ_YOUR_WRITES_WAIT = 1.0
+# A WatchSessions stream that sent nothing for this long gets a PROGRESS event, if the copy's
+# revision moved (other keys of the cluster, or changes before the client's start revision).
+PROGRESS_INTERVAL = 5.0
 
 Context = grpc.aio.ServicerContext[object, object]
 EventType = session_pb2.SessionEventType
@@ -227,8 +230,10 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
             if start == 0:
                 revision, records = await asyncio.to_thread(self.follower.store.snapshot_at)
                 for session_id, record in records.items():
+                    # The event's revision is the snapshot's (revisions never decrease along
+                    # a stream); the record's own is session.revision.
                     yield SessionEvent(type=EventType.SESSION_EVENT_TYPE_SNAPSHOT,
-                                       session_id=session_id, revision=record.revision,
+                                       session_id=session_id, revision=revision,
                                        session=_session(session_id, record.raw, record.revision))
                 yield SessionEvent(type=EventType.SESSION_EVENT_TYPE_SNAPSHOT_DONE,
                                    revision=revision)
@@ -237,10 +242,28 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
                 async for event in self._replay(context, start):
                     yield event
                     start = max(start, event.revision + 1)
-            while True:
-                change = await changes.get()
-                if change.revision >= start:
-                    yield _event(change)
+            async for event in self._follow(changes, start):
+                yield event
+
+    async def _follow(self, changes: asyncio.Queue[Change], start: int,
+                      ) -> AsyncIterator[SessionEvent]:
+        """Every change from ``start`` on, and PROGRESS on a quiet stream whenever the copy
+        has moved on: a client that stores it resumes from there, not from a revision that
+        etcd may have compacted meanwhile (which would cost it a new snapshot)."""
+        told = start - 1
+        while True:
+            try:
+                async with asyncio.timeout(PROGRESS_INTERVAL):
+                    change = await changes.get()
+            except TimeoutError:
+                # Nothing queued: every change up to the copy's revision has been sent.
+                if self.follower.revision > told:
+                    told = self.follower.revision
+                    yield SessionEvent(type=EventType.SESSION_EVENT_TYPE_PROGRESS, revision=told)
+                continue
+            if change.revision >= start:
+                told = max(told, change.revision)
+                yield _event(change)
 
     async def _replay(self, context: Context, start: int) -> AsyncIterator[SessionEvent]:
         """Changes from etcd's history up to what the copy had when the watch began."""

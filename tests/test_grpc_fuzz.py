@@ -734,8 +734,11 @@ def test_garbled_and_truncated_bytes_get_invalid_argument_and_lose_no_data(
     when they do not parse and otherwise the answer the parsed request deserves (never UNKNOWN
     or INTERNAL); the processes keep serving; nothing acknowledged is lost."""
     fuzz(fuzzer, draw_mangled_probe)
-    # Both kinds are common: bytes that do not parse, and mangled bytes that still do.
-    assert min(fuzzer.parses[True], fuzzer.parses[False]) > 30, (fuzzer.parses, fuzzer.seen)
+    # Both kinds are common: bytes that do not parse, and mangled bytes that still do (the
+    # split varies with the ledger's revisions, which shape some requests: ~20-35 % parse).
+    total = fuzzer.parses[True] + fuzzer.parses[False]
+    assert min(fuzzer.parses[True], fuzzer.parses[False]) > total // 10, \
+        (fuzzer.parses, fuzzer.seen)
     assert {code for _, _, code in fuzzer.seen} >= {"OK", "INVALID_ARGUMENT"}, fuzzer.seen
 
 

@@ -44,6 +44,7 @@ SNAPSHOT = session_pb2.SESSION_EVENT_TYPE_SNAPSHOT
 SNAPSHOT_DONE = session_pb2.SESSION_EVENT_TYPE_SNAPSHOT_DONE
 PUT = session_pb2.SESSION_EVENT_TYPE_PUT
 DELETE = session_pb2.SESSION_EVENT_TYPE_DELETE
+PROGRESS = session_pb2.SESSION_EVENT_TYPE_PROGRESS
 
 
 # -- helpers shared with test_mirror.py ---------------------------------------------------------
@@ -254,13 +255,16 @@ def test_watch_sends_a_snapshot_then_changes_and_resumes_from_a_revision(pair: P
         call = s.stub.WatchSessions(WatchSessionsRequest(start_revision=0), timeout=30)
         try:
             snapshot = events(call, 3)
-            assert sorted(summary(e) for e in snapshot[:2]) == [
-                (SNAPSHOT, "w-1", first),
-                (SNAPSHOT, "w-2", second),
+            assert snapshot[2].type == SNAPSHOT_DONE
+            at = snapshot[2].revision
+            assert at >= second
+            # Each SNAPSHOT event is at the snapshot's revision (revisions never decrease
+            # along a stream); each record keeps its own in session.revision.
+            assert sorted((*summary(e), e.session.revision) for e in snapshot[:2]) == [
+                (SNAPSHOT, "w-1", at, first),
+                (SNAPSHOT, "w-2", at, second),
             ]
             assert snapshot[0].session.username == "alice"
-            assert snapshot[2].type == SNAPSHOT_DONE
-            assert snapshot[2].revision >= second
             third = p.put(record("w-3"))
             deleted, _ = p.delete("w-1")
             live = events(call, 2)
@@ -294,6 +298,30 @@ def test_watch_sends_a_snapshot_then_changes_and_resumes_from_a_revision(pair: P
             ]
             later = p.put(record("w-4"))
             assert summary(next(call)) == (PUT, "w-4", later)
+        finally:
+            call.cancel()
+
+
+def test_a_quiet_watch_gets_progress_when_the_copy_moves_on(pair: Pair) -> None:
+    """No session changes, but etcd's revision moves (another key of the cluster): the stream
+    says so with PROGRESS, so a client can resume from there rather than from a revision etcd
+    may compact. Revisions never decrease, and a PROGRESS never runs ahead of a change."""
+    primary, standby = split(pair)
+    with Client(primary.address) as p, Client(standby.address) as s:
+        written = p.put(record("quiet"))
+        wait_current(s, written)
+        call = s.stub.WatchSessions(WatchSessionsRequest(start_revision=written + 1), timeout=30)
+        try:
+            with pair.etcd.client() as etcd:
+                etcd.put(f"/thinlinc-ha/{pair.cluster}/unrelated".encode(), b"x")
+                moved = int(etcd.get(f"/thinlinc-ha/{pair.cluster}/unrelated".encode())[1]
+                            .mod_revision)
+            progress = next(call)  # within PROGRESS_INTERVAL (5 s) of the last change
+            assert progress.type == PROGRESS
+            assert progress.revision >= moved
+            later = p.put(record("after-quiet"))
+            assert summary(next(call)) == (PUT, "after-quiet", later)
+            assert later > moved
         finally:
             call.cancel()
 
