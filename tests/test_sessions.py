@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 from collections.abc import Callable
 
 import pytest
@@ -293,9 +294,11 @@ def test_check_record_refuses_the_same_garbage(raw: bytes) -> None:
         check_record(raw, KEY_ID)
 
 
-def _verdict(check: Callable[[bytes, str], object], raw: bytes) -> str | None:
+def _verdict(
+    check: Callable[[bytes, str], object], raw: bytes, key_id: str = KEY_ID
+) -> str | None:
     try:
-        check(raw, KEY_ID)
+        check(raw, key_id)
     except SessionDecodeError as exc:
         return str(exc)
     return None
@@ -336,6 +339,107 @@ def test_check_record_agrees_with_decode_at_the_edges(changes: dict[str, object]
     doc.update(changes)
     raw = json.dumps(doc, ensure_ascii=False).encode()
     assert _verdict(check_record, raw) == _verdict(decode_session, raw)
+
+
+def _compact(doc: dict[str, object]) -> bytes:
+    """A document written as encode_session writes it: no whitespace, text as is."""
+    text = json.dumps(doc, ensure_ascii=False, separators=(",", ":"))
+    return text.encode("utf-8", "surrogatepass")
+
+
+# Edges of the rules that the check matches on the text of a record in the encoder's form.
+_TEXT_PATH_CASES: dict[str, dict[str, object]] = {
+    **_QUICK_PATH_CASES,
+    "display 0": {"display": 0},
+    "display 65536": {"display": 65536},
+    "display 99999": {"display": 99999},
+    "display 100000": {"display": 100000},
+    "display 2**31": {"display": 2**31},
+    "pid 0": {"session_pid": 0},
+    "pid 2**63": {"session_pid": 2**63},
+    "pid 19 nines": {"session_pid": 10**19 - 1},
+    "pid 10**19": {"session_pid": 10**19},
+    "pid as float": {"session_pid": 1.5},
+    "display with exponent": {"display": 1e3},
+    "longest user": {"username": "u" * 256},
+    "user too long": {"username": "u" * 257},
+    "longest non-ASCII user": {"username": "å" * 256},
+    "non-ASCII user too long": {"username": "å" * 257},
+    "longest status": {"status": "s" * 32},
+    "status too long": {"connection_status": "s" * 33},
+    "user with a quote": {"username": 'a"b'},
+    "user with a backslash": {"username": "a\\b"},
+    "user with a newline": {"username": "a\nb"},
+    "user with NBSP": {"username": "a\xa0b"},
+    "user with U+2028": {"username": "a\u2028b"},
+    "user with U+009F": {"username": "a\x9fb"},
+    "user null": {"username": None},
+    "no timestamps": {"created_at": None, "last_connection_at": None},
+    "timestamp year 0": {"created_at": "0000-01-01T00:00:00Z"},
+    "timestamp month 13": {"created_at": "2024-13-01T00:00:00Z"},
+    "timestamp month 0": {"last_connection_at": "2024-00-10T00:00:00Z"},
+    "timestamp April 31": {"created_at": "2024-04-31T00:00:00Z"},
+    "timestamp December 31": {"created_at": "2024-12-31T23:59:59Z"},
+    "timestamp 9 fraction digits": {"created_at": "2024-05-01T08:00:00.123456789Z"},
+    "timestamp 10 fraction digits": {"created_at": "2024-05-01T08:00:00.1234567890Z"},
+    "timestamp lower-case z": {"created_at": "2024-05-01T08:00:00z"},
+    "framebuffer empty": {"framebuffer_size": ""},
+    "framebuffer 6 digits": {"framebuffer_size": "123456x1"},
+    "framebuffer x only": {"framebuffer_size": "x"},
+    "longest attribute key": {"attributes": {"k" * 128: "v"}},
+    "attribute key too long": {"attributes": {"k" * 129: "v"}},
+    "empty attribute key": {"attributes": {"": "v"}},
+    "attribute key with a dash first": {"attributes": {"-k": "v"}},
+    "longest attribute value": {"attributes": {"k": "v" * 1024}},
+    "attribute value too long": {"attributes": {"k": "v" * 1025}},
+    "attribute value null": {"attributes": {"k": None}},
+    "attributes null": {"attributes": None},
+    "version 2": {"v": 2},
+    "version true": {"v": True},
+}
+
+
+@pytest.mark.parametrize("changes", _TEXT_PATH_CASES.values(), ids=_TEXT_PATH_CASES.keys())
+def test_check_record_agrees_with_decode_at_the_edges_in_the_encoders_form(
+    changes: dict[str, object],
+) -> None:
+    """Written compactly with the fields in the encoder's order, as a primary writes them, the
+    records at each rule's edge get the verdict and message of decoding too."""
+    doc = json.loads(encode_session(make_session()))
+    doc.update(changes)
+    raw = _compact(doc)
+    assert _verdict(check_record, raw) == _verdict(decode_session, raw)
+
+
+@pytest.mark.parametrize("length", [1, 127, 128, 129])
+def test_check_record_agrees_with_decode_on_long_ids(length: int) -> None:
+    """An id at and past the length limit, equal to the key's, gets decoding's verdict."""
+    key_id = "a" * length
+    raw = encode_session(make_session(session_id="x")).replace(b'"x"', f'"{key_id}"'.encode())
+    verdict = _verdict(check_record, raw, key_id)
+    assert verdict == _verdict(decode_session, raw, key_id)
+    assert (verdict is None) == (length <= MAX_SESSION_ID_LENGTH)
+
+
+def test_the_encoders_records_are_checked_as_text() -> None:
+    """A record as encode_session writes it is accepted by matching its text, without parsing
+    it as JSON; the same record pretty-printed is not matched, and left to the other checks."""
+    raw = encode_session(make_session())
+    assert sessions._canonically_valid(raw, KEY_ID)
+    assert not sessions._canonically_valid(raw, "other:11")
+    pretty = json.dumps(json.loads(raw), indent=1).encode()
+    assert not sessions._canonically_valid(pretty, KEY_ID)
+    assert _verdict(check_record, pretty) is None
+
+
+def test_the_texts_pattern_refuses_the_control_characters_of_the_rules() -> None:
+    """The characters that a string matched as text may hold are exactly those the validation
+    allows in text, less the quote and the backslash (which JSON escapes)."""
+    allowed = sessions._CANONICAL_RECORD.pattern.split('"username":"', 1)[1].split("{", 1)[0]
+    for code in [*range(0x300), 0x2028, 0xFEFF, 0x10FFFF]:
+        char = chr(code)
+        expected = char not in '"\\' and sessions._CONTROL.search(char) is None
+        assert (re.fullmatch(allowed, char) is not None) == expected, hex(code)
 
 
 def test_decode_ignores_unknown_keys_and_fills_missing_ones() -> None:
@@ -529,11 +633,56 @@ def test_check_record_agrees_with_decode_on_mangled_records(changes: dict[str, o
     assert _verdict(check_record, raw) == _verdict(decode_session, raw)
 
 
+@settings(properties, max_examples=300)
+@given(st.dictionaries(st.sampled_from(_FIELDS), json_values, max_size=4))
+def test_check_record_agrees_with_decode_on_mangled_records_in_the_encoders_form(
+    changes: dict[str, object],
+) -> None:
+    """The same, with the records written compactly with the fields in the encoder's order,
+    which the check matches as text."""
+    doc = json.loads(encode_session(make_session()))
+    doc.update(changes)
+    raw = _compact(doc)
+    assert _verdict(check_record, raw) == _verdict(decode_session, raw)
+
+
+# Bytes that matter to the form of a record: digits, JSON punctuation, the bounds of the
+# character rules, and the first byte of a two-byte UTF-8 sequence.
+_EDIT_BYTES = st.sampled_from(list(b'019-:T.Zxnul"\\{},[] \t\x00\x1f\x7f\xc2\x85\xa0'))
+
+
+@settings(properties, max_examples=500)
+@given(st.data())
+def test_check_record_agrees_with_decode_on_edited_records(data: st.DataObject) -> None:
+    """A record as a primary writes it with a few bytes replaced, inserted or removed gets the
+    verdict of decoding."""
+    raw = bytearray(encode_session(make_session()))
+    for _ in range(data.draw(st.integers(1, 3))):
+        at = data.draw(st.integers(0, len(raw) - 1))
+        edit = data.draw(st.sampled_from(["replace", "insert", "remove"]))
+        if edit == "remove":
+            del raw[at]
+        else:
+            byte = data.draw(_EDIT_BYTES | st.integers(0, 255))
+            raw[at : at + (edit == "replace")] = bytes([byte])
+    assert _verdict(check_record, bytes(raw)) == _verdict(decode_session, bytes(raw))
+
+
 @properties
 @given(valid_sessions())
 def test_check_record_accepts_every_valid_session(session: Session) -> None:
     """Whatever a primary may write, the mirror's check accepts."""
     check_record(encode_session(session), session.session_id)
+
+
+@properties
+@given(valid_sessions())
+def test_valid_sessions_are_checked_as_text_unless_escaped(session: Session) -> None:
+    """Every valid record the encoder writes is matched as text, save those whose text holds a
+    quote or a backslash (escaped in JSON): the quick way is the common one."""
+    raw = encode_session(session)
+    escaped = b"\\" in raw
+    assert sessions._canonically_valid(raw, session.session_id) is not escaped
 
 
 def test_canonical_growth_bound_holds_at_the_limit() -> None:

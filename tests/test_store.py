@@ -244,6 +244,28 @@ def test_replacement_spans_several_memory_maps(
         assert contents(store) == expected
 
 
+@pytest.mark.parametrize("step", [1, 3, 64])
+def test_replacement_packed_in_steps_and_threads_holds_every_record_once(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch, step: int
+) -> None:
+    """However the buckets are split into steps and between the compressing threads, each
+    record lands in its own bucket, the last taken of an id wins, and the buckets are those
+    that packing each one alone gives."""
+    monkeypatch.setattr(store_module, "_BUILD_STEP", step)
+    taken = [(f"s{n % 150}", record(f"s{n % 150}", f"user{n}"), n + 1) for n in range(200)]
+    with open_store(data_dir, buckets=16) as store, Replacement() as fresh:
+        for session_id, raw, revision in taken:
+            fresh.add(session_id, raw, revision)
+        store.replace(fresh, 200)
+        expected = {session_id: (revision, raw) for session_id, raw, revision in taken}
+        assert contents(store) == expected
+        assert len(store) == 150
+        table = fresh.build(16)
+    alone = store_module._RecordTable.empty(16)
+    alone.update({session_id: StoredRecord(revision, raw) for session_id, raw, revision in taken})
+    assert table.bucket_list() == alone.bucket_list()
+
+
 def test_replacement_refuses_bad_ids_and_revisions() -> None:
     """What a copy may not hold is refused as it is taken."""
     with Replacement() as fresh:
