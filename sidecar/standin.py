@@ -51,6 +51,8 @@ RECONNECT_DELAY: Final = 0.2
 PROMOTION_RETRY_DELAY: Final = 0.5
 # Deadline of every unary call to the sidecar.
 RPC_TIMEOUT: Final = 5.0
+# Sessions per ListSessions page when loading on promotion (~0.5 MB an answer).
+LOAD_PAGE: Final = 1000
 # gRPC backs off up to 120 s between reconnection attempts by default; a sidecar that restarts
 # should be found again within a second.
 _CHANNEL_OPTIONS: Final = [
@@ -166,13 +168,25 @@ class StandIn:
                  sessions=len(self.sessions))
 
     async def load_sessions(self) -> tuple[dict[str, session_pb2.Session], int]:
-        """Every session the sidecar holds, by id, and the etcd revision of that view."""
-        response: session_pb2.ListSessionsResponse = await self.session_api.ListSessions(
-            session_pb2.ListSessionsRequest(), timeout=RPC_TIMEOUT)
-        if response.stale:
-            # A copy served while etcd is unreachable may miss the last writes (rule 5).
-            raise StaleCopy("etcd is unreachable: the sidecar has only a stale copy")
-        return {s.session_id: s for s in response.sessions}, response.revision
+        """Every session the sidecar holds, by id, and the etcd revision of the last page.
+
+        Page by page: one answer with every record would pass gRPC's 4 MiB receive limit at
+        some 10,000 sessions. The pages reflect revisions one after the other, which is one
+        view here: on promotion this server is the only writer, and it writes nothing yet.
+        """
+        sessions: dict[str, session_pb2.Session] = {}
+        token = ""
+        while True:
+            response: session_pb2.ListSessionsResponse = await self.session_api.ListSessions(
+                session_pb2.ListSessionsRequest(page_size=LOAD_PAGE, page_token=token),
+                timeout=RPC_TIMEOUT)
+            if response.stale:
+                # A copy served while etcd is unreachable may miss the last writes (rule 5).
+                raise StaleCopy("etcd is unreachable: the sidecar has only a stale copy")
+            sessions.update((s.session_id, s) for s in response.sessions)
+            token = response.next_page_token
+            if not token:
+                return sessions, response.revision
 
     def stop_serving(self, reason: str) -> None:
         """Close the listening socket and every open connection, now (no await in here)."""

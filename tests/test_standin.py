@@ -18,10 +18,12 @@ import grpc
 import pytest
 
 from sidecar import client
-from sidecar.api.session_pb2 import GetSessionRequest
+from sidecar.api.session_pb2 import GetSessionRequest, Session
 from sidecar.api.session_pb2_grpc import SessionServiceStub
 from sidecar.localcluster import free_port
 from sidecar.localnode import LocalSidecar
+from sidecar.sessions import encode_session
+from sidecar.standin import LOAD_PAGE
 
 from .sidecars import Pair
 
@@ -214,3 +216,27 @@ def test_standin_follows_its_sidecar_through_a_restart(
 
     assert old.talk("list") == [f"{primary.node_id} 1", f"ok {carol}"]
     assert [old.terminate(), new.terminate()] == [0, 0]
+
+
+def test_standin_loads_a_database_larger_than_one_page(
+        pair: Pair, standins: dict[str, StandInProcess], tmp_path: Path) -> None:
+    """On promotion the stand-in pages through ListSessions: more records than one page (and,
+    at scale, than one gRPC answer may carry) all arrive, each once."""
+    pair.start(ttl=TTL)
+    primary, standby = pair.wait_split()
+    count = 2 * LOAD_PAGE + 345
+    prefix = f"/thinlinc-ha/{pair.cluster}/sessions/"
+    with pair.etcd.client() as etcd:
+        for first in range(0, count, 128):  # etcd's default limit of operations per txn
+            puts = [etcd.transactions.put(f"{prefix}bulk-{n:05d}", encode_session(
+                Session(session_id=f"bulk-{n:05d}", username=f"user{n}")))
+                for n in range(first, min(first + 128, count))]
+            etcd.transaction(compare=[], success=puts, failure=[])
+    start_standins(pair, standins, tmp_path)
+    new = standins[standby.node_id]
+    new.wait_event("role", role="STANDBY")
+    primary.kill()
+    new.wait_event("sessions_loaded", count=count, timeout=TTL + 10)
+    greeting, listed = new.talk("list")
+    assert greeting == f"{standby.node_id} {count}"
+    assert listed.split(" ")[1:] == [f"bulk-{n:05d}" for n in range(count)]
