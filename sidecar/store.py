@@ -47,12 +47,11 @@ Nothing here touches etcd or the network.
 
 from __future__ import annotations
 
-import heapq
+import bisect
 import itertools
 import json
 import math
 import mmap
-import operator
 import os
 import struct
 import threading
@@ -158,6 +157,9 @@ class _RecordTable:
         self._buckets = buckets
         self._mask = len(buckets) - 1
         self._size = sum(_bucket_size(blob) for blob in buckets)
+        # Which set of ids this table holds: (its own serial, a count of changes to the set).
+        self.serial = next(_TABLE_SERIALS)
+        self.id_changes = 0
 
     @classmethod
     def empty(cls, buckets: int) -> _RecordTable:
@@ -190,9 +192,12 @@ class _RecordTable:
             for session_id in ids:
                 record = changes[session_id]
                 if record is not None:
+                    if session_id not in records:
+                        self.id_changes += 1
                     records[session_id] = record
                 elif records.pop(session_id, None) is not None:
                     deleted += 1
+                    self.id_changes += 1
             self._buckets[index] = _pack(records)
             self._size += len(records) - before
         return deleted
@@ -205,6 +210,31 @@ class _RecordTable:
     def _index(self, session_id: str) -> int:
         # CRC-32, not hash(): the bucket must not change between runs (PYTHONHASHSEED).
         return zlib.crc32(session_id.encode()) & self._mask
+
+
+_TABLE_SERIALS = itertools.count()
+
+
+class _IdOrder:
+    """Every id of a table in order, packed (~15 bytes an id): a page is found by bisection
+    instead of by unpacking every record. Ids are ASCII, so their bytes sort as they do."""
+
+    def __init__(self, ids: Iterable[bytes]) -> None:
+        ordered = sorted(ids)
+        self._blob = b"".join(ordered)
+        self._ends = array("I", itertools.accumulate(map(len, ordered)))
+
+    def __len__(self) -> int:
+        return len(self._ends)
+
+    def _id(self, number: int) -> bytes:
+        start = self._ends[number - 1] if number else 0
+        return self._blob[start : self._ends[number]]
+
+    def after(self, key: bytes, limit: int) -> list[str]:
+        """Up to ``limit`` ids that sort after ``key``, in order."""
+        first = bisect.bisect_right(range(len(self)), key, key=self._id)
+        return [self._id(n).decode() for n in range(first, min(first + limit, len(self)))]
 
 
 def _pack(records: dict[str, StoredRecord]) -> bytes:
@@ -420,6 +450,9 @@ class SessionStore:
     def _reset(self) -> None:
         # In-memory state, guarded by _lock.
         self._table = _RecordTable.empty(self._bucket_count)
+        # The ids in order for page(), built on demand; for the table and id set of the key.
+        self._order: _IdOrder | None = None
+        self._order_key = (-1, -1)
         self._revision = 0
         self._applied_at: float | None = None  # wall clock: it must survive a restart
         self._applied_mono: float | None = None  # monotonic, for age() within this process
@@ -786,9 +819,13 @@ class SessionStore:
     def records(self) -> Iterator[tuple[str, StoredRecord]]:
         """Every record, in no particular order, unpacked one bucket at a time (so the whole
         set is never in memory at once) from a consistent copy taken at the call."""
+        return self.records_at()[1]
+
+    def records_at(self) -> tuple[int, Iterator[tuple[str, StoredRecord]]]:
+        """The applied revision and, as :meth:`records`, every record at exactly it."""
         with self._lock:
-            table = _RecordTable(self._table.bucket_list())
-        return table.items()
+            revision, table = self._revision, _RecordTable(self._table.bucket_list())
+        return revision, table.items()
 
     def snapshot(self) -> dict[str, StoredRecord]:
         """Every record, ordered by session id. Holds them all unpacked: ~60 MB for 100,000."""
@@ -805,14 +842,23 @@ class SessionStore:
         """The applied revision and, at exactly that revision, the first ``limit`` records
         whose id sorts after ``after`` ("" for the first page), in id order.
 
-        One pass over the buckets, unpacking one at a time and keeping only the ``limit``
-        smallest ids: a page costs the memory of a page, where :meth:`snapshot_at` unpacks
-        every record (~60 MB for 100,000).
+        The ids in order are kept packed (~1.5 MB for 100,000) from the first page on, until
+        the set of ids changes; a page then costs a bisection and one bucket unpacked per
+        record (~10 ms for 1,000), where :meth:`snapshot_at` unpacks and sorts every record
+        (~0.4 s and ~60 MB for 100,000). Changes to records already held keep the order.
         """
         with self._lock:
-            revision, table = self._revision, _RecordTable(self._table.bucket_list())
-        following = (item for item in table.items() if item[0] > after)
-        return revision, heapq.nsmallest(limit, following, key=operator.itemgetter(0))
+            live = self._table
+            revision, table = self._revision, _RecordTable(live.bucket_list())
+            key = (live.serial, live.id_changes)
+            order = self._order if self._order_key == key else None
+        if order is None:  # the first page since the set of ids changed: ~0.2 s for 100,000
+            order = _IdOrder(session_id.encode() for session_id, _ in table.items())
+            with self._lock:
+                if (self._table.serial, self._table.id_changes) == key:
+                    self._order, self._order_key = order, key
+        chosen = [(i, table.get(i)) for i in order.after(after.encode(), limit)]
+        return revision, [(i, record) for i, record in chosen if record is not None]
 
     def sessions(self) -> list[Session]:
         """Every record decoded, with its revision, ordered by session id.

@@ -56,3 +56,20 @@ def test_a_page_skips_deleted_records_and_sees_later_puts(tmp_path: Path) -> Non
     store.apply_put("ab", record("ab"), 5)
     assert [i for i, _ in store.page("", 10)[1]] == ["a", "ab", "c"]
     assert store.page("", 10)[0] == 5
+
+
+def test_the_order_follows_new_and_deleted_ids_but_survives_updates(tmp_path: Path) -> None:
+    """The ids in order are kept between pages; a new id or a deleted one is seen at once,
+    also after a full re-read, and an update of a held record keeps the order it had."""
+    store = filled(tmp_path, ["b", "d"])
+    assert [i for i, _ in store.page("", 10)[1]] == ["b", "d"]
+    kept = store._order
+    store.apply_put("b", record("b"), 3)  # same ids
+    assert [(i, r.revision) for i, r in store.page("", 10)[1]] == [("b", 3), ("d", 2)]
+    assert store._order is kept
+    store.apply_put("c", record("c"), 4)
+    assert [i for i, _ in store.page("", 10)[1]] == ["b", "c", "d"]
+    store.apply_delete("b", 5)
+    assert [i for i, _ in store.page("", 10)[1]] == ["c", "d"]
+    store.replace_all([("a", record("a"), 6)], 6)
+    assert store.page("", 10) == (6, [("a", store.get("a"))])

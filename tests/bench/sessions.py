@@ -445,6 +445,8 @@ class Bench:
         )
         with grpc.insecure_channel(self.standby.address, options=BIG_MESSAGES) as channel:
             stub = session_pb2_grpc.SessionServiceStub(channel)
+            self._watch_snapshot(stub, total)
+            self._list_pages(stub, total)
             asked = time.monotonic()
             listed = stub.ListSessions(ListSessionsRequest(), timeout=120)
             took = time.monotonic() - asked
@@ -453,6 +455,47 @@ class Bench:
         self.row(f"ListSessions of {total:,} records on the standby", f"{took:.2f} s")
         rss, _ = memory(self.standby.pid)
         self.row("standby VmRSS after that ListSessions", f"{rss / 1024:.1f} MB")
+
+    def _watch_snapshot(self, stub: session_pb2_grpc.SessionServiceStub, total: int) -> None:
+        """WatchSessions(0) on the standby until SNAPSHOT_DONE: time and memory after."""
+        done = session_pb2.SESSION_EVENT_TYPE_SNAPSHOT_DONE
+        asked = time.monotonic()
+        call = stub.WatchSessions(WatchSessionsRequest(start_revision=0), timeout=120)
+        records = 0
+        try:
+            for event in call:
+                if event.type == done:
+                    break
+                records += 1
+        finally:
+            call.cancel()
+        took = time.monotonic() - asked
+        if records != total:
+            raise RuntimeError(f"the standby's watch snapshot had {records} records")
+        rss, _ = memory(self.standby.pid)
+        self.row(
+            f"WatchSessions snapshot of {total:,} records on the standby",
+            f"{took:.2f} s; standby VmRSS after it {rss / 1024:.1f} MB",
+        )
+
+    def _list_pages(self, stub: session_pb2_grpc.SessionServiceStub, total: int) -> None:
+        """ListSessions on the standby page by page (1,000 a page): time and memory after."""
+        asked, token, records, pages = time.monotonic(), "", 0, 0
+        while True:
+            page = stub.ListSessions(
+                ListSessionsRequest(page_size=1000, page_token=token), timeout=30
+            )
+            records, pages, token = records + len(page.sessions), pages + 1, page.next_page_token
+            if not token:
+                break
+        took = time.monotonic() - asked
+        if records != total:
+            raise RuntimeError(f"the standby's pages held {records} records")
+        rss, _ = memory(self.standby.pid)
+        self.row(
+            f"ListSessions of {total:,} records on the standby, 1,000 a page",
+            f"{took:.2f} s for {pages} pages; standby VmRSS after {rss / 1024:.1f} MB",
+        )
 
     def _bulk_load(self, total: int, threads: int = 4) -> None:
         def load(part: int) -> None:
