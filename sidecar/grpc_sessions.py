@@ -38,6 +38,7 @@ from .sessions import (
     encode_session,
     validate_session_id,
 )
+from .store import StoredRecord
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -48,6 +49,9 @@ READ_YOUR_WRITES_WAIT = 1.0
 # A WatchSessions stream that sent nothing for this long gets a PROGRESS event, if the copy's
 # revision moved (other keys of the cluster, or changes before the client's start revision).
 PROGRESS_INTERVAL = 5.0
+# A ListSessions page ends early rather than pass this many bytes of records, well inside the
+# 4 MiB a gRPC client accepts by default (a message is about as large as the records' JSON).
+PAGE_BYTES = 2 * 1024 * 1024
 
 Context = grpc.aio.ServicerContext[object, object]
 EventType = session_pb2.SessionEventType
@@ -204,7 +208,7 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
             revision, everything = await asyncio.to_thread(store.snapshot_at)
             records = [(i, r) for i, r in everything.items() if i > request.page_token]
         response = session_pb2.ListSessionsResponse(revision=revision, stale=self._stale())
-        shown = records[:request.page_size] if request.page_size else records
+        shown = _fit(records, request.page_size) if request.page_size else records
         response.sessions.extend(_session(i, record.raw, record.revision)
                                  for i, record in shown)
         if len(records) > len(shown):
@@ -307,6 +311,19 @@ def _event(change: Change) -> SessionEvent:
 def _duration(seconds: float) -> duration_pb2.Duration:
     whole = int(seconds)
     return duration_pb2.Duration(seconds=whole, nanos=int((seconds - whole) * 1e9))
+
+
+def _fit(records: list[tuple[str, StoredRecord]], page_size: int,
+         ) -> list[tuple[str, StoredRecord]]:
+    """The first ``page_size`` records, or fewer (at least one) to stay within PAGE_BYTES: a
+    record may hold up to 64 KiB, so a page counted in records alone could pass the client's
+    receive limit."""
+    size = 0
+    for count, (_, record) in enumerate(records[:page_size]):
+        size += len(record.raw)
+        if size > PAGE_BYTES and count:
+            return records[:count]
+    return records[:page_size]
 
 
 def _page_token(token: str) -> None:

@@ -28,6 +28,7 @@ from sidecar.api.session_pb2 import (
     SessionEvent,
     WatchSessionsRequest,
 )
+from sidecar.grpc_sessions import PAGE_BYTES
 from sidecar.localnode import LocalSidecar
 from sidecar.sessions import NOT_PRIMARY_METADATA_KEY, encode_session
 
@@ -412,6 +413,31 @@ def test_list_pages_through_every_record_in_order(pair: Pair) -> None:
             whole = client.list()
             assert [x.session_id for x in whole.sessions] == sent
             assert whole.next_page_token == ""
+
+
+def test_a_page_of_large_records_ends_early_within_the_clients_receive_limit(
+        pair: Pair) -> None:
+    """Records may hold up to 64 KiB: 80 near that size are ~5 MB, past the 4 MiB a gRPC client
+    accepts. A page asked for 100 of them stops short, at PAGE_BYTES, and says where to go on;
+    following the tokens still yields each record once."""
+    primary, _ = split(pair)
+    big = {f"k{n:02d}": "x" * 1000 for n in range(60)}
+    sent = [f"big-{i:02d}" for i in range(80)]
+    with Client(primary.address) as p:
+        for session_id in sent:
+            p.put(record(session_id, attributes=big))
+        listed, token, sizes = [], "", []
+        while True:
+            page = p.stub.ListSessions(ListSessionsRequest(page_size=100, page_token=token),
+                                       timeout=RPC_TIMEOUT)
+            sizes.append(len(page.sessions))
+            listed += [x.session_id for x in page.sessions]
+            token = page.next_page_token
+            if not token:
+                break
+        assert listed == sent
+        assert len(sizes) >= 3, sizes
+        assert max(sizes) * 60_000 <= PAGE_BYTES + 64 * 1024, sizes
 
 
 def test_invalid_requests_get_invalid_argument_naming_the_field(pair: Pair) -> None:
