@@ -458,44 +458,50 @@ class Bench:
 
     def _watch_snapshot(self, stub: session_pb2_grpc.SessionServiceStub, total: int) -> None:
         """WatchSessions(0) on the standby until SNAPSHOT_DONE: time and memory after."""
-        done = session_pb2.SESSION_EVENT_TYPE_SNAPSHOT_DONE
-        asked = time.monotonic()
-        call = stub.WatchSessions(WatchSessionsRequest(start_revision=0), timeout=120)
-        records = 0
-        try:
-            for event in call:
-                if event.type == done:
-                    break
-                records += 1
-        finally:
-            call.cancel()
-        took = time.monotonic() - asked
-        if records != total:
-            raise RuntimeError(f"the standby's watch snapshot had {records} records")
-        rss, _ = memory(self.standby.pid)
-        self.row(
-            f"WatchSessions snapshot of {total:,} records on the standby",
-            f"{took:.2f} s; standby VmRSS after it {rss / 1024:.1f} MB",
-        )
+
+        def read() -> tuple[int, str]:
+            done = session_pb2.SESSION_EVENT_TYPE_SNAPSHOT_DONE
+            call = stub.WatchSessions(WatchSessionsRequest(start_revision=0), timeout=120)
+            records = 0
+            try:
+                for event in call:
+                    if event.type == done:
+                        break
+                    records += 1
+            finally:
+                call.cancel()
+            return records, ""
+
+        self._read_back(f"WatchSessions snapshot of {total:,} records on the standby", total, read)
 
     def _list_pages(self, stub: session_pb2_grpc.SessionServiceStub, total: int) -> None:
         """ListSessions on the standby page by page (1,000 a page): time and memory after."""
-        asked, token, records, pages = time.monotonic(), "", 0, 0
-        while True:
-            page = stub.ListSessions(
-                ListSessionsRequest(page_size=1000, page_token=token), timeout=30
-            )
-            records, pages, token = records + len(page.sessions), pages + 1, page.next_page_token
-            if not token:
-                break
+
+        def read() -> tuple[int, str]:
+            token, records, pages = "", 0, 0
+            while True:
+                page = stub.ListSessions(
+                    ListSessionsRequest(page_size=1000, page_token=token), timeout=30
+                )
+                records, pages = records + len(page.sessions), pages + 1
+                token = page.next_page_token
+                if not token:
+                    return records, f" for {pages} pages"
+
+        self._read_back(
+            f"ListSessions of {total:,} records on the standby, 1,000 a page", total, read
+        )
+
+    def _read_back(self, what: str, total: int, read: Callable[[], tuple[int, str]]) -> None:
+        """Time ``read`` (records seen, a note), check it saw every record, and report the
+        standby's memory after it."""
+        asked = time.monotonic()
+        records, note = read()
         took = time.monotonic() - asked
         if records != total:
-            raise RuntimeError(f"the standby's pages held {records} records")
+            raise RuntimeError(f"{what}: {records} records, not {total}")
         rss, _ = memory(self.standby.pid)
-        self.row(
-            f"ListSessions of {total:,} records on the standby, 1,000 a page",
-            f"{took:.2f} s for {pages} pages; standby VmRSS after {rss / 1024:.1f} MB",
-        )
+        self.row(what, f"{took:.2f} s{note}; standby VmRSS after it {rss / 1024:.1f} MB")
 
     def _bulk_load(self, total: int, threads: int = 4) -> None:
         def load(part: int) -> None:
