@@ -150,6 +150,10 @@ class LoadReport:
 # -- the in-memory table --------------------------------------------------------------------------
 
 
+# Numbers the tables, so that a cached order of ids names the table it was made from.
+_TABLE_SERIALS = itertools.count()
+
+
 class _RecordTable:
     """Records packed into a fixed number of compressed buckets, chosen by a CRC of the id."""
 
@@ -210,9 +214,6 @@ class _RecordTable:
     def _index(self, session_id: str) -> int:
         # CRC-32, not hash(): the bucket must not change between runs (PYTHONHASHSEED).
         return zlib.crc32(session_id.encode()) & self._mask
-
-
-_TABLE_SERIALS = itertools.count()
 
 
 class _IdOrder:
