@@ -36,7 +36,15 @@ def _parser() -> argparse.ArgumentParser:
     run.set_defaults(func=_cmd_run)
 
     check = commands.add_parser(
-        "check-config", help="validate the settings (flags, environment, file) and print them")
+        "check-config", help="validate the settings (flags, environment, file) and print them "
+                             "as a TOML file that --config takes back",
+        description="Make every check run makes before it connects to etcd, then print the "
+                    "effective settings as TOML. It does not bind the listen addresses or lock "
+                    "data_dir, which a running sidecar holds.")
+    check.add_argument("--settings-only", action="store_true",
+                       help="check the settings alone, not this host (the resource IP's "
+                            "interface and capabilities, data_dir): for a file meant for "
+                            "another host")
     config.add_arguments(check)
     check.set_defaults(func=_cmd_check_config)
 
@@ -108,12 +116,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
+    from . import preflight
+
     settings = config.load(vars(args))
-    for name in config.SETTING_NAMES:
-        value = getattr(settings, name)
-        if "password" not in name:
-            print(f"{name} = {value!r}")
-    print("settings are valid")
+    if not args.settings_only:
+        preflight.check_host(settings)
+    sys.stdout.write("# vsm-sidecar check-config: settings are valid; the effective settings "
+                     "follow\n" + config.to_toml(settings))
     return 0
 
 

@@ -1,5 +1,7 @@
 """Checks of this host that ``run`` makes before it touches etcd, each a ConfigError naming the
-setting.
+setting: the resource IP's interface and capabilities, the data directory, the listen
+addresses. ``check-config`` makes the same ones, except those a running sidecar would fail
+(its listen addresses are bound and its data directory locked).
 """
 
 from __future__ import annotations
@@ -7,8 +9,39 @@ from __future__ import annotations
 import os
 import socket
 import stat
+from pathlib import Path
 
-from .config import ConfigError
+from .config import ConfigError, Settings
+
+
+def check_host(settings: Settings) -> None:
+    """What ``check-config`` adds to the settings' own rules."""
+    if settings.vip:
+        from .resource import ResourceController
+
+        resource = ResourceController(settings, lambda: False)
+        try:
+            resource.open()  # the very check run makes: capabilities, interface, its MAC
+        finally:
+            resource.close()
+    check_data_dir(settings.data_dir)
+
+
+def check_data_dir(data_dir: Path) -> None:
+    """The folder exists and is writable, or it can be made (run makes it, owner only)."""
+    existing = data_dir.absolute()
+    try:
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        folder = existing.is_dir()
+    except OSError as exc:  # e.g. a folder on the way that we may not enter
+        raise ConfigError("data_dir", f"cannot use {data_dir}: {exc.strerror}") from None
+    if not folder:
+        raise ConfigError("data_dir", f"cannot use {data_dir}: {existing} is not a folder")
+    if not os.access(existing, os.R_OK | os.W_OK | os.X_OK):
+        where = "it" if existing == data_dir.absolute() else f"{existing}, where it would be made,"
+        raise ConfigError("data_dir", f"cannot use {data_dir}: {where} is not writable for "
+                                      "this user")
 
 
 def check_listen(setting: str, address: str) -> None:

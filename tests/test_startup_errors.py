@@ -1,5 +1,6 @@
 """Start-up errors of the real CLI: exit code 2 and exactly one line on stderr naming the
-setting, with nothing before it (no gRPC log line) and nothing after it (no traceback)."""
+setting, with nothing before it (no gRPC log line) and nothing after it (no traceback), for
+`run` and, where the check does not need the sidecar's own ports, for `check-config` too."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -19,9 +20,12 @@ import pytest
 from sidecar import config
 from sidecar.localcluster import free_port
 
+from .tlsgen import Pki, make_pki
+
 # No etcd answers here: every check in this file comes before the first etcd call, and a
 # sidecar that got past them would retry for ever (the test then sees it still running).
 NO_ETCD = "http://127.0.0.1:1"
+HTTPS_NO_ETCD = "https://127.0.0.1:1"
 # A `run` that neither stops nor starts listening within this long is killed (it hangs).
 RUN_WAIT = 60.0
 
@@ -166,6 +170,96 @@ def test_a_failure_after_the_grpc_server_started_stops_it_first(tmp_path: Path,
     assert "Exception ignored" not in result.stderr
 
 
+# -- etcd TLS files ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="module")
+def garbage(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("garbage") / "garbage.pem"
+    path.write_text("-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydGlmaWNhdGU=\n"
+                    "-----END CERTIFICATE-----\n")
+    return path
+
+
+def tls_cases(pki: Pki, garbage: Path) -> dict[str, tuple[list[str], str, str]]:
+    """Flags, the setting the error must name, and a word it must contain."""
+    pair = ["--etcd-cert", str(pki.client.cert), "--etcd-key", str(pki.client.key)]
+    return {
+        "garbage CA": (["--etcd-ca", str(garbage)], "etcd_ca", "not a PEM CA bundle"),
+        "key of another certificate": (
+            ["--etcd-cert", str(pki.client.cert), "--etcd-key", str(pki.other_client.key)],
+            "etcd_key", "not the unencrypted PEM key"),
+        "garbage certificate": (["--etcd-cert", str(garbage), "--etcd-key",
+                                 str(pki.client.key)], "etcd_cert", "not a PEM certificate"),
+        "CA is a folder": (["--etcd-ca", str(garbage.parent), *pair], "etcd_ca",
+                           "cannot read"),
+        "key is missing": (["--etcd-cert", str(pki.client.cert), "--etcd-key",
+                            str(garbage.parent / "missing.key")], "etcd_key", "cannot read"),
+    }
+
+
+TLS_CASES = ["garbage CA", "key of another certificate", "garbage certificate",
+             "CA is a folder", "key is missing"]
+
+
+@pytest.mark.parametrize("case", TLS_CASES)
+def test_bad_etcd_tls_files_fail_check_config_and_run(tmp_path: Path, pki: Pki, garbage: Path,
+                                                      case: str) -> None:
+    """A garbage etcd_ca, a key that is not etcd_cert's, a garbage certificate, a file that
+    cannot be read: check-config and run both exit 2 naming the setting (run used to retry
+    for ever with gRPC's TLS errors in its log)."""
+    flags, setting, words = tls_cases(pki, garbage)[case]
+    checked = sidecar("check-config", "--etcd-endpoints", HTTPS_NO_ETCD, *flags)
+    assert checked.stdout == ""
+    assert_one_line(checked.returncode, checked.stderr, setting, words)
+    code, stderr = run(tmp_path, *flags, endpoints=HTTPS_NO_ETCD)
+    assert_one_line(code, stderr, setting, words)
+
+
+def test_good_etcd_tls_files_pass(pki: Pki) -> None:
+    """The CA and a client certificate with its own key pass (the check is not a refusal of
+    everything)."""
+    result = sidecar("check-config", "--etcd-endpoints", HTTPS_NO_ETCD, "--etcd-ca", str(pki.ca),
+                     "--etcd-cert", str(pki.client.cert), "--etcd-key", str(pki.client.key))
+    assert (result.returncode, result.stderr) == (0, ""), result.stderr
+
+
+# -- what check-config checks on this host -----------------------------------------------------
+
+
+def needs_root() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("the resource IP checks need CAP_NET_ADMIN and CAP_NET_RAW (root)")
+
+
+def test_check_config_refuses_an_interface_run_would_refuse(tmp_path: Path) -> None:
+    """--vip-interface nosuchif0: check-config fails as run does, naming vip_interface."""
+    needs_root()
+    flags = ["--vip", "192.0.2.10/24", "--vip-interface", "nosuchif0"]
+    checked = sidecar("check-config", "--data-dir", str(tmp_path / "data"), *flags)
+    assert_one_line(checked.returncode, checked.stderr, "vip_interface", "nosuchif0")
+    code, stderr = run(tmp_path, *flags)
+    assert_one_line(code, stderr, "vip_interface", "nosuchif0")
+    # --settings-only leaves this host out: for a file meant for another one.
+    assert sidecar("check-config", "--settings-only", *flags).returncode == 0
+
+
+def test_check_config_refuses_a_data_dir_run_could_not_make(tmp_path: Path) -> None:
+    """A data_dir below a regular file: check-config and run both name data_dir."""
+    (tmp_path / "file").write_text("")
+    data_dir = tmp_path / "file" / "data"
+    checked = sidecar("check-config", "--data-dir", str(data_dir))
+    assert_one_line(checked.returncode, checked.stderr, "data_dir", "not a folder")
+    code, stderr = run(tmp_path, data_dir=data_dir)
+    assert_one_line(code, stderr, "data_dir")
+    assert not data_dir.exists()
+
+
 # -- one sidecar per data_dir ------------------------------------------------------------------
 
 
@@ -204,3 +298,35 @@ def test_a_second_sidecar_on_one_data_dir_exits_2_naming_it(tmp_path: Path) -> N
     assert code is None, stderr  # the lock went with the first process
 
 
+# -- check-config's output ---------------------------------------------------------------------
+
+
+def test_check_config_prints_toml_that_config_takes_back(tmp_path: Path, pki: Pki) -> None:
+    """The effective settings from flags, environment and file, printed as TOML; that output
+    alone, given back with --config, gives the same settings and prints the same text."""
+    source = tmp_path / "in.toml"
+    source.write_text('ttl = 5\nvip = ["192.0.2.10/24", "2001:db8::10/64"]\n'
+                      'vip_interface = "eth9"\nsafety_margin = ""\n')
+    env = {**clean_env(), "VSM_SIDECAR_CLUSTER": "prod", "VSM_SIDECAR_FAILBACK": "no"}
+    flags: Sequence[str] = [
+        "--settings-only", f"--config={source}", "--node-id", "a", "--etcd-endpoints",
+        "https://10.0.0.1:2379,https://10.0.0.2:2379", "--etcd-ca", str(pki.ca),
+        "--etcd-cert", str(pki.client.cert), "--etcd-key", str(pki.client.key),
+        "--etcd-timeout", "0.25", "--session-writers", "local", "--data-dir",
+        str(tmp_path / "data dir"), "--health-check", "exec:true --flag='x y'"]
+    first = subprocess.run([sys.executable, "-m", "sidecar", "check-config", *flags],
+                           capture_output=True, text=True, timeout=60, env=env)
+    assert (first.returncode, first.stderr) == (0, ""), first.stderr
+    printed = tmp_path / "printed.toml"
+    printed.write_text(first.stdout)
+    again = sidecar("check-config", "--settings-only", f"--config={printed}")
+    assert (again.returncode, again.stderr, again.stdout) == (0, "", first.stdout)
+    expected = config.load({k: v for k, v in {
+        "config": str(source), "node_id": "a",
+        "etcd_endpoints": ["https://10.0.0.1:2379,https://10.0.0.2:2379"],
+        "etcd_ca": str(pki.ca), "etcd_cert": str(pki.client.cert),
+        "etcd_key": str(pki.client.key), "etcd_timeout": "0.25", "session_writers": ["local"],
+        "data_dir": str(tmp_path / "data dir"), "health_check": "exec:true --flag='x y'",
+    }.items()}, {"VSM_SIDECAR_CLUSTER": "prod", "VSM_SIDECAR_FAILBACK": "no"})
+    assert config.load({"config": str(printed)}, {}) == expected
+    assert (expected.cluster, expected.failback, expected.safety_margin) == ("prod", False, None)
