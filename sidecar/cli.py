@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
@@ -143,7 +144,15 @@ def _cmd_standin(args: argparse.Namespace) -> int:
     return standin.main(grpc_address=args.grpc, listen=args.listen, name=args.name)
 
 
+def _quiet_grpc() -> None:
+    """gRPC's core logs a failed TLS handshake on stderr itself (an "I..." line before ours):
+    a client command says what went wrong in its own one line. Read when grpc is first
+    imported, so call this before; a GRPC_VERBOSITY the user set wins."""
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+
+
 def _cmd_status(args: argparse.Namespace) -> int:
+    _quiet_grpc()
     from . import client
 
     try:
@@ -163,6 +172,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_switchover(args: argparse.Namespace) -> int:
+    _quiet_grpc()
     from . import client
 
     if args.to is not None and not config.NAME_PATTERN.fullmatch(args.to):

@@ -64,6 +64,9 @@ def _unreachable(address: str, exc: grpc.RpcError) -> Unreachable:
         if "handshake" in details.lower():
             return Unreachable(f"the TLS handshake with {address} failed (check --grpc-ca, "
                                "--grpc-cert and --grpc-key)")
+        if "socket closed" in details.lower():  # it listens, but refused the handshake
+            return Unreachable(f"{address} closed the connection (a sidecar with TLS? check "
+                               "--grpc-ca, --grpc-cert and --grpc-key)")
         return Unreachable(f"no sidecar answers at {address}")
     return Unreachable(f"no answer from {address}: {exc.code().name} {details}")
 

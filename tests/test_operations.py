@@ -8,8 +8,10 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -18,6 +20,7 @@ from sidecar.localcluster import free_port
 from sidecar.localnode import LocalSidecar
 
 from .sidecars import Pair
+from .tlsgen import make_pki
 
 pytestmark = [pytest.mark.etcd]
 
@@ -198,3 +201,29 @@ def test_status_with_nothing_listening_is_one_line() -> None:
         result = cli("status", "--grpc", address)
         assert (result.returncode, result.stdout) == (1, ""), result
         assert result.stderr == f"vsm-sidecar: no sidecar answers at {address}\n"
+
+
+def test_status_tells_a_tls_refusal_from_nothing_listening(tmp_path: Path) -> None:
+    """A server that wants TLS and a client certificate: plaintext, or a certificate of
+    another CA, is "closed the connection", and a server certificate the client does not
+    trust is "the TLS handshake failed"; both one line, exit 1, not "no sidecar answers"."""
+    pki = make_pki(tmp_path / "pki")
+    credentials = grpc.ssl_server_credentials(
+        [(pki.server.key.read_bytes(), pki.server.cert.read_bytes())],
+        root_certificates=pki.ca.read_bytes(), require_client_auth=True)
+    server = grpc.server(ThreadPoolExecutor(max_workers=1))
+    address = f"127.0.0.1:{server.add_secure_port('127.0.0.1:0', credentials)}"
+    server.start()
+    try:
+        other = ["--grpc-ca", str(pki.ca), "--grpc-cert", str(pki.other_client.cert),
+                 "--grpc-key", str(pki.other_client.key)]
+        for flags, message in (
+                ([], f"{address} closed the connection"),
+                (other, f"{address} closed the connection"),
+                (["--grpc-ca", str(pki.other_ca)], f"the TLS handshake with {address} failed")):
+            result = cli("status", "--grpc", address, *flags)
+            assert (result.returncode, result.stdout) == (1, ""), result
+            assert len(result.stderr.splitlines()) == 1, result.stderr
+            assert result.stderr.startswith(f"vsm-sidecar: {message}"), result.stderr
+    finally:
+        server.stop(None)
