@@ -5,13 +5,24 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
 from . import __version__, config, logs
 
+# The exit codes of every command (the --help epilog and the README say the same).
+EXIT_DONE = 0
+EXIT_FAILED = 1
 EXIT_CONFIG = 2
+EXIT_CODES = """\
+exit codes:
+  0  done (also when there was nothing to do, e.g. a switchover to the current primary)
+  1  failed at run time: the request was well formed, but the sidecar or the cluster said no,
+     nobody answered, or the sidecar stopped on an error
+  2  usage or configuration error: a bad flag, setting, file or address; nothing was done
+"""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -27,7 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="vsm-sidecar",
         description="etcd-backed leader election that makes the ThinLinc VSM server highly "
-                    "available")
+                    "available", epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -36,7 +48,15 @@ def _parser() -> argparse.ArgumentParser:
     run.set_defaults(func=_cmd_run)
 
     check = commands.add_parser(
-        "check-config", help="validate the settings (flags, environment, file) and print them")
+        "check-config", help="validate the settings (flags, environment, file) and print them "
+                             "as a TOML file that --config takes back",
+        description="Make every check run makes before it connects to etcd, then print the "
+                    "effective settings as TOML. It does not bind the listen addresses or lock "
+                    "data_dir, which a running sidecar holds.")
+    check.add_argument("--settings-only", action="store_true",
+                       help="check the settings alone, not this host (the resource IP's "
+                            "interface and capabilities, data_dir): for a file meant for "
+                            "another host")
     config.add_arguments(check)
     check.set_defaults(func=_cmd_check_config)
 
@@ -104,17 +124,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return asyncio.run(service.run(settings))
     except EtcdError as exc:  # only errors that retrying cannot mend get this far
         print(f"vsm-sidecar: error: etcd: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_FAILED
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
+    from . import preflight
+
     settings = config.load(vars(args))
-    for name in config.SETTING_NAMES:
-        value = getattr(settings, name)
-        if "password" not in name:
-            print(f"{name} = {value!r}")
-    print("settings are valid")
-    return 0
+    if not args.settings_only:
+        preflight.check_host(settings)
+    sys.stdout.write("# vsm-sidecar check-config: settings are valid; the effective settings "
+                     "follow\n" + config.to_toml(settings))
+    return EXIT_DONE
 
 
 def _cmd_standin(args: argparse.Namespace) -> int:
@@ -123,7 +144,15 @@ def _cmd_standin(args: argparse.Namespace) -> int:
     return standin.main(grpc_address=args.grpc, listen=args.listen, name=args.name)
 
 
+def _quiet_grpc() -> None:
+    """gRPC's core logs a failed TLS handshake on stderr itself (an "I..." line before ours):
+    a client command says what went wrong in its own one line. Read when grpc is first
+    imported, so call this before; a GRPC_VERBOSITY the user set wins."""
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+
+
 def _cmd_status(args: argparse.Namespace) -> int:
+    _quiet_grpc()
     from . import client
 
     try:
@@ -131,34 +160,45 @@ def _cmd_status(args: argparse.Namespace) -> int:
                                  cert=args.grpc_cert, key=args.grpc_key)
     except (OSError, ValueError) as exc:  # an unreadable or incomplete client certificate
         print(f"vsm-sidecar: error: TLS files: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     except client.Unreachable as exc:
-        print(f"vsm-sidecar: {exc}", file=sys.stderr)
-        return 1
+        print(f"vsm-sidecar: {config.printable(str(exc))}", file=sys.stderr)
+        return EXIT_FAILED
     if args.json:
         print(json.dumps(status, indent=2, sort_keys=True))
     else:
         print(client.format_status(status))
-    return 0
+    return EXIT_DONE
 
 
 def _cmd_switchover(args: argparse.Namespace) -> int:
+    _quiet_grpc()
     from . import client
 
+    if args.to is not None and not config.NAME_PATTERN.fullmatch(args.to):
+        print(f"vsm-sidecar: error: --to: {config.printable(repr(args.to))} is not a node id",
+              file=sys.stderr)
+        return EXIT_CONFIG
+    tls = {"ca": args.grpc_ca, "cert": args.grpc_cert, "key": args.grpc_key}
     try:
-        primary, epoch, took = client.switchover(args.grpc, args.to, ca=args.grpc_ca,
-                                                 cert=args.grpc_cert, key=args.grpc_key)
+        # The answer is the same whether the role moved or the target held it already; the
+        # epoch tells them apart, since every new leadership gets a new one.
+        before = client.get_role(args.grpc, **tls) if args.to else {}
+        primary, epoch, took = client.switchover(args.grpc, args.to, **tls)
     except (OSError, ValueError) as exc:
         print(f"vsm-sidecar: error: TLS files: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     except client.Refused as exc:
-        print(f"vsm-sidecar: switchover refused: {exc}", file=sys.stderr)
-        return 1
+        print(f"vsm-sidecar: switchover refused: {config.printable(str(exc))}", file=sys.stderr)
+        return EXIT_FAILED
     except client.Unreachable as exc:
-        print(f"vsm-sidecar: {exc}", file=sys.stderr)
-        return 1
-    print(f"{primary} is PRIMARY (epoch {epoch}), moved in {took * 1000:.0f} ms")
-    return 0
+        print(f"vsm-sidecar: {config.printable(str(exc))}", file=sys.stderr)
+        return EXIT_FAILED
+    if (before.get("leader_id"), before.get("epoch")) == (primary, str(epoch)):
+        print(f"{primary} is already the primary (epoch {epoch}): nothing to move")
+    else:
+        print(f"{primary} is PRIMARY (epoch {epoch}), moved in {took * 1000:.0f} ms")
+    return EXIT_DONE
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

@@ -50,8 +50,25 @@ def get_role(address: str, timeout: float = 3.0, *, ca: str | Path | None = None
         try:
             return to_dict(stub.GetRole(role_pb2.GetRoleRequest(), timeout=timeout))
         except grpc.RpcError as exc:
-            raise Unreachable(f"no answer from {address}: {exc.code().name} "
-                              f"{exc.details()}") from None
+            raise _unreachable(address, exc) from None
+
+
+def _unreachable(address: str, exc: grpc.RpcError) -> Unreachable:
+    """One line for an operator. gRPC's own text for a failed connection runs to a few
+    hundred characters of resolver and socket detail; the sidecar's UNAVAILABLE answers
+    (etcd is unreachable) start with "etcd" and are passed on as they are."""
+    details = exc.details() or ""
+    if exc.code() is grpc.StatusCode.DEADLINE_EXCEEDED:
+        return Unreachable(f"no sidecar answers at {address} (no answer in time)")
+    if exc.code() is grpc.StatusCode.UNAVAILABLE and not details.startswith("etcd"):
+        if "handshake" in details.lower():
+            return Unreachable(f"the TLS handshake with {address} failed (check --grpc-ca, "
+                               "--grpc-cert and --grpc-key)")
+        if "socket closed" in details.lower():  # it listens, but refused the handshake
+            return Unreachable(f"{address} closed the connection (a sidecar with TLS? check "
+                               "--grpc-ca, --grpc-cert and --grpc-key)")
+        return Unreachable(f"no sidecar answers at {address}")
+    return Unreachable(f"no answer from {address}: {exc.code().name} {details}")
 
 
 class Refused(Exception):
@@ -71,8 +88,7 @@ def switchover(address: str, target: str | None, timeout: float = 15.0, *,
             if exc.code() in (grpc.StatusCode.FAILED_PRECONDITION,
                               grpc.StatusCode.DEADLINE_EXCEEDED):
                 raise Refused(exc.details()) from None
-            raise Unreachable(f"no answer from {address}: {exc.code().name} "
-                              f"{exc.details()}") from None
+            raise _unreachable(address, exc) from None
     return answer.primary, answer.epoch, answer.took.ToTimedelta().total_seconds()
 
 

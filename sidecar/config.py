@@ -15,12 +15,16 @@ import math
 import os
 import re
 import socket
+import ssl
 import tomllib
+import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
+
+import tomli_w
 
 ENV_PREFIX = "VSM_SIDECAR_"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
@@ -56,7 +60,17 @@ Parser = Callable[[Any], Any]
 def _text(value: Any) -> str:
     if not isinstance(value, str):
         raise ValueError(f"expected a string, got {type(value).__name__}")
+    _check_utf8(value)
     return value.strip()
+
+
+def _check_utf8(text: str) -> None:
+    # An environment variable or an argument that is not UTF-8 arrives with lone surrogates
+    # (surrogateescape): no TOML file can hold it, so check-config could not print it back.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{text!r} is not valid UTF-8") from None
 
 
 def _optional_text(value: Any) -> str | None:
@@ -128,6 +142,8 @@ def _string_list(value: Any) -> tuple[str, ...]:
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, list | tuple) or not all(isinstance(i, str) for i in items):
         raise ValueError("expected a list of strings or a comma separated string")
+    for item in items:
+        _check_utf8(item)
     return tuple(part.strip() for item in items for part in item.split(",") if part.strip())
 
 
@@ -343,10 +359,55 @@ def read_file(path: Path) -> dict[str, Any]:
         raise ConfigError("config", f"cannot read {path}: {exc.strerror}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError("config", f"{path} is not valid TOML: {exc}") from None
-    for key in data:
-        if key.replace("-", "_") not in SETTING_NAMES:
+    for key, value in data.items():
+        name = key.replace("-", "_")
+        if name not in SETTING_NAMES:
             raise ConfigError(key, f"unknown key in {path}{_suggest(key)}")
+        _check_toml_type(name, value)
     return {key.replace("-", "_"): value for key, value in data.items()}
+
+
+def _check_toml_type(name: str, value: Any) -> None:
+    """TOML has numbers and booleans: one written as a string in the file is a mistake
+    (``ttl = "5"``), although flags and environment variables, which hold only text, spell
+    them so. An empty string still means "not set" for an optional number."""
+    if not isinstance(value, str):
+        return  # other types are the parsers' business
+    kinds = typing.get_args(_HINTS[name]) or (_HINTS[name],)
+    if bool in kinds:
+        expected = "true or false"
+    elif int in kinds:
+        expected = "a whole number"
+    elif float in kinds:
+        if type(None) in kinds and not value.strip():
+            return
+        expected = "a number"
+    else:
+        return
+    raise ConfigError(name, f"expected {expected}, got the string {value!r} (a TOML "
+                            "number or boolean is written without quotes)")
+
+
+_HINTS = typing.get_type_hints(Settings)
+
+
+def to_toml(settings: Settings) -> str:
+    """The settings as a TOML file that :func:`read_file` takes back to the same settings.
+
+    One key per setting, in ``--help`` order; a setting that is not set stays commented out
+    with the empty string that means "not set", as in deploy/sidecar.example.toml."""
+    lines = []
+    for name in SETTING_NAMES:
+        value = getattr(settings, name)
+        if value is None:
+            lines.append(f'#{name} = ""  # not set\n')
+            continue
+        if isinstance(value, Path):
+            value = str(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        lines.append(tomli_w.dumps({name: value}))
+    return "".join(lines)
 
 
 def _from_environ(environ: Mapping[str, str]) -> dict[str, str]:
@@ -498,11 +559,14 @@ def _validate_credentials(s: Settings) -> None:
         path = getattr(s, name)
         if path is not None:
             _check_readable(name, path)
+    # gRPC reads these only when it first connects, and then retries a bad file for ever.
+    if s.etcd_ca is not None:
+        _check_ca("etcd_ca", s.etcd_ca)
+    if s.etcd_cert is not None and s.etcd_key is not None:
+        _check_key_pair(("etcd_cert", s.etcd_cert), ("etcd_key", s.etcd_key))
 
 
 def _validate_grpc_security(s: Settings) -> None:
-    import ssl
-
     if (s.grpc_tls_cert is None) != (s.grpc_tls_key is None):
         missing = "grpc_tls_key" if s.grpc_tls_key is None else "grpc_tls_cert"
         raise ConfigError(missing, "grpc_tls_cert and grpc_tls_key go together")
@@ -514,19 +578,10 @@ def _validate_grpc_security(s: Settings) -> None:
         if path is not None:
             _check_readable(name, path)
     if s.grpc_tls_cert is not None and s.grpc_tls_key is not None:
-        try:
-            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
-                s.grpc_tls_cert, s.grpc_tls_key)
-        except ssl.SSLError as exc:
-            raise ConfigError("grpc_tls_cert", f"{s.grpc_tls_cert} and {s.grpc_tls_key} are "
-                                               f"not a PEM certificate and its key: "
-                                               f"{exc.reason or exc}") from None
+        # Either file wrong names grpc_tls_cert, as this check always has.
+        _check_key_pair(("grpc_tls_cert", s.grpc_tls_cert), ("grpc_tls_cert", s.grpc_tls_key))
     if s.grpc_client_ca is not None:
-        try:
-            ssl.create_default_context().load_verify_locations(cafile=s.grpc_client_ca)
-        except ssl.SSLError as exc:
-            raise ConfigError("grpc_client_ca", f"{s.grpc_client_ca} is not a PEM CA bundle: "
-                                                f"{exc.reason or exc}") from None
+        _check_ca("grpc_client_ca", s.grpc_client_ca)
     for rule in s.session_writers:
         if rule == SESSION_WRITERS_LOCAL:
             continue
@@ -545,6 +600,31 @@ def _check_readable(setting: str, path: Path) -> None:
             handle.read(1)
     except OSError as exc:
         raise ConfigError(setting, f"cannot read {path}: {exc.strerror}") from None
+
+
+def _check_ca(setting: str, path: Path) -> None:
+    try:
+        ssl.create_default_context().load_verify_locations(cafile=path)
+    except ssl.SSLError as exc:
+        raise ConfigError(setting, f"{path} is not a PEM CA bundle: {exc.reason or exc}") from None
+
+
+def _check_key_pair(cert: tuple[str, Path], key: tuple[str, Path]) -> None:
+    """A PEM certificate and the private key that goes with it (OpenSSL compares them)."""
+    (cert_setting, cert_path), (key_setting, key_path) = cert, key
+    try:
+        ssl.create_default_context().load_verify_locations(cafile=cert_path)
+    except ssl.SSLError as exc:
+        raise ConfigError(cert_setting, f"{cert_path} is not a PEM certificate: "
+                                        f"{exc.reason or exc}") from None
+    try:
+        # The password callback stops OpenSSL from prompting on the terminal for an encrypted
+        # key (gRPC could not use one anyway).
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(
+            cert_path, key_path, password=lambda: b"")
+    except ssl.SSLError as exc:
+        raise ConfigError(key_setting, f"{key_path} is not the unencrypted PEM key of "
+                                       f"{cert_path}: {exc.reason or exc}") from None
 
 
 def _validate_timing(s: Settings) -> None:

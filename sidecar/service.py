@@ -15,7 +15,7 @@ import signal
 
 import structlog
 
-from . import logs
+from . import datalock, logs, preflight
 from .api import session_pb2_grpc
 from .config import ConfigError, Settings
 from .election import Keys
@@ -122,20 +122,7 @@ class Service:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._on_signal, signum)
-        await self._open_store()
-        if self.resource is not None:
-            self.resource.open()
-        try:
-            await self.grpc.start()
-        except (OSError, RuntimeError) as exc:
-            raise ConfigError("grpc_listen", f"cannot listen on {self.settings.grpc_listen}: "
-                                             f"{exc}") from None
-        if self.http is not None:
-            try:
-                await self.http.start()
-            except OSError as exc:
-                raise ConfigError("http_listen", f"cannot listen on {self.settings.http_listen}"
-                                                 f": {exc}") from None
+        await self._start()
         background = [asyncio.create_task(self.follower.run(), name="follower"),
                       asyncio.create_task(self.writer.run(), name="writer")]
         if self.resource is not None:
@@ -201,6 +188,38 @@ class Service:
         return bool(failures) or (node.done() and not node.cancelled()
                                   and node.exception() is not None)
 
+    async def _start(self) -> None:
+        """Everything before the first etcd call. A problem is a ConfigError, and what was
+        started is stopped again, so that the error is the only line the process prints (a
+        gRPC server left running would complain from its finaliser once the loop is closed)."""
+        preflight.check_listen("grpc_listen", self.settings.grpc_listen)
+        if self.settings.http_listen:
+            preflight.check_listen("http_listen", self.settings.http_listen)
+        try:
+            if self.resource is not None:
+                self.resource.open()
+            await self._open_store()
+            try:
+                await self.grpc.start()
+            except (OSError, RuntimeError) as exc:  # taken since the check: a race
+                raise ConfigError("grpc_listen", f"cannot listen on "
+                                                 f"{self.settings.grpc_listen}: {exc}") from None
+            if self.http is not None:
+                try:
+                    await self.http.start()
+                except OSError as exc:
+                    raise ConfigError("http_listen", f"cannot listen on "
+                                                     f"{self.settings.http_listen}: "
+                                                     f"{exc.strerror or exc}") from None
+        except BaseException:
+            await self.grpc.stop(0)
+            if self.http is not None:
+                await self.http.stop()
+            self.store.close()
+            if self.resource is not None:
+                self.resource.close()
+            raise
+
     async def _report_to_systemd(self) -> None:
         """READY once the API serves; then one STATUS line per role change."""
         ready = False
@@ -240,4 +259,14 @@ def limit_malloc_arenas() -> None:
 
 async def run(settings: Settings) -> int:
     limit_malloc_arenas()
-    return await Service(settings).serve()
+    try:
+        lock = datalock.acquire(settings.data_dir)
+    except datalock.DataDirInUse as exc:
+        raise ConfigError("data_dir", str(exc)) from None
+    except OSError as exc:
+        raise ConfigError("data_dir", f"cannot use {settings.data_dir}: "
+                                      f"{exc.strerror or exc}") from None
+    try:  # held until the process ends: one sidecar per copy of the session records
+        return await Service(settings).serve()
+    finally:
+        lock.release()

@@ -152,3 +152,43 @@ def test_cli_refuses_a_grpc_address_in_use() -> None:
             capture_output=True, text=True, timeout=30)
     assert result.returncode == 2
     assert "setting 'grpc_listen'" in result.stderr.strip().splitlines()[-1]
+
+
+def test_a_string_in_the_file_where_toml_has_a_type_is_an_error(tmp_path: Path) -> None:
+    """TOML has numbers and booleans: `ttl = "5"` in the file names ttl (exit 2 in the CLI),
+    while the same text from a variable or a flag, which can only hold text, is the number.
+    An empty string still means "not set" for the optional safety_margin."""
+    path = tmp_path / "c.toml"
+    for text, setting in (('ttl = "5"', "ttl"), ('etcd_timeout = "0.5"', "etcd_timeout"),
+                          ('safety_margin = "1"', "safety_margin"),
+                          ('failback = "true"', "failback")):
+        path.write_text(text + "\n")
+        with pytest.raises(config.ConfigError) as info:
+            config.load({"config": str(path)}, {})
+        assert info.value.setting == setting
+        assert "got the string" in str(info.value)
+    path.write_text('safety_margin = " "\n')
+    assert config.load({"config": str(path)}, {}).safety_margin is None
+    assert config.load({}, {"VSM_SIDECAR_TTL": "5", "VSM_SIDECAR_FAILBACK": "no"}).ttl == 5
+
+
+def test_text_that_is_not_utf8_is_refused() -> None:
+    """A variable or argument that is not UTF-8 (a lone surrogate in Python) names its
+    setting: no TOML file could hold it, so check-config could not print it back."""
+    with pytest.raises(config.ConfigError) as info:
+        config.load({}, {"VSM_SIDECAR_HEALTH_CHECK": "exec:true \udcff"})
+    assert info.value.setting == "health_check"
+    with pytest.raises(config.ConfigError) as info:
+        config.load({"vip": ["192.0.2.1/24\udcff"]}, {})
+    assert info.value.setting == "vip"
+
+
+def test_defaults_print_as_toml_that_reads_back_to_the_defaults(tmp_path: Path) -> None:
+    """to_toml() of the defaults, read back with read_file(), builds the same settings; an
+    unset optional setting is a comment."""
+    defaults = config.build({"node_id": "a"})
+    text = config.to_toml(defaults)
+    assert '#etcd_ca = ""  # not set\n' in text
+    path = tmp_path / "printed.toml"
+    path.write_text(text)
+    assert config.build(config.read_file(path)) == defaults

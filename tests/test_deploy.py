@@ -22,6 +22,8 @@ import pytest
 from sidecar import config
 from sidecar.tools import example_config
 
+from .tlsgen import make_pki
+
 yaml = pytest.importorskip("yaml")
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,18 +42,23 @@ FILE_SETTINGS = ("etcd_ca", "etcd_cert", "etcd_key", "etcd_password_file")
 
 def check_config(args: list[str], env: Mapping[str, str], tmp: Path,
                  toml: Mapping[str, Any] | None = None) -> subprocess.CompletedProcess[str]:
-    """Run `python -m sidecar check-config` with exactly ``env`` as its VSM_SIDECAR_* settings."""
+    """Run `python -m sidecar check-config` with exactly ``env`` as its VSM_SIDECAR_* settings;
+    the settings alone, since the files describe other hosts than this one."""
     base = {k: v for k, v in os.environ.items() if not k.startswith(config.ENV_PREFIX)}
     given = {**(toml or {}), **{k[len(config.ENV_PREFIX):].lower(): v for k, v in env.items()}}
-    for name in FILE_SETTINGS:
-        if given.get(name):
-            (tmp / name).write_text("stand-in\n")
-            args = [*args, config.flag_name(name), str(tmp / name)]
+    if any(given.get(name) for name in FILE_SETTINGS):
+        pki = make_pki(tmp / "pki")  # certificates are read and checked, so real ones
+        (tmp / "password").write_text("stand-in\n")
+        stand_ins = {"etcd_ca": pki.ca, "etcd_cert": pki.client.cert,
+                     "etcd_key": pki.client.key, "etcd_password_file": tmp / "password"}
+        for name in FILE_SETTINGS:
+            if given.get(name):
+                args = [*args, config.flag_name(name), str(stand_ins[name])]
     if given.get("vsm_sessions_file"):
         args = [*args, "--vsm-sessions-file", str(tmp / "sessions")]
     return subprocess.run(
-        [sys.executable, "-m", "sidecar", "check-config", *args], env={**base, **env},
-        capture_output=True, text=True, timeout=60, check=False)
+        [sys.executable, "-m", "sidecar", "check-config", "--settings-only", *args],
+        env={**base, **env}, capture_output=True, text=True, timeout=60, check=False)
 
 
 def assert_valid(result: subprocess.CompletedProcess[str]) -> None:
@@ -309,8 +316,8 @@ def test_kubernetes_configmap_passes_check_config(tmp_path: Path) -> None:
     result = check_config(["--config", str(tmp_path / "sidecar.toml")], settings_env, tmp_path,
                           tomllib.loads(text))
     assert_valid(result)
-    assert "node_id = 'vsm-0'" in result.stdout
-    assert "http_listen = '10.0.0.11:8008'" in result.stdout
+    printed = tomllib.loads(result.stdout)
+    assert (printed["node_id"], printed["http_listen"]) == ("vsm-0", "10.0.0.11:8008")
 
 
 # --- systemd -----------------------------------------------------------------------------

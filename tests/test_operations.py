@@ -8,8 +8,10 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -18,6 +20,7 @@ from sidecar.localcluster import free_port
 from sidecar.localnode import LocalSidecar
 
 from .sidecars import Pair
+from .tlsgen import make_pki
 
 pytestmark = [pytest.mark.etcd]
 
@@ -158,3 +161,69 @@ def test_http_endpoints_follow_a_role_change(pair: Pair) -> None:
     assert roles["PRIMARY"] == 1
     assert sum(roles.values()) == 1
     assert families["vsm_sidecar_epoch"].samples[0].value == epoch
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "sidecar", *args], capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_switchover_cli_keeps_the_exit_code_convention(pair: Pair) -> None:
+    """`vsm-sidecar switchover`: to the node that is already primary, it says so and exits 0
+    (nothing to do; not "moved in 3 ms"); a refusal by the cluster exits 1; a --to that is no
+    node id is a usage error, exit 2, before any call; a move exits 0 and says it moved."""
+    pair.start(ttl=2)
+    primary, standby = pair.wait_split()
+    epoch = primary.role()["epoch"]
+    same = cli("switchover", "--to", primary.node_id, "--grpc", standby.address)
+    assert (same.returncode, same.stderr) == (0, ""), same.stderr
+    assert same.stdout == f"{primary.node_id} is already the primary (epoch {epoch}): " \
+                          "nothing to move\n"
+    assert primary.role()["epoch"] == epoch
+    refused = cli("switchover", "--to", "ghost", "--grpc", primary.address)
+    assert (refused.returncode, refused.stdout) == (1, ""), refused
+    assert refused.stderr.startswith("vsm-sidecar: switchover refused: ghost is not a member")
+    assert len(refused.stderr.splitlines()) == 1, refused.stderr
+    bad = cli("switchover", "--to", "no such id!", "--grpc", primary.address)
+    assert (bad.returncode, bad.stdout, len(bad.stderr.splitlines())) == (2, "", 1), bad
+    assert bad.stderr.startswith("vsm-sidecar: error: --to:"), bad.stderr
+    time.sleep(1.2)  # the standby's member record says its copy is current
+    moved = cli("switchover", "--to", standby.node_id, "--grpc", primary.address)
+    assert (moved.returncode, moved.stderr) == (0, ""), moved.stderr
+    assert moved.stdout.startswith(f"{standby.node_id} is PRIMARY (epoch "), moved.stdout
+    assert "moved in" in moved.stdout
+
+
+def test_status_with_nothing_listening_is_one_line() -> None:
+    """`vsm-sidecar status` with no sidecar at the address: "no sidecar answers at ADDR",
+    one line, exit 1 (a runtime failure, not a usage error), for a port and a Unix socket."""
+    for address in (f"127.0.0.1:{free_port()}", "unix:/nonexistent/vsm-sidecar.sock"):
+        result = cli("status", "--grpc", address)
+        assert (result.returncode, result.stdout) == (1, ""), result
+        assert result.stderr == f"vsm-sidecar: no sidecar answers at {address}\n"
+
+
+def test_status_tells_a_tls_refusal_from_nothing_listening(tmp_path: Path) -> None:
+    """A server that wants TLS and a client certificate: plaintext, or a certificate of
+    another CA, is "closed the connection", and a server certificate the client does not
+    trust is "the TLS handshake failed"; both one line, exit 1, not "no sidecar answers"."""
+    pki = make_pki(tmp_path / "pki")
+    credentials = grpc.ssl_server_credentials(
+        [(pki.server.key.read_bytes(), pki.server.cert.read_bytes())],
+        root_certificates=pki.ca.read_bytes(), require_client_auth=True)
+    server = grpc.server(ThreadPoolExecutor(max_workers=1))
+    address = f"127.0.0.1:{server.add_secure_port('127.0.0.1:0', credentials)}"
+    server.start()
+    try:
+        other = ["--grpc-ca", str(pki.ca), "--grpc-cert", str(pki.other_client.cert),
+                 "--grpc-key", str(pki.other_client.key)]
+        for flags, message in (
+                ([], f"{address} closed the connection"),
+                (other, f"{address} closed the connection"),
+                (["--grpc-ca", str(pki.other_ca)], f"the TLS handshake with {address} failed")):
+            result = cli("status", "--grpc", address, *flags)
+            assert (result.returncode, result.stdout) == (1, ""), result
+            assert len(result.stderr.splitlines()) == 1, result.stderr
+            assert result.stderr.startswith(f"vsm-sidecar: {message}"), result.stderr
+    finally:
+        server.stop(None)
