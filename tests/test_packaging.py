@@ -1,0 +1,135 @@
+"""What pip installs loads: the dependency floors admit only runtimes the committed stubs
+accept."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import tomllib
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+from packaging.requirements import Requirement
+from packaging.version import Version
+
+from sidecar.tools import genproto
+
+ROOT = Path(__file__).resolve().parents[1]
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+# Released together with grpcio, each requiring grpcio>= its own version.
+GRPC_COMPANIONS = ("grpcio-health-checking", "grpcio-reflection")
+
+
+def requirement(name: str, extra: str | None = None) -> Requirement:
+    listed = (PYPROJECT["project"]["optional-dependencies"][extra] if extra
+              else PYPROJECT["project"]["dependencies"])
+    (found,) = [r for r in map(Requirement, listed) if r.name == name]
+    return found
+
+
+def floor(req: Requirement) -> Version:
+    """The lowest version ``req`` admits, from its >=, == or ~= clauses."""
+    lows = [Version(s.version) for s in req.specifier if s.operator in (">=", "==", "~=")]
+    assert lows, f"{req} has no floor"
+    return max(lows)
+
+
+def stub_texts(pattern: str) -> list[str]:
+    paths = sorted(genproto.OUT_DIR.glob(pattern))
+    assert paths, f"no {pattern} in {genproto.OUT_DIR}"
+    return [p.read_text() for p in paths]
+
+
+def stubs_need_grpcio() -> Version:
+    """The grpcio the *_pb2_grpc modules check for when they are imported."""
+    found = {m for t in stub_texts("*_pb2_grpc.py")
+             for m in re.findall(r"^GRPC_GENERATED_VERSION = '([^']+)'$", t, re.MULTILINE)}
+    (version,) = found
+    return Version(version)
+
+
+def stubs_need_protobuf() -> Version:
+    """The protobuf runtime the *_pb2 modules check for when they are imported."""
+    call = (r"ValidateProtobufRuntimeVersion\(\s*_runtime_version\.Domain\.PUBLIC,"
+            r"\s*(\d+),\s*(\d+),\s*(\d+),")
+    found = {".".join(m) for t in stub_texts("*_pb2.py") for m in re.findall(call, t)}
+    (version,) = found
+    return Version(version)
+
+
+def just_below(version: Version) -> Version:
+    major, minor, patch = (*version.release, 0, 0)[:3]
+    if patch:
+        return Version(f"{major}.{minor}.{patch - 1}")
+    if minor:
+        return Version(f"{major}.{minor - 1}.999")
+    return Version(f"{major - 1}.999.999")
+
+
+def load_stubs(grpcio: Version, protobuf: Version) -> subprocess.CompletedProcess[str]:
+    """Import every generated module in a fresh interpreter that reports the given grpcio and
+    protobuf versions, so the stubs' own version checks run against them."""
+    modules = sorted(f"sidecar.api.{p.stem}" for p in genproto.OUT_DIR.glob("*_pb2*.py"))
+    # protobuf's own well-known types check the runtime too, against the release they came
+    # with: they are loaded before the runtime is made to report another version.
+    well_known = sorted({m for t in stub_texts("*_pb2.py")
+                         for m in re.findall(r"^from google\.protobuf import (\w+_pb2) ", t,
+                                             re.MULTILINE)})
+    major, minor, patch = (*protobuf.release, 0, 0)[:3]
+    code = "\n".join([
+        "import grpc",
+        "from google.protobuf import runtime_version",
+        *(f"from google.protobuf import {m}" for m in well_known),
+        f"grpc.__version__ = {str(grpcio)!r}",
+        f"runtime_version.MAJOR, runtime_version.MINOR, runtime_version.PATCH = "
+        f"{major}, {minor}, {patch}",
+        *(f"import {m}" for m in modules),
+    ])
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, check=False)
+
+
+# --- dependency floors -------------------------------------------------------------------
+
+
+def test_the_stubs_load_on_the_lowest_runtimes_pyproject_admits() -> None:
+    """With grpcio and protobuf at their pyproject floors the generated modules import: a
+    floor below what the stubs were generated for would let pip install a runtime on which
+    `vsm-sidecar run` crashes at import."""
+    grpcio, protobuf = floor(requirement("grpcio")), floor(requirement("protobuf"))
+    result = load_stubs(grpcio, protobuf)
+    assert (result.returncode, result.stderr) == (0, ""), (
+        f"grpcio {grpcio} / protobuf {protobuf}: the stubs need grpcio>={stubs_need_grpcio()}"
+        f" and protobuf>={stubs_need_protobuf()}\n{result.stderr}")
+
+
+def test_the_stubs_refuse_runtimes_older_than_their_generator() -> None:
+    """The version checks the floors rely on are real: one patch release below what the stubs
+    were generated for, grpcio or protobuf, and their import fails."""
+    grpcio, protobuf = stubs_need_grpcio(), stubs_need_protobuf()
+    assert load_stubs(grpcio, protobuf).returncode == 0
+    old_grpcio = load_stubs(just_below(grpcio), protobuf)
+    assert old_grpcio.returncode != 0
+    assert f"depends on grpcio>={grpcio}" in old_grpcio.stderr
+    old_protobuf = load_stubs(grpcio, just_below(protobuf))
+    assert old_protobuf.returncode != 0
+    assert "VersionError" in old_protobuf.stderr
+
+
+@pytest.mark.parametrize("name", GRPC_COMPANIONS)
+def test_grpc_companion_floors_match_the_stubs(name: str) -> None:
+    """Health checking and reflection are floored where grpcio is: an older release of either
+    needs an older protobuf major and, loaded beside the stubs' grpcio, is not what we test."""
+    assert floor(requirement(name)) >= stubs_need_grpcio()
+
+
+def test_grpcio_tools_is_pinned_to_the_stubs_generator() -> None:
+    """The test extra pins grpcio-tools to exactly the release that wrote the committed stubs
+    (and that release is installed), so a new grpcio-tools on PyPI cannot make the stub test
+    fail on a fresh install."""
+    req = requirement("grpcio-tools", extra="test")
+    assert [(s.operator, Version(s.version)) for s in req.specifier] == [
+        ("==", stubs_need_grpcio())]
+    assert Version(metadata.version("grpcio-tools")) == stubs_need_grpcio()
