@@ -251,7 +251,18 @@ def test_dockerignore_keeps_the_context_small() -> None:
     lines = [ln for ln in (ROOT / ".dockerignore").read_text().splitlines()
              if ln and not ln.startswith("#")]
     assert lines[0] == "*"
-    assert {"!pyproject.toml", "!README.md", "!sidecar/"} <= set(lines)
+    assert {"!pyproject.toml", "!README.md", "!LICENSE", "!sidecar/"} <= set(lines)
+
+
+def test_image_build_reads_the_license_files() -> None:
+    """The build stage copies every file pyproject's license-files names, so the image's
+    wheel carries the licence (setuptools only warns when one is missing)."""
+    build_stage = DOCKERFILE.read_text().split("\nFROM ")[1]
+    copied = {word for line in build_stage.splitlines() if line.startswith("COPY ")
+              for word in line.split()[1:-1]}
+    license_files = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "license-files"]
+    assert set(license_files) <= copied
 
 
 # --- Kubernetes --------------------------------------------------------------------------

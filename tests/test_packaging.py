@@ -1,5 +1,5 @@
-"""What pip installs loads: the dependency floors admit only runtimes the committed stubs
-accept."""
+"""What pip installs loads and is licensed: the dependency floors admit only runtimes the
+committed stubs accept, and the licence is named and shipped."""
 
 from __future__ import annotations
 
@@ -133,3 +133,17 @@ def test_grpcio_tools_is_pinned_to_the_stubs_generator() -> None:
     assert [(s.operator, Version(s.version)) for s in req.specifier] == [
         ("==", stubs_need_grpcio())]
     assert Version(metadata.version("grpcio-tools")) == stubs_need_grpcio()
+
+
+def test_license_is_apache_2_0_by_spdx_expression() -> None:
+    """LICENSE holds the Apache License 2.0, named by the SPDX expression and listed in
+    license-files; the build backend's floor is the first setuptools that reads both (76.x
+    rejects the string form outright)."""
+    project = PYPROJECT["project"]
+    assert (project["license"], project["license-files"]) == ("Apache-2.0", ["LICENSE"])
+    text = (ROOT / "LICENSE").read_text()
+    assert re.match(r"\s*Apache License\s+Version 2\.0, January 2004\s", text)
+    assert "END OF TERMS AND CONDITIONS" in text
+    (backend,) = map(Requirement, PYPROJECT["build-system"]["requires"])
+    assert backend.name == "setuptools"
+    assert floor(backend) >= Version("77.0.3")
