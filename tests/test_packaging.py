@@ -1,12 +1,16 @@
-"""What pip installs loads and is licensed: the dependency floors admit only runtimes the
-committed stubs accept, and the licence is named and shipped."""
+"""What pip installs is whole and loads: the dependency floors admit only runtimes the committed
+stubs accept, and the sdist and the wheel carry the protos, the licence and the type hints."""
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 import subprocess
 import sys
+import tarfile
 import tomllib
+import zipfile
 from importlib import metadata
 from pathlib import Path
 
@@ -147,3 +151,92 @@ def test_license_is_apache_2_0_by_spdx_expression() -> None:
     (backend,) = map(Requirement, PYPROJECT["build-system"]["requires"])
     assert backend.name == "setuptools"
     assert floor(backend) >= Version("77.0.3")
+
+
+# --- the built sdist and wheel -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dists(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """An sdist and a wheel built the way a release is: the wheel from the unpacked sdist.
+
+    The build runs on a copy (setuptools writes build/ and *.egg-info beside the sources)
+    without isolation, using the test extra's setuptools instead of downloading one per run.
+    """
+    src = tmp_path_factory.mktemp("src")
+    shutil.copytree(ROOT, src, dirs_exist_ok=True, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".*_cache",
+        ".hypothesis"))
+    out = tmp_path_factory.mktemp("dist")
+    subprocess.run([sys.executable, "-m", "build", "--no-isolation", "--outdir", str(out),
+                    str(src)], capture_output=True, text=True, timeout=300, check=True)
+    (sdist,) = out.glob("*.tar.gz")
+    (wheel,) = out.glob("*.whl")
+    return sdist, wheel
+
+
+def source_files(pattern: str) -> set[str]:
+    return {p.relative_to(ROOT).as_posix() for p in ROOT.glob(pattern)
+            if "__pycache__" not in p.parts}
+
+
+@pytest.mark.slow
+def test_sdist_is_the_whole_source_release(dists: tuple[Path, Path]) -> None:
+    """The sdist carries the protos, LICENSE, the tests, the type hints and the deployment
+    files, and no byte code."""
+    sdist, _ = dists
+    with tarfile.open(sdist) as tar:
+        top, *_ = tar.getnames()
+        names = {n.removeprefix(f"{top}/") for n in tar.getnames()}
+    expected = {"LICENSE", "sidecar/py.typed", "tests/conftest.py",
+                "deploy/systemd/vsm-sidecar.service",
+                *source_files("proto/**/*.proto"), *source_files("sidecar/**/*.pyi"),
+                *source_files("tests/*.py")}
+    assert source_files("proto/**/*.proto")
+    assert sorted(expected - names) == []
+    assert [n for n in names if "__pycache__" in n or n.endswith(".pyc")] == []
+
+
+@pytest.mark.slow
+def test_wheel_carries_every_module_the_type_hints_and_the_license(
+        dists: tuple[Path, Path]) -> None:
+    """Every module of sidecar/, py.typed, the .pyi stubs, and LICENSE under
+    .dist-info/licenses; the metadata names the licence by its SPDX expression."""
+    _, wheel = dists
+    with zipfile.ZipFile(wheel) as whl:
+        names = set(whl.namelist())
+        (info,) = {n.split("/")[0] for n in names if n.split("/")[0].endswith(".dist-info")}
+        license_text = whl.read(f"{info}/licenses/LICENSE")
+        meta = whl.read(f"{info}/METADATA").decode()
+    expected = {"sidecar/py.typed", *source_files("sidecar/**/*.py"),
+                *source_files("sidecar/**/*.pyi")}
+    assert sorted(expected - names) == []
+    assert license_text == (ROOT / "LICENSE").read_bytes()
+    headers = meta.split("\n\n", 1)[0].splitlines()
+    assert {"License-Expression: Apache-2.0", "License-File: LICENSE"} <= set(headers)
+    for name in ("grpcio", "protobuf", *GRPC_COMPANIONS):
+        assert f"Requires-Dist: {requirement(name)}" in headers
+
+
+@pytest.mark.slow
+def test_the_unpacked_sdist_passes_its_own_stub_test(
+        dists: tuple[Path, Path], tmp_path: Path) -> None:
+    """tests/test_proto_stubs.py, run inside the unpacked sdist against the sdist's own
+    sidecar/ and proto/, passes: the release can regenerate the stubs it ships."""
+    sdist, _ = dists
+    with tarfile.open(sdist) as tar:
+        if hasattr(tarfile, "data_filter"):  # 3.11.4 on; Debian 12's 3.11.2 has no filters
+            tar.extraction_filter = tarfile.data_filter
+        tar.extractall(tmp_path)
+    (unpacked,) = tmp_path.iterdir()
+    env = {**os.environ, "PYTHONPATH": str(unpacked), "PYTHONDONTWRITEBYTECODE": "1"}
+    where = subprocess.run(
+        [sys.executable, "-c", "from sidecar.tools import genproto; print(genproto.ROOT)"],
+        cwd=unpacked, env=env, capture_output=True, text=True, timeout=60, check=True)
+    assert Path(where.stdout.strip()) == unpacked
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+         "tests/test_proto_stubs.py"],
+        cwd=unpacked, env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert re.search(r"^2 passed", result.stdout, re.MULTILINE), result.stdout
