@@ -22,6 +22,7 @@ from sidecar.tools import genproto
 
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+UNIT = ROOT / "deploy" / "systemd" / "vsm-sidecar.service"
 # Released together with grpcio, each requiring grpcio>= its own version.
 GRPC_COMPANIONS = ("grpcio-health-checking", "grpcio-reflection")
 
@@ -240,3 +241,26 @@ def test_the_unpacked_sdist_passes_its_own_stub_test(
         cwd=unpacked, env=env, capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
     assert re.search(r"^2 passed", result.stdout, re.MULTILINE), result.stdout
+
+
+@pytest.mark.slow
+def test_the_wheel_installs_the_program_the_systemd_unit_starts(
+        dists: tuple[Path, Path], tmp_path: Path) -> None:
+    """Installing the wheel into a venv, as the unit's comments say, makes the program its
+    ExecStart runs: <venv>/bin/vsm-sidecar, started by the venv's own interpreter."""
+    _, wheel = dists
+    unit = UNIT.read_text()
+    (documented_venv,) = set(re.findall(r"python3\.11 -m venv (/\S+)", unit))
+    assert f"{documented_venv}/bin/pip install" in unit
+    (exec_start,) = re.findall(r"^ExecStart=(\S+)", unit, re.MULTILINE)
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)],
+                   capture_output=True, timeout=120, check=True)
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"),
+                    "install", "--quiet", "--no-deps", "--no-index", str(wheel)],
+                   capture_output=True, timeout=120, check=True)
+    (program,) = [p for p in venv.glob("bin/*") if p.name == "vsm-sidecar"]
+    assert os.access(program, os.X_OK)
+    assert program.read_text().splitlines()[0] == f"#!{venv / 'bin' / 'python'}"
+    assert exec_start == f"{documented_venv}/{program.relative_to(venv).as_posix()}"
