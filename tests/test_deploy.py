@@ -258,7 +258,18 @@ def test_dockerignore_keeps_the_context_small() -> None:
     lines = [ln for ln in (ROOT / ".dockerignore").read_text().splitlines()
              if ln and not ln.startswith("#")]
     assert lines[0] == "*"
-    assert {"!pyproject.toml", "!README.md", "!sidecar/"} <= set(lines)
+    assert {"!pyproject.toml", "!README.md", "!LICENSE", "!sidecar/"} <= set(lines)
+
+
+def test_image_build_reads_the_license_files() -> None:
+    """The build stage copies every file pyproject's license-files names, so the image's
+    wheel carries the licence (setuptools only warns when one is missing)."""
+    build_stage = DOCKERFILE.read_text().split("\nFROM ")[1]
+    copied = {word for line in build_stage.splitlines() if line.startswith("COPY ")
+              for word in line.split()[1:-1]}
+    license_files = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "license-files"]
+    assert set(license_files) <= copied
 
 
 # --- Kubernetes --------------------------------------------------------------------------
@@ -342,7 +353,8 @@ def test_systemd_unit_grants_only_the_two_capabilities() -> None:
         "CapabilityBoundingSet": ["CAP_NET_ADMIN CAP_NET_RAW"],
         "NoNewPrivileges": ["yes"], "ProtectSystem": ["strict"],
         "StateDirectory": ["vsm-sidecar"], "Restart": ["on-failure"],
-        "ExecStart": ["/usr/bin/vsm-sidecar run --config /etc/vsm-sidecar/sidecar.toml"],
+        "ExecStart": [
+            "/opt/vsm-sidecar/bin/vsm-sidecar run --config /etc/vsm-sidecar/sidecar.toml"],
     }
     assert {k: unit.get(k) for k in expected} == expected
 
@@ -359,13 +371,13 @@ def test_systemd_example_config_passes_check_config(tmp_path: Path) -> None:
                     reason="systemd-analyze is not installed")
 def test_systemd_analyze_verify_passes(tmp_path: Path) -> None:
     """`systemd-analyze verify` reports nothing. It runs on a scratch root holding the
-    system's units and a stand-in /usr/bin/vsm-sidecar, because it also checks that the
-    ExecStart program exists; it exits 0 even on bad lines, so any output fails the test."""
+    system's units and a stand-in for the ExecStart program, because it also checks that the
+    program exists; it exits 0 even on bad lines, so any output fails the test."""
     units = Path("/usr/lib/systemd/system")
     if not units.is_dir():
         pytest.skip("no /usr/lib/systemd/system to verify against")
     shutil.copytree(units, tmp_path / "usr/lib/systemd/system", symlinks=True)
-    program = tmp_path / "usr/bin/vsm-sidecar"
+    program = tmp_path / unit_settings()["ExecStart"][0].split()[0].lstrip("/")
     program.parent.mkdir(parents=True)
     program.write_text("#!/bin/sh\n")
     program.chmod(0o755)
