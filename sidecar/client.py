@@ -131,11 +131,11 @@ def _who_may(socket: Path) -> str:
     try:
         owner = pwd.getpwuid(info.st_uid).pw_name
     except KeyError:
-        owner = f"uid {info.st_uid}"
+        owner = str(info.st_uid)
     if not info.st_mode & stat.S_IWGRP:
         return f"root and user {owner}"
     try:
         group = grp.getgrgid(info.st_gid).gr_name
     except KeyError:
-        group = f"gid {info.st_gid}"
+        group = str(info.st_gid)
     return f"root, user {owner} and members of group {group}"

@@ -88,7 +88,7 @@ def _user_name() -> str:
     try:
         return pwd.getpwuid(os.geteuid()).pw_name
     except KeyError:
-        return f"uid {os.geteuid()}"
+        return str(os.geteuid())
 
 
 @dataclass(frozen=True)

@@ -41,8 +41,9 @@ class LocalSidecar:
     def __init__(self, node_id: str, cluster: str, endpoints: str, workdir: Path, *,
                  ttl: int = 2, host: str = "127.0.0.1", extra_args: Sequence[str] = (),
                  command_prefix: Sequence[str] = (), env: dict[str, str] | None = None,
-                 unix_socket: bool = False) -> None:
+                 unix_socket: bool = False, python: str = sys.executable) -> None:
         self.node_id = node_id
+        self.python = python  # another user may not be able to run this process's own
         self.cluster = cluster
         self.endpoints = endpoints
         self.ttl = ttl
@@ -73,7 +74,7 @@ class LocalSidecar:
         return f"unix:{self.control_socket}"
 
     def command(self) -> list[str]:
-        return [*self.command_prefix, sys.executable, "-m", "sidecar", "run",
+        return [*self.command_prefix, self.python, "-m", "sidecar", "run",
                 "--node-id", self.node_id, "--cluster", self.cluster,
                 "--etcd-endpoints", self.endpoints, "--ttl", str(self.ttl),
                 "--grpc-listen", self.address, "--grpc-socket", str(self.control_socket),
