@@ -59,7 +59,9 @@ def get_role(address: str, timeout: float = 3.0, *, ca: str | Path | None = None
         try:
             return to_dict(stub.GetRole(role_pb2.GetRoleRequest(), timeout=timeout))
         except grpc.RpcError as exc:
-            raise _failure(address, exc) from None
+            # One kind of failure for callers that wait for a sidecar to answer; the message
+            # still says when the socket is closed to this user.
+            raise Unreachable(str(_failure(address, exc))) from None
 
 
 def switchover(address: str, target: str | None, timeout: float = 15.0, *,

@@ -231,8 +231,9 @@ def test_an_unprivileged_user_gets_permission_denied_on_tcp_naming_how(lab: Lab)
 
 
 def test_the_cli_tells_an_unprivileged_user_how_to_get_access(lab: Lab) -> None:
-    """`vsm-sidecar switchover` as nobody: on the socket it says who may connect (from the
-    socket's owner, group and mode), on the TCP port it passes on the sidecar's refusal."""
+    """`vsm-sidecar switchover` (and `status`) as nobody: on the socket it says who may
+    connect (from the socket's owner, group and mode), on the TCP port it passes on the
+    sidecar's refusal."""
     lab.make_primary(lab.a)
     cli = [*as_user(NOBODY), lab.python, "-m", "sidecar", "switchover", "--to", "b", "--grpc"]
     env = {**os.environ, **lab.env}
@@ -242,6 +243,11 @@ def test_the_cli_tells_an_unprivileged_user_how_to_get_access(lab: Lab) -> None:
     assert f"this user may not connect to {lab.a.control_socket}" in on_socket.stderr
     assert f"root, user {SIDECAR_UID} and members of group {ADMIN_GID} may" in \
         on_socket.stderr, on_socket.stderr
+    status = subprocess.run([*as_user(NOBODY), lab.python, "-m", "sidecar", "status", "--grpc",
+                             lab.a.control_address], capture_output=True, text=True, cwd="/",
+                            env=env, timeout=60, check=False)
+    assert status.returncode != 0
+    assert f"this user may not connect to {lab.a.control_socket}" in status.stderr, status.stderr
     on_tcp = subprocess.run([*cli, lab.a.address], capture_output=True, text=True, cwd="/",
                             env=env, timeout=60, check=False)
     assert on_tcp.returncode != 0
