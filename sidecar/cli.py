@@ -23,6 +23,8 @@ exit codes:
      nobody answered, or the sidecar stopped on an error
   2  usage or configuration error: a bad flag, setting, file or address; nothing was done
 """
+# Changes (Switchover, session writes) are allowed on the sidecar's Unix socket.
+CONTROL_ADDRESS = f"unix:{config.DEFAULT_GRPC_SOCKET}"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -63,8 +65,9 @@ def _parser() -> argparse.ArgumentParser:
     standin = commands.add_parser(
         "vsm-standin", help="a stand-in VSM server that follows its sidecar (for demos and "
                             "tests, and as an example of the API)")
-    standin.add_argument("--grpc", default="127.0.0.1:50051", metavar="ADDR",
-                         help="its sidecar's gRPC address [127.0.0.1:50051]")
+    standin.add_argument("--grpc", default=CONTROL_ADDRESS, metavar="ADDR",
+                         help="its sidecar's gRPC socket, where session writes are allowed "
+                              f"[{CONTROL_ADDRESS}]")
     standin.add_argument("--listen", default="127.0.0.1:9000", metavar="HOST:PORT",
                          help="where to serve while PRIMARY [127.0.0.1:9000]")
     standin.add_argument("--name", default=None, help="name it answers with [host name]")
@@ -81,8 +84,9 @@ def _parser() -> argparse.ArgumentParser:
     move = commands.add_parser("switchover", help="move the primary role (a planned handover)")
     move.add_argument("--to", metavar="NODE", default=None,
                       help="the node to hand over to (default: any healthy, caught-up standby)")
-    move.add_argument("--grpc", default="127.0.0.1:50051", metavar="ADDR",
-                      help="any sidecar's gRPC address [127.0.0.1:50051]")
+    move.add_argument("--grpc", default=CONTROL_ADDRESS, metavar="ADDR",
+                      help="any sidecar's gRPC address where Switchover is allowed: its Unix "
+                           f"socket, or its TLS port with a client certificate [{CONTROL_ADDRESS}]")
     _add_client_tls(move)
     move.set_defaults(func=_cmd_switchover)
 

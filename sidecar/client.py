@@ -7,6 +7,10 @@ Plaintext unless TLS material is given: ``ca`` (the CA that signed the sidecar's
 
 from __future__ import annotations
 
+import grp
+import os
+import pwd
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +23,11 @@ from .api import role_pb2, role_pb2_grpc
 
 class Unreachable(Exception):
     """The sidecar did not answer."""
+
+
+class Refused(Exception):
+    """The sidecar answered, and said no (the reason is the message); or the kernel would not
+    let this user connect to the sidecar's Unix socket."""
 
 
 def to_dict(message: Any) -> dict[str, Any]:
@@ -50,7 +59,9 @@ def get_role(address: str, timeout: float = 3.0, *, ca: str | Path | None = None
         try:
             return to_dict(stub.GetRole(role_pb2.GetRoleRequest(), timeout=timeout))
         except grpc.RpcError as exc:
-            raise _unreachable(address, exc) from None
+            # One kind of failure for callers that wait for a sidecar to answer; the message
+            # still says when the socket is closed to this user.
+            raise Unreachable(str(_failure(address, exc))) from None
 
 
 def _unreachable(address: str, exc: grpc.RpcError) -> Unreachable:
@@ -71,10 +82,6 @@ def _unreachable(address: str, exc: grpc.RpcError) -> Unreachable:
     return Unreachable(f"no answer from {address}: {exc.code().name} {details}")
 
 
-class Refused(Exception):
-    """The sidecar answered, and said no (the reason is the message)."""
-
-
 def switchover(address: str, target: str | None, timeout: float = 15.0, *,
                ca: str | Path | None = None, cert: str | Path | None = None,
                key: str | Path | None = None) -> tuple[str, int, float]:
@@ -86,10 +93,20 @@ def switchover(address: str, target: str | None, timeout: float = 15.0, *,
             answer = stub.Switchover(request, timeout=timeout)
         except grpc.RpcError as exc:
             if exc.code() in (grpc.StatusCode.FAILED_PRECONDITION,
-                              grpc.StatusCode.DEADLINE_EXCEEDED):
+                              grpc.StatusCode.DEADLINE_EXCEEDED,
+                              grpc.StatusCode.PERMISSION_DENIED):
                 raise Refused(exc.details()) from None
-            raise _unreachable(address, exc) from None
+            raise _failure(address, exc) from None
     return answer.primary, answer.epoch, answer.took.ToTimedelta().total_seconds()
+
+
+def _failure(address: str, exc: grpc.RpcError) -> Exception:
+    """What a failed call means: no answer, or a socket this user may not connect to (gRPC
+    reports that as UNAVAILABLE, like a sidecar that is down)."""
+    path = Path(address[len("unix:"):]) if address.startswith("unix:") else None
+    if path is not None and path.exists() and not os.access(path, os.W_OK):
+        return Refused(f"this user may not connect to {path}: {_who_may(path)} may")
+    return _unreachable(address, exc)
 
 
 def watch_role(channel: grpc.Channel) -> Iterator[role_pb2.RoleStatus]:
@@ -126,3 +143,19 @@ def _short_time(stamp: str) -> str:
     """An RFC 3339 time from the API cut to milliseconds: 2026-01-02T03:04:05.678Z."""
     head, dot, tail = stamp.partition(".")
     return f"{head}.{tail[:3]}Z" if dot else stamp
+
+
+def _who_may(socket: Path) -> str:
+    """Who the socket's owner, group and mode let connect, in words."""
+    info = socket.stat()
+    try:
+        owner = pwd.getpwuid(info.st_uid).pw_name
+    except KeyError:
+        owner = str(info.st_uid)
+    if not info.st_mode & stat.S_IWGRP:
+        return f"root and user {owner}"
+    try:
+        group = grp.getgrgid(info.st_gid).gr_name
+    except KeyError:
+        group = str(info.st_gid)
+    return f"root, user {owner} and members of group {group}"

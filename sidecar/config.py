@@ -32,8 +32,10 @@ LOG_FORMATS = ("auto", "json", "console")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 MIN_TTL, MAX_TTL = 2, 300
 MIN_MARGIN = 0.1
-# The session_writers rule for peers on loopback or the Unix socket.
-SESSION_WRITERS_LOCAL = "local"
+# Where the gRPC API's Unix socket is made by default (systemd's RuntimeDirectory=vsm-sidecar).
+DEFAULT_GRPC_SOCKET = Path("/run/vsm-sidecar/grpc.sock")
+# sun_path holds 108 bytes, the terminating NUL included.
+MAX_SOCKET_PATH = 107
 
 
 class ConfigError(Exception):
@@ -210,10 +212,20 @@ class Settings:
     grpc_client_ca: Path | None = _setting(
         None, _optional_path, "mutual TLS: gRPC clients must present a certificate signed "
         "by this CA bundle (PEM); needs TLS on", metavar="FILE")
-    session_writers: tuple[str, ...] = _setting(
-        (), _string_list, "who may write sessions (PutSession, DeleteSession), comma "
-        "separated: 'local' (loopback or Unix socket peers) and/or client certificate common "
-        "names (need --grpc-client-ca); empty: anyone who reaches the API", metavar="RULES")
+    grpc_socket: Path | None = _setting(
+        DEFAULT_GRPC_SOCKET, _optional_path, "Unix socket of the gRPC API, where changes "
+        "(session writes, Switchover) are allowed: the kernel lets only root, the sidecar's "
+        "user and --grpc-socket-group connect; empty: no socket", metavar="PATH")
+    grpc_socket_group: str | None = _setting(
+        None, _optional_text, "group (name or number) whose members may use --grpc-socket "
+        "(mode 0660); unset: root and the sidecar's user only (0600)", metavar="GROUP")
+    grpc_writers: tuple[str, ...] = _setting(
+        (), _string_list, "client certificate common names that may make changes over "
+        "--grpc-listen (needs --grpc-client-ca), comma separated", metavar="NAMES")
+    allow_unauthenticated_changes: bool = _setting(
+        False, _boolean, "let anyone who reaches --grpc-listen write sessions and move the "
+        "role, unidentified (off: only --grpc-socket and --grpc-writers may; logged as a "
+        "warning when on)")
     http_listen: str = _setting(
         "127.0.0.1:8008", _text, "HTTP for load balancers and "
         "Prometheus (/primary /standby /health /metrics): HOST:PORT, empty to turn it off; "
@@ -582,16 +594,41 @@ def _validate_grpc_security(s: Settings) -> None:
         _check_key_pair(("grpc_tls_cert", s.grpc_tls_cert), ("grpc_tls_cert", s.grpc_tls_key))
     if s.grpc_client_ca is not None:
         _check_ca("grpc_client_ca", s.grpc_client_ca)
-    for rule in s.session_writers:
-        if rule == SESSION_WRITERS_LOCAL:
-            continue
-        if len(rule) > 64:
-            raise ConfigError("session_writers", f"{rule!r} is longer than a common name "
-                                                 "may be (64)")
+    for name in s.grpc_writers:
+        if len(name) > 64:
+            raise ConfigError("grpc_writers", f"{name!r} is longer than a common name may be "
+                                              "(64)")
         if s.grpc_client_ca is None:
-            raise ConfigError("session_writers", f"{rule!r} is a certificate common name: it "
-                                                 "needs grpc_client_ca (mutual TLS); use "
-                                                 f"'{SESSION_WRITERS_LOCAL}' without it")
+            raise ConfigError("grpc_writers", f"{name!r} is a certificate common name: it "
+                                              "needs grpc_client_ca (mutual TLS); local "
+                                              "callers use grpc_socket")
+    _validate_grpc_socket(s)
+
+
+def _validate_grpc_socket(s: Settings) -> None:
+    from .grpc_access import group_id
+
+    if s.grpc_socket is None:
+        if s.grpc_socket_group is not None:
+            raise ConfigError("grpc_socket_group", "needs grpc_socket")
+        return
+    path = s.grpc_socket
+    if not path.is_absolute():
+        raise ConfigError("grpc_socket", f"{str(path)!r} must be an absolute path")
+    if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+        raise ConfigError("grpc_socket", f"{path} is longer than a socket path may be "
+                                         f"({MAX_SOCKET_PATH} bytes)")
+    # The sidecar makes the socket's own folder (as /run/vsm-sidecar), not a whole tree.
+    if not path.parent.parent.is_dir():
+        raise ConfigError("grpc_socket", f"the folder of {path.parent} does not exist")
+    if s.grpc_listen == f"unix:{path}":
+        raise ConfigError("grpc_socket", "is the same socket as grpc_listen")
+    if s.grpc_socket_group is not None:
+        try:
+            group_id(s.grpc_socket_group)
+        except KeyError:
+            raise ConfigError("grpc_socket_group",
+                              f"no group {s.grpc_socket_group!r} on this host") from None
 
 
 def _check_readable(setting: str, path: Path) -> None:

@@ -130,7 +130,8 @@ class StandIn:
         self, node: LocalSidecar, workdir: Path, net: netlab.NetnsLab | None = None
     ) -> None:
         self.name = node.node_id
-        self.sidecar = node.address
+        # Its sidecar's socket, where session writes are allowed.
+        self.sidecar = node.control_address
         self.command_prefix: list[str] = []
         if net is None:
             self.host, self.port = "127.0.0.1", free_port("127.0.0.1")
@@ -594,7 +595,7 @@ def _put_session(primary: LocalSidecar, index: int, user: str) -> int:
         session_id=f"demo-{index + 1}", username=user, agent_hostname="agent1.example.com",
         agent_address="192.0.2.10", display=10 + index, status="running",
     )  # fmt: skip
-    with grpc.insecure_channel(primary.address) as channel:
+    with grpc.insecure_channel(primary.control_address) as channel:
         stub = session_pb2_grpc.SessionServiceStub(channel)
         try:
             answer = stub.PutSession(
@@ -613,7 +614,8 @@ def _switch(lab: Lab, source: LocalSidecar, target: LocalSidecar) -> str:
     while True:
         asked = time.monotonic()
         try:
-            primary, new_epoch, took = client.switchover(source.address, target.node_id)
+            primary, new_epoch, took = client.switchover(source.control_address,
+                                                         target.node_id)
             break
         except client.Refused as exc:
             if time.monotonic() >= deadline:
@@ -1157,7 +1159,7 @@ def _commands(lab: Lab) -> list[str]:
     return [
         f"Try these in another terminal while it runs ({NODE_IDS[1]} answers on {other}):",
         f"  {sidecar} status --grpc {address}",
-        f"  {sidecar} switchover --to {NODE_IDS[1]} --grpc {address}",
+        f"  {sidecar} switchover --to {NODE_IDS[1]} --grpc {lab.nodes[0].control_address}",
         f"  {grpcurl} -plaintext {target} list",
         f"  {grpcurl} -plaintext {target} thinlinc.ha.v1.RoleService/GetRole",
         f"  {grpcurl} -plaintext {target} thinlinc.ha.v1.SessionService/ListSessions",

@@ -7,6 +7,10 @@ while this node is PRIMARY, so a plain gRPC health probe can find the primary.
 With ``grpc_tls_cert``/``grpc_tls_key`` the port speaks TLS only (no plaintext fallback); with
 ``grpc_client_ca`` as well, every client must present a certificate signed by that CA (mutual
 TLS). Reflection and health are served on the same port, so they follow the same rules.
+
+The Unix socket ``grpc_socket`` (plaintext; the kernel decides who connects) serves the same
+services. Calls that change something are allowed only to identified callers: see
+:mod:`sidecar.grpc_access`.
 """
 
 from __future__ import annotations
@@ -14,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
-import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -29,8 +32,9 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from .api import role_pb2, role_pb2_grpc
-from .config import NAME_PATTERN
+from .config import NAME_PATTERN, ConfigError
 from .etcd import EtcdError
+from .grpc_access import AccessGuard, AccessPolicy, prepare_socket, secure_socket, unix_path
 from .handover import SwitchoverFailed, SwitchoverRefused
 from .node import Node, Role, Status
 
@@ -246,7 +250,9 @@ class GrpcServer:
     def __init__(self, node: Node, listen: str, resource: ResourceView | None = None) -> None:
         self.node = node
         self.listen = listen
-        self.server = grpc.aio.server(interceptors=[RequestGuard()])
+        self.policy = AccessPolicy.from_settings(node.settings)
+        # The access check runs first: an unidentified caller's request is not even parsed.
+        self.server = grpc.aio.server(interceptors=[AccessGuard(self.policy), RequestGuard()])
         self.health = health_aio.HealthServicer()
         role_pb2_grpc.add_RoleServiceServicer_to_server(RoleServicer(node, resource),
                                                         self.server)
@@ -266,6 +272,9 @@ class GrpcServer:
     async def start(self) -> None:
         reflection.enable_server_reflection(self.services, self.server)
         settings = self.node.settings
+        listen_path = unix_path(self.listen)
+        if listen_path is not None:
+            prepare_socket(listen_path)
         if settings.grpc_tls_cert is not None and settings.grpc_tls_key is not None:
             credentials = server_credentials(settings.grpc_tls_cert, settings.grpc_tls_key,
                                              settings.grpc_client_ca)
@@ -276,15 +285,34 @@ class GrpcServer:
             security = "plaintext"
         if port == 0:
             raise OSError(f"cannot listen on {self.listen}")
+        # Unix sockets are bound now and listen at start(): secured in between, since a
+        # connection on one is allowed to change things (grpc_access).
+        if listen_path is not None:
+            secure_socket(listen_path, settings.grpc_socket_group)
+        if settings.grpc_socket is not None:
+            self._add_socket(settings.grpc_socket, settings.grpc_socket_group)
         await self.server.start()
-        if self.listen.startswith("unix:"):
-            # Owner only: the socket is as powerful as the API behind it.
-            os.chmod(self.listen[len("unix:"):], 0o600)
         await self.health.set("", SERVING)
         await self.health.set(ROLE_SERVICE, SERVING)
         self._follower = asyncio.create_task(self._follow_role(), name="health")
         log.info("grpc_listening", address=self.listen, security=security,
-                 session_writers=",".join(settings.session_writers) or "anyone")
+                 socket=str(settings.grpc_socket or "") or None,
+                 socket_group=settings.grpc_socket_group,
+                 writers=",".join(settings.grpc_writers) or None)
+        if settings.allow_unauthenticated_changes:
+            log.warning("changes_unauthenticated", address=self.listen,
+                        decision="anyone who reaches this address may write sessions and "
+                                 "move the primary role (allow_unauthenticated_changes)")
+
+    def _add_socket(self, path: Path, group: str | None) -> None:
+        prepare_socket(path)
+        try:
+            port = self.server.add_insecure_port(f"unix:{path}")
+        except RuntimeError:
+            port = 0
+        if port == 0:
+            raise ConfigError("grpc_socket", f"cannot listen on {path}")
+        secure_socket(path, group)
 
     async def _follow_role(self) -> None:
         async for status in self.node.watch():

@@ -7,17 +7,13 @@ they reflect; while etcd is unreachable they are marked stale, with the copy's a
 primary first waits until the copy holds this node's own last acknowledged write, so a client
 reads what it wrote.
 
-The ``session_writers`` setting limits writes (reads stay open): ``local`` admits peers on
-loopback (127.0.0.0/8, ::1, also IPv4-mapped) or the Unix socket, any other entry is a client
-certificate common name, checked from the verified certificate of a mutual TLS connection.
-Others get PERMISSION_DENIED naming the rule. Empty: no restriction.
+Who may write is decided before a call gets here (:mod:`sidecar.grpc_access`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import ipaddress
-from collections.abc import AsyncIterator, Awaitable, Collection, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable
 from typing import TypeVar
 
 import grpc
@@ -26,7 +22,6 @@ from google.protobuf import duration_pb2
 
 from .api import session_pb2, session_pb2_grpc
 from .api.session_pb2 import Session, SessionEvent
-from .config import SESSION_WRITERS_LOCAL
 from .etcd import Compacted, EtcdError
 from .mirror import Change, Follower, Writer, WriteUnavailable
 from .node import Node, NotPrimary, Role
@@ -57,43 +52,6 @@ Context = grpc.aio.ServicerContext[object, object]
 EventType = session_pb2.SessionEventType
 
 
-def is_local_peer(peer: str) -> bool:
-    """Whether a gRPC peer string ("ipv4:127.0.0.1:5000", "ipv6:[::1]:5000", "unix:...")
-    is on this host: loopback or the Unix socket."""
-    kind, _, rest = peer.partition(":")
-    if kind == "unix":
-        return True
-    if kind == "ipv4":
-        host = rest.rpartition(":")[0]
-    elif kind == "ipv6":
-        host = rest.rpartition(":")[0].removeprefix("[").removesuffix("]")
-        host = host.partition("%")[0]  # a zone index
-    else:
-        return False
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped.is_loopback
-    return address.is_loopback
-
-
-def writer_allowed(rules: Collection[str], peer: str, common_names: Sequence[str]) -> bool:
-    """The ``session_writers`` decision: no rules admit anyone; else any matching rule."""
-    if not rules:
-        return True
-    if SESSION_WRITERS_LOCAL in rules and is_local_peer(peer):
-        return True
-    return any(name in rules and name != SESSION_WRITERS_LOCAL for name in common_names)
-
-
-def peer_common_names(auth: Mapping[str, Iterable[bytes]]) -> list[str]:
-    """The verified client certificate's common name(s) from a gRPC auth context (empty
-    without mutual TLS: gRPC only fills them in for a certificate it verified)."""
-    return [value.decode("utf-8", "replace") for value in auth.get("x509_common_name", ())]
-
-
 class SessionServicer(session_pb2_grpc.SessionServiceServicer):
     def __init__(self, node: Node, follower: Follower, writer: Writer) -> None:
         self.node = node
@@ -102,24 +60,8 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
 
     # -- writes ----------------------------------------------------------------------------
 
-    async def _check_writer(self, context: Context) -> None:
-        rules = self.node.settings.session_writers
-        if not rules:
-            return
-        peer = context.peer()
-        names = peer_common_names(context.auth_context())
-        if writer_allowed(rules, peer, names):
-            return
-        who = f"{peer}" + (f" with certificate CN {', '.join(names)}" if names
-                           else " without a client certificate")
-        log.warning("session_write_denied", peer=peer, common_names=names)
-        await context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                            f"session writes are limited by session_writers = "
-                            f"{','.join(rules)}; {who} is not one of them")
-
     async def PutSession(self, request: session_pb2.PutSessionRequest,
                          context: Context) -> session_pb2.PutSessionResponse:
-        await self._check_writer(context)
         if not request.HasField("session"):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "session: required")
         session = Session()
@@ -138,7 +80,6 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
 
     async def DeleteSession(self, request: session_pb2.DeleteSessionRequest,
                             context: Context) -> session_pb2.DeleteSessionResponse:
-        await self._check_writer(context)
         await self._validate(context, validate_session_id, request.session_id)
         revision, deleted = await self._write(context, self.writer.delete(request.session_id))
         return session_pb2.DeleteSessionResponse(revision=revision, deleted=deleted)

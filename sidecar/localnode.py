@@ -41,8 +41,9 @@ class LocalSidecar:
     def __init__(self, node_id: str, cluster: str, endpoints: str, workdir: Path, *,
                  ttl: int = 2, host: str = "127.0.0.1", extra_args: Sequence[str] = (),
                  command_prefix: Sequence[str] = (), env: dict[str, str] | None = None,
-                 unix_socket: bool = False) -> None:
+                 unix_socket: bool = False, python: str = sys.executable) -> None:
         self.node_id = node_id
+        self.python = python  # another user may not be able to run this process's own
         self.cluster = cluster
         self.endpoints = endpoints
         self.ttl = ttl
@@ -50,6 +51,8 @@ class LocalSidecar:
         # A Unix socket is reachable from any network namespace: the way to talk to a
         # sidecar that runs inside one.
         self.unix_socket = workdir / f"grpc-{node_id}.sock" if unix_socket else None
+        # The socket where changes are allowed (grpc_socket): writes and Switchover go there.
+        self.control_socket = workdir / f"ctl-{node_id}.sock"
         self.port = 0 if unix_socket else free_port(host)
         self.http_port = 0 if unix_socket else free_port(host)
         self.extra_args = list(extra_args)
@@ -65,11 +68,17 @@ class LocalSidecar:
             return f"unix:{self.unix_socket}"
         return f"{self.host}:{self.port}"
 
+    @property
+    def control_address(self) -> str:
+        """The address for calls that change something (open to root and our own user)."""
+        return f"unix:{self.control_socket}"
+
     def command(self) -> list[str]:
-        return [*self.command_prefix, sys.executable, "-m", "sidecar", "run",
+        return [*self.command_prefix, self.python, "-m", "sidecar", "run",
                 "--node-id", self.node_id, "--cluster", self.cluster,
                 "--etcd-endpoints", self.endpoints, "--ttl", str(self.ttl),
-                "--grpc-listen", self.address, "--log-format", "json",
+                "--grpc-listen", self.address, "--grpc-socket", str(self.control_socket),
+                "--log-format", "json",
                 "--data-dir", str(self.data_dir),
                 "--http-listen", f"{self.host}:{self.http_port}" if self.http_port else "",
                 *self.extra_args]

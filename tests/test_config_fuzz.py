@@ -314,16 +314,34 @@ def table(files: Files) -> dict[str, tuple[st.SearchStrategy[Case], st.SearchStr
                   mistyped("grpc_client_ca", NOT_TEXT)),
     )
     common_name = st.text(st.characters(codec="ascii", categories=["L", "N"]), min_size=1,
-                          max_size=64).filter(lambda n: n != "local")
-    t["session_writers"] = (
-        st.one_of(one("session_writers", st.sampled_from(["", "local", " local ", ["local"]]),
-                      lambda raw: ("local",) if "local" in raw else ()),
-                  one("session_writers", common_name, lambda n: (n,), grpc_client_ca=str(pki.ca),
+                          max_size=64)
+    t["grpc_writers"] = (
+        st.one_of(one("grpc_writers", st.sampled_from(["", " ", []]), lambda _: ()),
+                  one("grpc_writers", common_name, lambda n: (n,), grpc_client_ca=str(pki.ca),
                       **tls)),
-        st.one_of(one("session_writers", common_name),  # a common name needs mutual TLS
-                  one("session_writers", st.just("x" * 65), grpc_client_ca=str(pki.ca), **tls),
-                  mistyped("session_writers", NOT_LIST)),
+        st.one_of(one("grpc_writers", common_name),  # a common name needs mutual TLS
+                  one("grpc_writers", st.just("x" * 65), grpc_client_ca=str(pki.ca), **tls),
+                  mistyped("grpc_writers", NOT_LIST)),
     )
+    socket_name = st.from_regex(r"[a-z][a-z0-9.-]{0,20}\.sock", fullmatch=True)
+    t["grpc_socket"] = (
+        st.one_of(one("grpc_socket", socket_name.map(lambda n: f"{files.dir}/{n}"), Path),
+                  # Its own folder is made at start; the one above it must exist.
+                  one("grpc_socket", st.just(f"{files.dir}/new-folder/grpc.sock"), Path),
+                  one("grpc_socket", padded(st.just("")), lambda _: None)),
+        st.one_of(one("grpc_socket", socket_name),  # relative
+                  one("grpc_socket", st.just(f"{files.dir}/{'x' * 120}.sock")),  # too long
+                  one("grpc_socket", st.just(f"{missing}/folder/grpc.sock")),
+                  mistyped("grpc_socket", NOT_TEXT)),
+    )
+    t["grpc_socket_group"] = (
+        st.one_of(one("grpc_socket_group", padded(st.sampled_from(["root", "0"])), str.strip),
+                  one("grpc_socket_group", st.integers(1, 2**31).map(str), str)),
+        st.one_of(one("grpc_socket_group", st.just("no-such-group-on-this-host")),
+                  named("grpc_socket_group", {"grpc_socket_group": "0", "grpc_socket": ""}),
+                  mistyped("grpc_socket_group", NOT_TEXT)),
+    )
+    t["allow_unauthenticated_changes"] = boolean("allow_unauthenticated_changes")
     t["http_listen"] = (
         one("http_listen", padded(HOST_PORT | st.just("")), str.strip),
         one("http_listen", BAD_HOST_PORT.filter(str.strip) |
@@ -475,7 +493,7 @@ def placed(draw: st.DrawFn, case: Case) -> Sources:
     return sources
 
 
-BOOLEAN_SETTINGS = ("preferred_primary", "failback")
+BOOLEAN_SETTINGS = ("preferred_primary", "failback", "allow_unauthenticated_changes")
 # Settings whose TOML value is a number or a boolean, from the settings' declared types.
 TYPED_SETTINGS = tuple(f.name for f in dataclasses.fields(config.Settings)
                        if isinstance(f.default, bool | int | float) or f.name == "safety_margin")

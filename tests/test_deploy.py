@@ -130,8 +130,12 @@ def test_compose_images_and_builds_are_consistent(compose: dict[str, Any]) -> No
         assert svc[standin]["depends_on"] == {sidecar: {"condition": "service_healthy"}}
         argv = [*svc[standin]["entrypoint"], *svc[standin]["command"]]
         assert argv[:4] == ["python3", "-m", "sidecar", "vsm-standin"]
-        assert argv[argv.index("--grpc") + 1] == "127.0.0.1:50051"  # its own sidecar
+        # Its own sidecar's socket (writes are allowed there only), on a volume the two share.
+        assert argv[argv.index("--grpc") + 1] == "unix:/run/vsm-sidecar/grpc.sock"
+        assert svc[standin]["volumes"] == svc[sidecar]["volumes"]
+        assert svc[sidecar]["volumes"][0].endswith(":/run/vsm-sidecar")
         assert argv[argv.index("--listen") + 1] == "0.0.0.0:9000"
+    assert svc["sidecar-a"]["volumes"] != svc["sidecar-b"]["volumes"]
 
 
 def test_compose_sidecars_have_only_the_two_capabilities(compose: dict[str, Any]) -> None:
@@ -365,6 +369,13 @@ def test_systemd_example_config_passes_check_config(tmp_path: Path) -> None:
     toml = tomllib.loads(path.read_text())
     assert_valid(check_config(["--config", str(path)], {}, tmp_path, toml))
     assert config.Settings().data_dir.name == unit_settings()["StateDirectory"][0]
+
+
+def test_systemd_unit_makes_the_grpc_sockets_folder() -> None:
+    """The unit's RuntimeDirectory is the folder of grpc_socket's default, which the sidecar
+    user could not make itself under ProtectSystem=strict."""
+    runtime = unit_settings()["RuntimeDirectory"]
+    assert [f"/run/{runtime[0]}"] == [str(config.DEFAULT_GRPC_SOCKET.parent)]
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None,

@@ -250,7 +250,7 @@ def test_switchover_is_refused_while_the_leader_key_holds_garbage(pair: Pair) ->
         a, b = pair.start(ttl=TTL)
         wait_count(a, "leader", 1)
         with pytest.raises(client.Refused, match="holds no leader record"):
-            client.switchover(a.address, "b")
+            client.switchover(a.control_address, "b")
         lease.revoke()
     pair.wait_split()
     alive(a, b)
@@ -408,7 +408,8 @@ def test_garbage_switchover_requests_are_ignored_and_a_valid_one_still_works(
         assert client.role_name(standby.role()) == "STANDBY"
         alive(primary, standby)
         lease.revoke()
-    new, new_epoch, _ = eventually(lambda: client.switchover(primary.address, standby.node_id))
+    new, new_epoch, _ = eventually(
+        lambda: client.switchover(primary.control_address, standby.node_id))
     assert new == standby.node_id
     assert new_epoch > int(epoch)
     assert {r["kind"] for r in warnings(primary, "etcd_garbage")} == {"switchover"}

@@ -50,11 +50,11 @@ def test_failback_cycle_returns_the_role_to_the_preferred_primary(pair: Pair) ->
     under 0.5 s, and no acknowledged session is lost."""
     preferred_pair(pair)
     a, b = pair.nodes
-    put(a.address, "before-crash")
+    put(a.control_address, "before-crash")
     a.kill()
     b.wait_role("PRIMARY", timeout=6)
     for i in range(5):
-        put(b.address, f"during-outage-{i}")
+        put(b.control_address, f"during-outage-{i}")
     recorder_b = pair.recorder(b)
     restarted = time.monotonic()
     a.start()
@@ -87,12 +87,13 @@ def test_switchover_both_ways_with_a_new_epoch_each_time(pair: Pair) -> None:
     primary, standby = pair.wait_split()
     time.sleep(1.2)  # the standby's member record says its copy is current
     epoch = int(primary.role()["epoch"])
-    new, epoch2, took = client.switchover(primary.address, standby.node_id)
+    new, epoch2, took = client.switchover(primary.control_address, standby.node_id)
     assert (new, client.role_name(standby.role())) == (standby.node_id, "PRIMARY")
     assert epoch2 > epoch
     assert took < 0.5
     time.sleep(1.2)
-    new, epoch3, took = client.switchover(standby.address, primary.node_id)  # asked on any node
+    # Asked on any node: the standby's socket.
+    new, epoch3, took = client.switchover(standby.control_address, primary.node_id)
     assert new == primary.node_id
     assert epoch3 > epoch2
     assert took < 0.5
@@ -106,9 +107,9 @@ def test_switchover_refusals_name_the_reason(pair: Pair,
     a, _ = pair.start(ttl=2, count=1)
     a.wait_role("PRIMARY")
     with pytest.raises(client.Refused, match="no standby can take over"):
-        client.switchover(a.address, None)
+        client.switchover(a.control_address, None)
     with pytest.raises(client.Refused, match="ghost is not a member"):
-        client.switchover(a.address, "ghost")
+        client.switchover(a.control_address, "ghost")
     # Member records as a node publishes them when its copy is behind, or its VSM server is
     # down: the refusal comes from what the records say.
     prefix = f"/thinlinc-ha/{pair.cluster}/members/"
@@ -125,7 +126,7 @@ def test_switchover_refusals_name_the_reason(pair: Pair,
             for node_id, reason in (("lagging", "has not caught up"), ("sick", "unhealthy"),
                                     ("booting", "STARTING, not STANDBY")):
                 with pytest.raises(client.Refused, match=reason):
-                    client.switchover(a.address, node_id)
+                    client.switchover(a.control_address, node_id)
         finally:
             lease.revoke()
     assert client.role_name(a.role()) == "PRIMARY"
@@ -137,12 +138,12 @@ def test_switchover_cli(pair: Pair) -> None:
     primary, standby = pair.wait_split()
     time.sleep(1.2)
     ok = subprocess.run([sys.executable, "-m", "sidecar", "switchover", "--grpc",
-                         primary.address, "--to", standby.node_id],
+                         primary.control_address, "--to", standby.node_id],
                         capture_output=True, text=True, timeout=30)
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout.startswith(f"{standby.node_id} is PRIMARY (epoch ")
     refused = subprocess.run([sys.executable, "-m", "sidecar", "switchover", "--grpc",
-                              primary.address, "--to", "ghost"],
+                              primary.control_address, "--to", "ghost"],
                              capture_output=True, text=True, timeout=30)
     assert refused.returncode == 1
     assert "ghost is not a member" in refused.stderr

@@ -318,7 +318,8 @@ class Fuzzer:
 
     def __init__(self, primary: LocalSidecar, standby: LocalSidecar) -> None:
         self.nodes = {"primary": primary, "standby": standby}
-        self.channels = {role: grpc.insecure_channel(node.address)
+        # On the Unix sockets, where changes are allowed: the probes must reach the servicers.
+        self.channels = {role: grpc.insecure_channel(node.control_address)
                          for role, node in self.nodes.items()}
         self.ledger = Ledger()
         self.seen: Counter[tuple[str, str, str]] = Counter()  # (rpc, node, status) of calls

@@ -1,5 +1,7 @@
-"""The gRPC API secured: TLS, mutual TLS, the session write restriction, the Unix socket mode,
-and the settings that are refused before the sidecar starts.
+"""The gRPC API secured: TLS, mutual TLS, who may make changes over TCP (a certificate named in
+grpc_writers, or nobody unidentified unless allow_unauthenticated_changes), the Unix sockets'
+modes, and the settings that are refused before the sidecar starts. Changes as other users on
+the Unix socket: tests/test_grpc_access.py.
 
 Each test runs one real sidecar on the shared etcd cluster, under its own cluster name, so it is
 PRIMARY and session writes succeed when allowed. The test certificates come from ``tlsgen``:
@@ -23,10 +25,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from sidecar import client
-from sidecar.api import session_pb2, session_pb2_grpc
+from sidecar.api import role_pb2, role_pb2_grpc, session_pb2, session_pb2_grpc
 from sidecar.api.session_pb2 import Session
-from sidecar.grpc_sessions import is_local_peer, writer_allowed
-from sidecar.localcluster import LocalEtcdCluster, free_port
+from sidecar.grpc_access import READS, AccessPolicy, is_change, on_unix_socket
+from sidecar.localcluster import LocalEtcdCluster
 from sidecar.localnode import LocalSidecar
 
 from .test_grpc_api import grpcurl
@@ -107,8 +109,27 @@ def _denied(call: Any) -> str:
     error: Any = caught.value
     assert error.code() is Code.PERMISSION_DENIED, error
     details = str(error.details())
-    assert "session_writers" in details, details
+    assert "grpc_writers" in details, details
     return details
+
+
+def _delete(channel: grpc.Channel, session_id: str) -> bool:
+    return bool(_stub(channel).DeleteSession(
+        session_pb2.DeleteSessionRequest(session_id=session_id), timeout=RPC_TIMEOUT).deleted)
+
+
+def _switchover(channel: grpc.Channel) -> Any:
+    return role_pb2_grpc.RoleServiceStub(channel).Switchover(
+        role_pb2.SwitchoverRequest(), timeout=RPC_TIMEOUT)
+
+
+def _switchover_passes_the_guard(channel: grpc.Channel) -> None:
+    """A lone sidecar has no standby to hand over to: FAILED_PRECONDITION, which comes from
+    the servicer, so the call got past the access check."""
+    with pytest.raises(grpc.RpcError) as caught:
+        _switchover(channel)
+    error: Any = caught.value
+    assert error.code() is Code.FAILED_PRECONDITION, error
 
 
 def _reads_work(channel: grpc.Channel, expected: set[str]) -> None:
@@ -190,9 +211,9 @@ def test_mtls_refuses_clients_without_a_certificate_from_the_ca(
 def test_session_writes_by_certificate_common_name(
         pki: Pki, etcd_cluster: LocalEtcdCluster, cluster_name: str, tmp_path: Path,
         nodes: list[LocalSidecar]) -> None:
-    """session_writers=client: CN=client writes, CN=server (same CA) gets PERMISSION_DENIED
-    naming the rule; both read."""
-    args = [*_tls_args(pki, mtls=True), "--session-writers", "client"]
+    """grpc_writers=client over mutual TLS: CN=client writes, deletes and calls Switchover;
+    CN=server (same CA) gets PERMISSION_DENIED naming the setting for each; both read."""
+    args = [*_tls_args(pki, mtls=True), "--grpc-writers", "client"]
     node = _start(nodes, etcd_cluster, cluster_name, tmp_path, args)
     writer: dict[str, Any] = {"ca": pki.ca, "cert": pki.client.cert, "key": pki.client.key}
     other: dict[str, Any] = {"ca": pki.ca, "cert": pki.server.cert, "key": pki.server.key}
@@ -202,94 +223,148 @@ def test_session_writes_by_certificate_common_name(
         assert _put(allowed, "s1") > 0
         details = _denied(lambda: _put(denied, "s2"))
         assert "CN server" in details, details
-        _denied(lambda: _stub(denied).DeleteSession(
-            session_pb2.DeleteSessionRequest(session_id="s1"), timeout=RPC_TIMEOUT))
+        _denied(lambda: _delete(denied, "s1"))
+        _denied(lambda: _switchover(denied))
         _reads_work(allowed, {"s1"})
         _reads_work(denied, {"s1"})
-        gone = _stub(allowed).DeleteSession(session_pb2.DeleteSessionRequest(session_id="s1"),
-                                            timeout=RPC_TIMEOUT)
-        assert gone.deleted
+        assert _delete(allowed, "s1")
+        _switchover_passes_the_guard(allowed)
 
 
-def _non_loopback_ipv4() -> str | None:
-    try:
-        out = subprocess.run(["hostname", "-I"], capture_output=True, text=True, timeout=5,
-                             check=False).stdout
-    except OSError:
-        return None
-    return next((a for a in out.split() if ":" not in a and not a.startswith("127.")), None)
-
-
-def test_session_writes_local_only_over_tcp(
+def test_loopback_tcp_reads_but_may_not_change_anything(
         etcd_cluster: LocalEtcdCluster, cluster_name: str, tmp_path: Path,
         nodes: list[LocalSidecar]) -> None:
-    """session_writers=local on 0.0.0.0: a loopback client writes; the same host through its
-    non-loopback address is refused; both read."""
-    address = _non_loopback_ipv4()
-    if address is None:
-        pytest.skip("this host has no non-loopback IPv4 address")
-    port = free_port("0.0.0.0")
-    args = ["--grpc-listen", f"0.0.0.0:{port}", "--session-writers", "local"]
-    node = _start(nodes, etcd_cluster, cluster_name, tmp_path, args)
-    local = f"127.0.0.1:{port}"
-    deadline = time.monotonic() + 15
-    while client.role_name(_role_or_empty(local)) != "PRIMARY":
-        assert node.running, node.log_tail()
-        assert time.monotonic() < deadline, node.log_tail()
-        time.sleep(0.05)
-    with grpc.insecure_channel(local) as allowed, \
-            grpc.insecure_channel(f"{address}:{port}") as remote:
-        assert _put(allowed, "s1") > 0
-        details = _denied(lambda: _put(remote, "s2"))
-        assert f"ipv4:{address}:" in details
+    """Default settings: over 127.0.0.1 anyone reads (role, health, sessions, reflection with
+    the real grpcurl), and PutSession, DeleteSession and Switchover get PERMISSION_DENIED
+    naming the Unix socket and grpc_writers; the same calls on the socket work."""
+    node = _start(nodes, etcd_cluster, cluster_name, tmp_path, [])
+    _wait_primary(node)
+    with grpc.insecure_channel(node.address) as tcp, \
+            grpc.insecure_channel(node.control_address) as local:
+        details = _denied(lambda: _put(tcp, "s1"))
+        assert f"the Unix socket {node.control_socket}" in details, details
+        assert "ipv4:127.0.0.1:" in details
         assert "without a client certificate" in details
-        _reads_work(allowed, {"s1"})
-        _reads_work(remote, {"s1"})
+        assert _put(local, "s1") > 0
+        _denied(lambda: _delete(tcp, "s1"))
+        _denied(lambda: _switchover(tcp))
+        _reads_work(tcp, {"s1"})
+        assert _delete(local, "s1")
+        _switchover_passes_the_guard(local)
+        health = health_pb2_grpc.HealthStub(tcp).Check(  # type: ignore[attr-defined]
+            health_pb2.HealthCheckRequest(service="thinlinc.ha.v1.Primary"), timeout=RPC_TIMEOUT)
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+    listed = subprocess.run([grpcurl(), "-plaintext", node.address, "list"],
+                            capture_output=True, text=True, timeout=30, check=False)
+    assert listed.returncode == 0, listed.stderr
+    assert "thinlinc.ha.v1.SessionService" in listed.stdout.split()
 
 
-def _role_or_empty(address: str) -> dict[str, Any]:
-    try:
-        return client.get_role(address, timeout=0.5)
-    except client.Unreachable:
-        return {}
-
-
-def test_unix_socket_is_owner_only_and_local_writers_may_write(
+def test_allow_unauthenticated_changes_opens_tcp_with_a_warning(
         etcd_cluster: LocalEtcdCluster, cluster_name: str, tmp_path: Path,
         nodes: list[LocalSidecar]) -> None:
-    """The Unix socket is mode 0600, and a peer on it counts as local."""
-    node = _start(nodes, etcd_cluster, cluster_name, tmp_path, ["--session-writers", "local"],
-                  unix_socket=True)
+    """allow_unauthenticated_changes = true: a plain loopback client writes and deletes, and
+    the sidecar said so in a warning at start."""
+    node = _start(nodes, etcd_cluster, cluster_name, tmp_path,
+                  ["--allow-unauthenticated-changes"])
+    _wait_primary(node)
+    with grpc.insecure_channel(node.address) as tcp:
+        assert _put(tcp, "s1") > 0
+        assert _delete(tcp, "s1")
+        _switchover_passes_the_guard(tcp)
+    warnings = [json.loads(line) for line in node.log_path.read_text().splitlines()
+                if '"changes_unauthenticated"' in line]
+    assert [w["level"] for w in warnings] == ["warning"], node.log_tail()
+    assert warnings[0]["address"] == node.address
+
+
+def test_unix_sockets_are_owner_only_and_changes_are_allowed_on_them(
+        etcd_cluster: LocalEtcdCluster, cluster_name: str, tmp_path: Path,
+        nodes: list[LocalSidecar]) -> None:
+    """grpc_listen = unix:PATH and grpc_socket are both mode 0600 without a group, and a
+    peer on either may change things."""
+    node = _start(nodes, etcd_cluster, cluster_name, tmp_path, [], unix_socket=True)
     _wait_primary(node)
     assert node.unix_socket is not None
-    mode = node.unix_socket.stat().st_mode
-    assert stat.S_ISSOCK(mode)
-    assert stat.S_IMODE(mode) == 0o600, oct(mode)
-    with grpc.insecure_channel(node.address) as channel:
-        assert _put(channel, "s1") > 0
-        _reads_work(channel, {"s1"})
+    for path in (node.unix_socket, node.control_socket):
+        mode = path.stat().st_mode
+        assert stat.S_ISSOCK(mode)
+        assert stat.S_IMODE(mode) == 0o600, (path, oct(mode))
+    for address, session_id in ((node.address, "s1"), (node.control_address, "s2")):
+        with grpc.insecure_channel(address) as channel:
+            assert _put(channel, session_id) > 0
+            _reads_work(channel, {session_id})
+            assert _delete(channel, session_id)
 
 
-@pytest.mark.parametrize(("peer", "local"), [
-    ("ipv4:127.0.0.1:5000", True), ("ipv4:127.8.9.1:5000", True), ("ipv6:[::1]:5000", True),
-    ("ipv6:[::ffff:127.0.0.1]:5000", True), ("unix:/run/vsm-sidecar.sock", True),
-    ("unix:", True), ("ipv4:192.0.2.2:5000", False), ("ipv6:[fd00::2]:5000", False),
-    ("ipv6:[::ffff:192.0.2.2]:5000", False), ("ipv6:[fe80::1%eth0]:5000", False),
-    ("unknown", False), ("ipv4:garbage", False),
+def test_grpc_socket_group_makes_the_socket_0660_for_that_group(
+        etcd_cluster: LocalEtcdCluster, cluster_name: str, tmp_path: Path,
+        nodes: list[LocalSidecar]) -> None:
+    """grpc_socket_group: the socket belongs to that group, mode 0660."""
+    node = _start(nodes, etcd_cluster, cluster_name, tmp_path, ["--grpc-socket-group", "4242"])
+    _wait_primary(node)
+    info = node.control_socket.stat()
+    assert (info.st_gid, stat.S_IMODE(info.st_mode)) == (4242, 0o660)
+
+
+def test_a_socket_in_use_is_not_taken_over(
+        etcd_cluster: LocalEtcdCluster, cluster_name: str, tmp_path: Path,
+        nodes: list[LocalSidecar]) -> None:
+    """A second sidecar given a socket path another one serves exits 2 naming grpc_socket,
+    and the first one's socket still answers."""
+    first = _start(nodes, etcd_cluster, cluster_name, tmp_path, [])
+    _wait_primary(first)
+    second = LocalSidecar("b", cluster_name, etcd_cluster.endpoints_arg, tmp_path, ttl=TTL,
+                          extra_args=["--grpc-socket", str(first.control_socket)])
+    nodes.append(second)
+    second.start(wait=False)
+    assert second.wait_exit(15) == 2, second.log_tail()
+    assert "setting 'grpc_socket'" in second.log_tail()
+    assert "in use" in second.log_tail()
+    assert client.role_name(client.get_role(first.control_address)) == "PRIMARY"
+
+
+def test_methods_that_change_something_are_guarded_unless_listed_as_reads() -> None:
+    """The check fails closed: of our services, exactly PutSession, DeleteSession and
+    Switchover are guarded today; every listed read exists; health and reflection are open."""
+    methods = {f"/{service.full_name}/{method.name}"
+               for file in (role_pb2.DESCRIPTOR, session_pb2.DESCRIPTOR)
+               for service in file.services_by_name.values() for method in service.methods}
+    assert methods >= READS
+    assert {m for m in methods if is_change(m)} == {
+        "/thinlinc.ha.v1.SessionService/PutSession",
+        "/thinlinc.ha.v1.SessionService/DeleteSession",
+        "/thinlinc.ha.v1.RoleService/Switchover"}
+    assert is_change("/thinlinc.ha.v1.RoleService/Pause")  # a method added later
+    assert not is_change("/grpc.health.v1.Health/Watch")
+    assert not is_change("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo")
+
+
+@pytest.mark.parametrize(("peer", "unix"), [
+    ("unix:", True), ("unix:/run/vsm-sidecar/grpc.sock", True),
+    ("unix-abstract:vsm", False), ("ipv4:127.0.0.1:5000", False), ("ipv6:[::1]:5000", False),
+    ("unknown", False), ("", False),
 ])
-def test_local_peer_strings(peer: str, local: bool) -> None:
-    assert is_local_peer(peer) is local
+def test_unix_peer_strings(peer: str, unix: bool) -> None:
+    assert on_unix_socket(peer) is unix
 
 
-def test_writer_rules() -> None:
-    assert writer_allowed((), "ipv4:192.0.2.2:1", [])
-    assert writer_allowed(("local",), "unix:", [])
-    assert not writer_allowed(("local",), "ipv4:192.0.2.2:1", [])
-    assert writer_allowed(("local", "vsm"), "ipv4:192.0.2.2:1", ["vsm"])
-    assert not writer_allowed(("vsm",), "ipv4:127.0.0.1:1", ["other"])
-    assert not writer_allowed(("vsm",), "ipv4:127.0.0.1:1", [])
-    # A certificate whose CN is literally "local" does not stand in for the local rule.
-    assert not writer_allowed(("local",), "ipv4:192.0.2.2:1", ["local"])
+def test_access_policy_decisions() -> None:
+    policy = AccessPolicy(socket=Path("/run/s.sock"), group=None, writers=frozenset({"vsm"}),
+                          open_to_all=False, user="vsm-sidecar")
+    assert policy.allows("unix:", [])
+    assert not policy.allows("ipv4:127.0.0.1:1", [])
+    assert not policy.allows("ipv4:127.0.0.1:1", ["other"])
+    assert policy.allows("ipv4:192.0.2.2:1", ["vsm"])
+    opened = AccessPolicy(socket=None, group=None, writers=frozenset(), open_to_all=True,
+                          user="vsm-sidecar")
+    assert opened.allows("ipv4:192.0.2.2:1", [])
+    grouped = AccessPolicy(socket=Path("/run/s.sock"), group="vsm-admins",
+                           writers=frozenset(), open_to_all=False, user="vsm-sidecar")
+    message = grouped.refusal("/thinlinc.ha.v1.RoleService/Switchover", "ipv4:127.0.0.1:9", [])
+    assert message.startswith("Switchover changes state"), message
+    for named in ("/run/s.sock", "group vsm-admins", "user vsm-sidecar", "grpc_writers"):
+        assert named in message, message
 
 
 # -- settings refused before the start -----------------------------------------------------------
@@ -308,8 +383,14 @@ def _bad_cases(pki: Pki, tmp: Path) -> list[tuple[list[str], str]]:
         (["--grpc-client-ca", str(pki.ca)], "grpc_client_ca"),
         ([*_tls_args(pki), "--grpc-client-ca", str(garbage)], "grpc_client_ca"),
         ([*_tls_args(pki), "--grpc-client-ca", str(tmp / "missing.pem")], "grpc_client_ca"),
-        (["--session-writers", "vsm-a"], "session_writers"),
-        ([*_tls_args(pki), "--session-writers", "local,vsm-a"], "session_writers"),
+        (["--grpc-writers", "vsm-a"], "grpc_writers"),
+        ([*_tls_args(pki), "--grpc-writers", "vsm-a"], "grpc_writers"),
+        ([*_tls_args(pki, mtls=True), "--grpc-writers", "x" * 65], "grpc_writers"),
+        (["--grpc-socket", "relative.sock"], "grpc_socket"),
+        (["--grpc-socket", "/" + "s" * 120], "grpc_socket"),
+        (["--grpc-socket", str(tmp / "no" / "such" / "grpc.sock")], "grpc_socket"),
+        (["--grpc-socket", "", "--grpc-socket-group", "0"], "grpc_socket_group"),
+        (["--grpc-socket-group", "no-such-group-here"], "grpc_socket_group"),
     ]
 
 

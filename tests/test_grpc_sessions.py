@@ -178,7 +178,7 @@ def test_put_on_the_primary_is_readable_on_the_standby_at_the_same_revision(pair
     revision is at least the record's; a missing id is NOT_FOUND; a delete reaches the standby
     too and a second delete reports deleted=false."""
     primary, standby = split(pair)
-    with Client(primary.address) as p, Client(standby.address) as s:
+    with Client(primary.control_address) as p, Client(standby.control_address) as s:
         sent = [record(f"agent1:{10 + i}", display=10 + i) for i in range(3)]
         revisions = [p.put(session) for session in sent]
         assert revisions == sorted(revisions)
@@ -216,7 +216,7 @@ def test_put_on_the_standby_is_refused_naming_the_primary(pair: Pair) -> None:
     epoch; nothing is written."""
     primary, standby = split(pair)
     epoch = int(primary.role()["epoch"])
-    with Client(standby.address) as s:
+    with Client(standby.control_address) as s:
         for call in (lambda: s.put(record("refused")), lambda: s.delete("refused")):
             with pytest.raises(grpc.RpcError) as refused:
                 call()
@@ -249,7 +249,7 @@ def test_watch_sends_a_snapshot_then_changes_and_resumes_from_a_revision(pair: P
     then PUT and DELETE for later writes. WatchSessions(N) replays every change from N on,
     including every record of a multi-record transaction at N, then follows live changes."""
     primary, standby = split(pair)
-    with Client(primary.address) as p, Client(standby.address) as s:
+    with Client(primary.control_address) as p, Client(standby.control_address) as s:
         first = p.put(record("w-1"))
         second = p.put(record("w-2"))
         wait_current(s, second)
@@ -308,7 +308,7 @@ def test_a_quiet_watch_gets_progress_when_the_copy_moves_on(pair: Pair) -> None:
     says so with PROGRESS, so a client can resume from there rather than from a revision etcd
     may compact. Revisions never decrease, and a PROGRESS never runs ahead of a change."""
     primary, standby = split(pair)
-    with Client(primary.address) as p, Client(standby.address) as s:
+    with Client(primary.control_address) as p, Client(standby.control_address) as s:
         written = p.put(record("quiet"))
         wait_current(s, written)
         call = s.stub.WatchSessions(WatchSessionsRequest(start_revision=written + 1), timeout=30)
@@ -332,7 +332,7 @@ def test_watch_from_a_compacted_revision_is_out_of_range(pair_on_fresh_cluster: 
     starts over with 0), and a watch from 0 still works."""
     pair = pair_on_fresh_cluster
     primary, standby = split(pair)
-    with Client(primary.address) as p, Client(standby.address) as s:
+    with Client(primary.control_address) as p, Client(standby.control_address) as s:
         old = p.put(record("old"))
         newest = p.put(record("new"))
         pair.etcd.compact()
@@ -392,7 +392,7 @@ def test_list_pages_through_every_record_in_order(pair: Pair) -> None:
     last id as next_page_token; following the tokens yields every record exactly once and the
     last page has no token. page_size 0 is every record at once."""
     primary, standby = split(pair)
-    with Client(primary.address) as p, Client(standby.address) as s:
+    with Client(primary.control_address) as p, Client(standby.control_address) as s:
         sent = sorted(f"page-{i:03d}" for i in range(23))
         revision = 0
         for session_id in sent:
@@ -423,7 +423,7 @@ def test_a_page_of_large_records_ends_early_within_the_clients_receive_limit(
     primary, _ = split(pair)
     big = {f"k{n:02d}": "x" * 1000 for n in range(60)}
     sent = [f"big-{i:02d}" for i in range(80)]
-    with Client(primary.address) as p:
+    with Client(primary.control_address) as p:
         for session_id in sent:
             p.put(record(session_id, attributes=big))
         listed, token, sizes = [], "", []
@@ -445,7 +445,7 @@ def test_invalid_requests_get_invalid_argument_naming_the_field(pair: Pair) -> N
     field's path, nothing is written, and the server keeps serving afterwards."""
     primary, _ = split(pair)
     wrong: list[str] = []
-    with Client(primary.address) as p:
+    with Client(primary.control_address) as p:
         for what, field, request in invalid_puts():
             try:
                 p.stub.PutSession(request, timeout=RPC_TIMEOUT)
@@ -541,7 +541,7 @@ def test_any_session_gets_an_answer_and_accepted_ones_read_back_unchanged(pair: 
     primary = pair.start(ttl=TTL, count=1)[0]
     primary.wait_role("PRIMARY")
     outcomes: dict[str, int] = {}
-    with Client(primary.address) as p:
+    with Client(primary.control_address) as p:
 
         def answer(session: Session) -> tuple[Code, str, int]:
             try:
@@ -579,7 +579,7 @@ def test_garbage_written_by_someone_else_is_skipped_on_both_nodes(pair: Pair) ->
     """Values under sessions/ written past the sidecar (not JSON, a wrong id, a bad key) are
     left out of both nodes' copies; both keep serving, and later writes still reach both."""
     primary, standby = split(pair)
-    with Client(primary.address) as p, Client(standby.address) as s:
+    with Client(primary.control_address) as p, Client(standby.control_address) as s:
         good = p.put(record("good"))
         with pair.etcd.client() as etcd:
             etcd.put(sessions_key(pair, "junk"), b"\x00\xff not json")
@@ -604,7 +604,7 @@ def test_copy_stays_readable_marked_stale_while_etcd_is_unreachable(
     writes again."""
     pair = pair_on_fresh_cluster
     primary, standby = split(pair)
-    with Client(primary.address) as p, Client(standby.address) as s:
+    with Client(primary.control_address) as p, Client(standby.control_address) as s:
         revision = max(p.put(record(f"kept-{i}")) for i in range(3))
         current = wait_current(s, revision)
         assert not current.stale
@@ -627,7 +627,7 @@ def test_copy_stays_readable_marked_stale_while_etcd_is_unreachable(
             for member in pair.etcd.members:
                 member.cont()
         primary, standby = pair.wait_split(timeout=TTL * 4 + 10)
-        with Client(primary.address) as again:
+        with Client(primary.control_address) as again:
             written = eventually(lambda: again.put(record("after-outage")), timeout=10)
-        with Client(standby.address) as s:
+        with Client(standby.control_address) as s:
             assert not wait_current(s, written).stale

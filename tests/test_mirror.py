@@ -45,9 +45,12 @@ class Ack:
 class SteadyWriter:
     """Puts sessions one after the other through whichever node is primary, as a VSM server
     would: it follows the NotPrimary hint of FAILED_PRECONDITION, and retries the same record
-    on UNAVAILABLE or a deadline (the write may or may not have landed: a put is idempotent)."""
+    on UNAVAILABLE or a deadline (the write may or may not have landed: a put is idempotent).
+    Nodes are known by their published (TCP) address, the one the hint names; writes go to
+    each node's Unix socket, where they are allowed."""
 
     addresses: list[str]
+    sockets: dict[str, str]
     acked: dict[str, Ack] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
     stop: threading.Event = field(default_factory=threading.Event)
@@ -61,7 +64,7 @@ class SteadyWriter:
             return sum(1 for a in self.acked.values() if address in (None, a.address))
 
     def _run(self) -> None:
-        clients = {address: Client(address) for address in self.addresses}
+        clients = {address: Client(self.sockets[address]) for address in self.addresses}
         target = self.addresses[0]
         try:
             number = 0
@@ -104,7 +107,8 @@ def test_no_acknowledged_write_is_lost_when_the_primary_is_killed(pair: Pair) ->
     PRIMARY every write that was acknowledged is on it with the same content and revision, and
     the client carries on writing there."""
     primary, standby = split(pair)
-    writer = SteadyWriter([primary.address, standby.address])
+    writer = SteadyWriter([primary.address, standby.address],
+                          {n.address: n.control_address for n in (primary, standby)})
     writer.thread.start()
     try:
         eventually(lambda: _at_least(writer.count(primary.address), 50), timeout=10)
@@ -116,7 +120,7 @@ def test_no_acknowledged_write_is_lost_when_the_primary_is_killed(pair: Pair) ->
         writer.stop.set()
         writer.thread.join(10)
     assert writer.errors == []
-    with Client(standby.address) as new_primary:
+    with Client(standby.control_address) as new_primary:
         held = by_id(new_primary.list())
     with writer.lock:
         acked = dict(writer.acked)
@@ -139,7 +143,7 @@ def test_a_paused_primary_cannot_write_after_it_was_replaced(pair: Pair) -> None
     primary, standby = split(pair)
     late = record("late-write")
     outcome: list[grpc.RpcError | int] = []
-    with Client(primary.address) as old:
+    with Client(primary.control_address) as old:
         old.put(record("before-the-pause"))  # the connection is up before the pause
         recorder = pair.recorder(standby)
         stopped_at = time.monotonic()
@@ -164,7 +168,7 @@ def test_a_paused_primary_cannot_write_after_it_was_replaced(pair: Pair) -> None
     assert error.code() is Code.FAILED_PRECONDITION
     with pair.etcd.client() as etcd:
         assert etcd.get(sessions_key(pair, "late-write"))[0] is None
-    with Client(standby.address) as new_primary:
+    with Client(standby.control_address) as new_primary:
         assert "late-write" not in by_id(new_primary.list())
         with pytest.raises(grpc.RpcError) as missing:
             new_primary.stub.GetSession(GetSessionRequest(session_id="late-write"), timeout=5)
@@ -190,9 +194,9 @@ def test_restarted_standby_resumes_from_its_copy_and_catches_up(pair: Pair) -> N
     it loads its copy (revision > 0), resumes its watch from there without a full re-read,
     and its copy then equals the primary's."""
     primary, standby = split(pair)
-    with Client(primary.address) as p:
+    with Client(primary.control_address) as p:
         before = max(p.put(record(f"early-{i}")) for i in range(20))
-        with Client(standby.address) as s:
+        with Client(standby.control_address) as s:
             wait_current(s, before)
         time.sleep(0.3)  # the copy on disk is flushed every 50 ms
         standby.kill()
@@ -202,7 +206,7 @@ def test_restarted_standby_resumes_from_its_copy_and_catches_up(pair: Pair) -> N
         last, _ = p.delete("early-1")
         offset = standby.log_path.stat().st_size
         standby.start()
-        with Client(standby.address) as s:
+        with Client(standby.control_address) as s:
             copy = wait_current(s, last)
         reference = p.list()
     events = log_events(str(standby.log_path), offset)

@@ -154,7 +154,7 @@ def test_http_endpoints_follow_a_role_change(pair: Pair) -> None:
     assert [http(standby, "/primary")[0], http(standby, "/standby")[0]] == [503, 200]
     assert http(standby, "/health")[0] == 200
     time.sleep(1.2)
-    _, epoch, _ = client.switchover(primary.address, standby.node_id)
+    _, epoch, _ = client.switchover(primary.control_address, standby.node_id)
     assert [http(standby, "/primary")[0], http(primary, "/primary")[0]] == [200, 503]
     families = {f.name: f for f in text_string_to_metric_families(http(standby, "/metrics")[1])}
     roles = {s.labels["role"]: s.value for s in families["vsm_sidecar_role"].samples}

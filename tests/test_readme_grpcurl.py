@@ -23,6 +23,7 @@ pytestmark = [pytest.mark.etcd]
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 README_ADDRESS = "127.0.0.1:50051"
+README_SOCKET = "/run/vsm-sidecar/grpc.sock"
 # A server stream never ends by itself: grpcurl stops it after this long, and fails with
 # DeadlineExceeded after printing what arrived; that failure is accepted for streams only.
 STREAM_SECONDS = 2
@@ -152,11 +153,13 @@ EXPECTED: dict[str, Check] = {
 }
 
 
-def run_readme_command(command: str, address: str) -> str:
-    """Run one README command against ``address``; the method it called (or "list")."""
-    args = shlex.split(command.replace(README_ADDRESS, address))
+def run_readme_command(command: str, node: LocalSidecar) -> str:
+    """Run one README command against ``node`` (its port or its socket, as the command
+    says); the method it called (or "list")."""
+    address, socket = node.address, str(node.control_socket)
+    args = shlex.split(command.replace(README_ADDRESS, address).replace(README_SOCKET, socket))
     assert args[0] == "grpcurl", command
-    assert address in args, command
+    assert address in args or socket in args, command
     target = args[-1]
     streaming = target in STREAMING
     if streaming:
@@ -193,7 +196,7 @@ def test_every_readme_grpcurl_command_runs_against_the_primary(pair: Pair) -> No
     ran = []
     for command in commands:
         primary, _ = pair.wait_split()  # the Switchover example moves it
-        ran.append(run_readme_command(command, primary.address))
+        ran.append(run_readme_command(command, primary))
 
     assert ran == methods
     assert len(ran) == len(commands)

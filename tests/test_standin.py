@@ -42,7 +42,7 @@ class StandInProcess:
         self.log_path = workdir / f"standin-{self.name}.log"
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "sidecar", "vsm-standin", "--grpc", sidecar.address,
+                [sys.executable, "-m", "sidecar", "vsm-standin", "--grpc", sidecar.control_address,
                  "--listen", f"{HOST}:{self.port}", "--name", self.name],
                 stdout=log, stderr=log, start_new_session=True)
 
@@ -210,7 +210,7 @@ def test_standin_follows_its_sidecar_through_a_restart(
 
     primary.start()
     old.wait_event("role", role="STANDBY")  # the stream is open again, on the new process
-    client.switchover(standby.address, primary.node_id)
+    client.switchover(standby.control_address, primary.node_id)
     old.wait_serving(True, timeout=5)
     new.wait_serving(False, timeout=1)
 

@@ -325,7 +325,7 @@ def test_check_config_prints_toml_that_config_takes_back(tmp_path: Path, pki: Pk
         "config": str(source), "node_id": "a",
         "etcd_endpoints": ["https://10.0.0.1:2379,https://10.0.0.2:2379"],
         "etcd_ca": str(pki.ca), "etcd_cert": str(pki.client.cert),
-        "etcd_key": str(pki.client.key), "etcd_timeout": "0.25", "session_writers": ["local"],
+        "etcd_key": str(pki.client.key), "etcd_timeout": "0.25",
         "data_dir": str(tmp_path / "data dir"), "health_check": "exec:true --flag='x y'",
     }.items()}, {"VSM_SIDECAR_CLUSTER": "prod", "VSM_SIDECAR_FAILBACK": "no"})
     assert config.load({"config": str(printed)}, {}) == expected

@@ -158,7 +158,7 @@ class Bench:
     def latency(self) -> None:
         count = self.args.latency_count
         say(f"write latency: {count} sequential PutSession on the primary")
-        with grpc.insecure_channel(self.primary.address) as channel:
+        with grpc.insecure_channel(self.primary.control_address) as channel:
             stub = session_pb2_grpc.SessionServiceStub(channel)
             for n in range(50):  # warm-up: connection, first txns
                 stub.PutSession(PutSessionRequest(session=session("warm", n)), timeout=5)
@@ -197,7 +197,7 @@ class Bench:
         acks: dict[str, float] = {}
         with (
             grpc.insecure_channel(self.standby.address, options=BIG_MESSAGES) as watch_channel,
-            grpc.insecure_channel(self.primary.address) as put_channel,
+            grpc.insecure_channel(self.primary.control_address) as put_channel,
         ):
             call = session_pb2_grpc.SessionServiceStub(watch_channel).WatchSessions(
                 WatchSessionsRequest(start_revision=0)
@@ -370,7 +370,7 @@ class Bench:
             n += 1
 
     def _sidecar_writer(self, index: int, barrier: threading.Barrier, counts: list[int]) -> None:
-        self._grpc_writer(self.primary.address, index, barrier, counts)
+        self._grpc_writer(self.primary.control_address, index, barrier, counts)
 
     def _echo_writer(self, index: int, barrier: threading.Barrier, counts: list[int]) -> None:
         self._grpc_writer(self.echo_address, index, barrier, counts)

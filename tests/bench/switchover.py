@@ -117,7 +117,7 @@ def run(runs: int, ttl: int, delay: float) -> dict[str, list[float]]:
                 time.sleep(1.2)  # b's members/ record is current again
                 waiter = _background(timeline.wait_move, "b")
                 started = time.monotonic()
-                client.switchover(a.address, "b")
+                client.switchover(a.control_address, "b")
                 rpc = time.monotonic() - started
                 etcd_view = waiter()
                 fail_back = timeline.wait_move("a", timeout=delay + 15)

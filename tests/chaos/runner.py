@@ -199,8 +199,9 @@ class Op:
 class Writer:
     """Puts, re-puts and deletes records through the primary, keeping what was acknowledged."""
 
-    def __init__(self, addresses: dict[str, str]) -> None:
+    def __init__(self, addresses: dict[str, str], sockets: dict[str, str]) -> None:
         self.addresses = addresses  # address -> node id
+        self.sockets = sockets  # address -> the node's Unix socket, where writes are allowed
         self.expected: dict[str, Session | None] = {}  # acknowledged state; None = deleted
         self.acks: list[tuple[float, str, str]] = []  # (time, kind, node)
         self.errors: list[str] = []
@@ -247,7 +248,7 @@ class Writer:
         return Op("put", session_id, session)
 
     def _run(self) -> None:
-        channels = {a: grpc.insecure_channel(a) for a in self.addresses}
+        channels = {a: grpc.insecure_channel(self.sockets[a]) for a in self.addresses}
         stubs = {a: SessionServiceStub(c) for a, c in channels.items()}
         target = next(iter(self.addresses))
         try:
@@ -377,7 +378,8 @@ class Lab:
             self.samplers = {h: start_sampler(self.net, h, self.vip, SAMPLE_PERIOD) for h in "ab"}
             self.probe = start_probe(self.net, "client", self.vip, NAME_PORT, PROBE_PERIOD)
         self.split(timeout=20)
-        self.writer = Writer({n.address: n.node_id for n in self.nodes.values()})
+        self.writer = Writer({n.address: n.node_id for n in self.nodes.values()},
+                             {n.address: n.control_address for n in self.nodes.values()})
         self.writer.start()
         time.sleep(3.0)  # some history before the first fault, for the timelines
 
