@@ -1091,7 +1091,8 @@ def _standins_line(available: bool, lab: Lab) -> str:
     if not available:
         return "stand-in VSM servers: not available in this build"
     where = ", ".join(f"{name} on {standin.address}" for name, standin in lab.standins.items())
-    return f"stand-in VSM servers: {where} (only the primary's serves: try nc HOST PORT)"
+    return (f"stand-in VSM servers: {where} (only the primary's serves: try "
+            f"{_ask_command('HOST', 'PORT')})")
 
 
 def _vip_line(lab: Lab) -> str:
@@ -1152,7 +1153,7 @@ def _commands(lab: Lab) -> list[str]:
     extra: list[str] = []
     if lab.net is not None and lab.vip is not None:
         client_ns = lab.net.netns("client")
-        extra.append(f"  ip netns exec {client_ns} nc {lab.vip} {VIP_PORT}")
+        extra.append(f"  ip netns exec {client_ns} {_ask_command(lab.vip, VIP_PORT)}")
     return [
         f"Try these in another terminal while it runs ({NODE_IDS[1]} answers on {other}):",
         f"  {sidecar} status --grpc {address}",
@@ -1166,6 +1167,13 @@ def _commands(lab: Lab) -> list[str]:
         f"  {_tool('etcdctl')} --endpoints={lab.etcd.endpoints_arg} get --prefix "
         f"/thinlinc-ha/{CLUSTER}/",
     ]
+
+
+def _ask_command(host: object, port: object) -> str:
+    """A command that prints a stand-in's greeting: nc where installed, else bash alone."""
+    if shutil.which("nc"):
+        return f"nc {host} {port}"
+    return f"bash -c 'exec 3<>/dev/tcp/{host}/{port}; head -1 <&3'"
 
 
 def _tool(name: str) -> str:

@@ -37,6 +37,7 @@ from .fileadapter import (
     split_chunks,
 )
 from .node import NotPrimary
+from .tasks import supervise
 
 log = structlog.get_logger(__name__)
 
@@ -66,9 +67,7 @@ class FileMirror:
 
     async def run(self) -> None:
         """Upload local changes while primary; follow etcd's copy otherwise. Forever."""
-        async with asyncio.TaskGroup() as tasks:
-            tasks.create_task(self._upload_changes(), name="file-upload")
-            tasks.create_task(self._follow(), name="file-follow")
+        await supervise({"file-upload": self._upload_changes(), "file-follow": self._follow()})
 
     # -- primary: the file into etcd --------------------------------------------------------
 

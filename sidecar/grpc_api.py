@@ -291,6 +291,12 @@ class GrpcServer:
             primary = status.role is Role.PRIMARY
             await self.health.set(PRIMARY_HEALTH_SERVICE, SERVING if primary else NOT_SERVING)
 
+    async def stop_serving_health(self) -> None:
+        """Every health service answers NOT_SERVING from now on (the process is going)."""
+        if self._follower is not None:
+            self._follower.cancel()
+        await self.health.enter_graceful_shutdown()
+
     async def stop(self, grace: float = 1.0) -> None:
         if self._follower is not None:
             self._follower.cancel()

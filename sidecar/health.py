@@ -1,7 +1,8 @@
 """A health check of the local VSM server, to gate candidacy (a node whose server is down
 must not take over).
 
-The check is a TCP connect or a command (exit 0 is healthy), repeated every ``interval``. Like
+The check is a TCP connect or a command (exit 0 is healthy; it runs without the sidecar's
+capabilities, see :mod:`sidecar.childcaps`), repeated every ``interval``. Like
 haproxy and keepalived, it changes state only after ``rise`` successes or ``fall`` failures in a
 row, so that one lost probe does not flap the node's candidacy. The state starts unknown
 (``healthy is None``); callers decide what unknown means for them.
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 
 import structlog
 
+from .childcaps import without_capabilities
 from .hooks import stop_process_group
 
 log = structlog.get_logger(__name__)
@@ -65,8 +67,9 @@ class CommandTarget:
         """Run the command; when cancelled (the caller's timeout), kill its process group."""
         try:
             proc = await asyncio.create_subprocess_exec(
-                *self.argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.STDOUT, start_new_session=True)
+                *without_capabilities(self.argv), stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+                start_new_session=True)
         except OSError as exc:
             raise ProbeFailed(f"cannot run: {exc}") from None
         try:

@@ -9,7 +9,8 @@ whole process group goes, including anything the script started and left running
 A script gets the new role as ``argv[1]`` and these variables on top of the inherited
 environment: ``VSM_SIDECAR_OLD_ROLE``, ``VSM_SIDECAR_NEW_ROLE`` (``PRIMARY``, ``STANDBY``, ...),
 ``VSM_SIDECAR_EPOCH``, ``VSM_SIDECAR_NODE_ID``, ``VSM_SIDECAR_LEADER`` (empty if none) and
-``VSM_SIDECAR_REASON``.
+``VSM_SIDECAR_REASON``. It runs as the sidecar's user with none of the sidecar's capabilities
+(see :mod:`sidecar.childcaps`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Protocol
 
 import structlog
+
+from .childcaps import without_capabilities
 
 if TYPE_CHECKING:  # node.py imports config.py, which may check a hook program: no cycle
     from .node import Role, Status
@@ -149,7 +152,8 @@ class HookRunner:
             started = time.monotonic()
             try:
                 proc = await asyncio.create_subprocess_exec(
-                    self.program, change.new.name, env=self._environment(change),
+                    *without_capabilities([self.program, change.new.name]),
+                    env=self._environment(change),
                     stdin=asyncio.subprocess.DEVNULL, stdout=output,
                     stderr=asyncio.subprocess.STDOUT, start_new_session=True)
             except OSError as exc:

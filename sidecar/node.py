@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from enum import Enum
@@ -38,6 +38,7 @@ from .election import (
 )
 from .etcd import Etcd, EtcdAccessDenied, EtcdError, EventType, LeaseGone, retry_policy
 from .handover import SwitchoverRefused, choose_target, ineligibility, request_move
+from .tasks import TaskEnded, supervise
 
 log = structlog.get_logger(__name__)
 
@@ -229,11 +230,18 @@ class Node:
         stopped = asyncio.create_task(stop.wait(), name="stop")
         try:
             await asyncio.wait({life, stopped}, return_when=asyncio.FIRST_COMPLETED)
-            if life.done():
-                life.result()  # only a bug or a fatal configuration error ends it early
+            ended_by_itself = life.done()
         finally:
             stopped.cancel()
             await self._shutdown(life)
+        if not ended_by_itself:
+            return
+        # The lifecycle never ends by itself: only a bug, a fatal configuration error (access
+        # denied) or a cancellation by someone else gets here, and the caller must hear of it.
+        if life.cancelled():
+            raise TaskEnded("lifecycle", "was cancelled")
+        life.result()
+        raise TaskEnded("lifecycle", "returned")
 
     async def _shutdown(self, life: asyncio.Task[None]) -> None:
         """Rule 6: stop writes, release the IP (both in _set_role), then revoke the lease."""
@@ -258,34 +266,36 @@ class Node:
                     await self._revoke_stale(stale)
             self._lease = lease
             try:
-                async with asyncio.TaskGroup() as tasks:
-                    tasks.create_task(self.election.keep_alive(lease), name="keepalive")
-                    tasks.create_task(self._publish_member(lease), name="member")
-                    tasks.create_task(self._leadership(lease), name="leadership")
-                    if self.settings.preferred_primary and self.settings.failback:
-                        tasks.create_task(self._failback(), name="failback")
-            except* LeaseLost as group:
-                reason = str(_first_leaf(group))
-                self._set_role(Role.FENCED, f"lease lost: {reason}")
+                await supervise(self._lease_tasks(lease))
+            except LeaseLost as exc:
+                self._set_role(Role.FENCED, f"lease lost: {exc}")
                 stale = lease
-            except* LeaseGone as group:
+            except LeaseGone as exc:
                 # A call used our lease after etcd had expired it (e.g. a campaign right
                 # after an etcd outage): the lease is lost, whatever the keepalive has seen.
-                self._set_role(Role.FENCED, f"lease lost: {_first_leaf(group)}")
+                self._set_role(Role.FENCED, f"lease lost: {exc}")
                 stale = None
-            except* EtcdAccessDenied as group:
+            except EtcdAccessDenied as exc:
                 # A configuration problem (user, password, role, certificate): say so once,
                 # plainly, and stop; retrying cannot mend it.
-                error = _first_leaf(group)
-                log.error("etcd_access_denied", error=str(error), note=ACCESS_NOTE)
-                raise error from None
-            except* EtcdError as group:
+                log.error("etcd_access_denied", error=str(exc), note=ACCESS_NOTE)
+                raise
+            except EtcdError as exc:
                 # Anything else etcd refuses in a way retrying did not mend: fence and start
                 # over with a new lease rather than end the process.
-                self._set_role(Role.FENCED, f"etcd error: {_first_leaf(group)}")
+                self._set_role(Role.FENCED, f"etcd error: {exc}")
                 stale = lease
-                log.error("etcd_error", error=str(_first_leaf(group)), decision="fence, retry")
+                log.error("etcd_error", error=str(exc), decision="fence, retry")
                 await asyncio.sleep(ETCD_ERROR_PAUSE)  # never spin against a refusing etcd
+
+    def _lease_tasks(self, lease: Lease) -> dict[str, Coroutine[Any, Any, None]]:
+        """What runs for the life of one lease; none of it ends while the lease lives."""
+        tasks = {"keepalive": self.election.keep_alive(lease),
+                 "member": self._publish_member(lease),
+                 "leadership": self._leadership(lease)}
+        if self.settings.preferred_primary and self.settings.failback:
+            tasks["failback"] = self._failback()
+        return tasks
 
     async def _acquire_lease(self) -> Lease:
         async for attempt in retry_policy("grant lease"):
@@ -455,21 +465,20 @@ class Node:
             except Exception:  # the role stands; the reconciler retries what failed
                 log.exception("promote_action_failed")
         try:
-            async with asyncio.TaskGroup() as tasks:
-                tasks.create_task(self._watch_deadline(lease), name="deadline")
-                tasks.create_task(self._guard_key(leader.epoch, revision), name="key-guard")
-                tasks.create_task(self._await_handover(revision), name="handover")
-        except* Tampered as group:
+            await supervise({"deadline": self._watch_deadline(lease),
+                             "key-guard": self._guard_key(leader.epoch, revision),
+                             "handover": self._await_handover(revision)})
+        except Tampered as exc:
             # Stop serving first (rule 4), then free the election: the key is still the one
             # created at our epoch, so deleting it is ours to do, as in a handover (rule 6).
             # Whoever wins next does so with a new epoch.
             log.error("leader_key_overwritten", epoch=leader.epoch,
                       decision="step down and delete the key; a new election follows")
-            await self._step_down(leader.epoch, str(_first_leaf(group)))
-        except* Deposed as group:
-            self._set_role(Role.STANDBY, str(_first_leaf(group)))
-        except* HandOver as group:
-            await self._hand_over(leader.epoch, _first_leaf(group))
+            await self._step_down(leader.epoch, str(exc))
+        except Deposed as exc:
+            self._set_role(Role.STANDBY, str(exc))
+        except HandOver as exc:
+            await self._hand_over(leader.epoch, exc)
 
     async def _hand_over(self, epoch: int, handover: BaseException) -> None:
         """Rule 6: stop writes and release the IP (in _set_role), then delete the leader key;
@@ -664,9 +673,3 @@ def _following(leader: LeaderInfo) -> str:
     return (f"the leader key holds no leader record ({leader.problem}): counted as held until "
             "its lease ends; nobody campaigns")
 
-
-def _first_leaf(group: BaseExceptionGroup[Any]) -> BaseException:
-    first: BaseException = group
-    while isinstance(first, BaseExceptionGroup):
-        first = first.exceptions[0]
-    return first

@@ -19,7 +19,7 @@ from . import logs
 from .api import session_pb2_grpc
 from .config import ConfigError, Settings
 from .election import Keys
-from .etcd import Etcd
+from .etcd import Etcd, EtcdError
 from .filemirror import FileMirror
 from .grpc_api import GrpcServer
 from .grpc_sessions import SERVICE_NAME as SESSION_SERVICE
@@ -37,7 +37,12 @@ from .systemd import Notifier
 log = structlog.get_logger(__name__)
 
 EXIT_FORCED = 130
+EXIT_FAILED = 1
 SHUTDOWN_GRACE = 1.0
+# After a part failed, the process must be gone within about a second: a short grace for the
+# API, and a bound on the handover (rule 6) that then still runs.
+FAILED_GRACE = 0.1
+FAILED_HANDOVER = 0.6
 # Session data calls (range reads of many records, grouped writes) get their own client and
 # threads, so that they can never delay a keepalive on the control client.
 DATA_TIMEOUT = 5.0
@@ -148,34 +153,53 @@ class Service:
         node = asyncio.create_task(self.node.run(self.stop), name="node")
         failed = False
         try:
-            done, _ = await asyncio.wait({node, *background},
-                                         return_when=asyncio.FIRST_COMPLETED)
-            for task in done - {node}:
-                # A part that ends on its own is a bug: hand over and exit non-zero rather
-                # than go on half alive (a dead follower would block every promotion).
-                failed = True
-                error = task.exception() if not task.cancelled() else None
-                log.error("component_failed", component=task.get_name(),
-                          error=repr(error), decision="hand over and exit")
-                self.stop.set()
-            await node
+            failed = await self._supervise(node, background)
         finally:
             self.systemd.send(stopping="1", status="stopping: handing over")
-            await self.grpc.stop(SHUTDOWN_GRACE)
+            await self.grpc.stop(FAILED_GRACE if failed else SHUTDOWN_GRACE)
             if self.http is not None:
                 await self.http.stop()
-            for task in background:
+            for task in [node, *background]:
                 task.cancel()
-            await asyncio.gather(*background, return_exceptions=True)
+            await asyncio.gather(node, *background, return_exceptions=True)
             self.store.close()
             if self.resource is not None:
                 self.resource.release("stopped")
                 self.resource.close()
             self.etcd.close()
             self.data_etcd.close()
-        log.info("stopped")
-        return 1 if failed else 0
+        log.info("stopped", exit_code=EXIT_FAILED if failed else 0)
+        fatal = None if node.cancelled() else node.exception()
+        if isinstance(fatal, EtcdError):
+            raise fatal  # a refusal retrying cannot mend (access denied): the CLI says which
+        return EXIT_FAILED if failed else 0
 
+    async def _supervise(self, node: asyncio.Task[None],
+                         background: list[asyncio.Task[None]]) -> bool:
+        """Until the node has handed over after a stop; True when anything ended on its own.
+
+        Every task here runs for the life of the process. One that ends by itself (an error, a
+        return, a cancellation by someone else) is a bug: the process stops serving health at
+        once, hands over and exits non-zero, rather than go on half alive (a dead follower
+        blocks every promotion; a dead leadership loop never takes over)."""
+        done, _ = await asyncio.wait({node, *background}, return_when=asyncio.FIRST_COMPLETED)
+        failures = [task for task in done if task is not node or not self.stop.is_set()]
+        for task in failures:
+            error = None if task.cancelled() else task.exception()
+            log.error("component_failed", component=task.get_name(),
+                      error="cancelled" if task.cancelled() else repr(error),
+                      decision="stop serving, hand over and exit")
+        if failures:
+            await self.grpc.stop_serving_health()
+            self.stop.set()
+        if not node.done():
+            try:
+                async with asyncio.timeout(FAILED_HANDOVER if failures else None):
+                    await asyncio.wait({node})
+            except TimeoutError:
+                log.error("handover_timed_out", decision="exit; the lease ends within its TTL")
+        return bool(failures) or (node.done() and not node.cancelled()
+                                  and node.exception() is not None)
 
     async def _report_to_systemd(self) -> None:
         """READY once the API serves; then one STATUS line per role change."""

@@ -40,6 +40,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from . import logs
 from .api import role_pb2, role_pb2_grpc, session_pb2, session_pb2_grpc
 from .sessions import NOT_PRIMARY_METADATA_KEY
+from .tasks import supervise
 
 log = structlog.get_logger("standin")
 
@@ -300,13 +301,11 @@ async def run(grpc_address: str, listen: str, name: str) -> None:
     async with grpc.aio.insecure_channel(grpc_address, options=_CHANNEL_OPTIONS) as channel:
         standin = StandIn(channel, listen, name)
         log.info("standin_starting", sidecar=grpc_address, listen=listen)
-        async with asyncio.TaskGroup() as tasks:
-            workers = [tasks.create_task(standin.follow_role(), name="follow-role"),
-                       tasks.create_task(standin.serve_while_primary(), name="serve")]
-            await stop.wait()
+        try:
+            await supervise({"follow-role": standin.follow_role(),
+                             "serve": standin.serve_while_primary()}, until=stop)
+        finally:
             standin.stop_serving("shutting down")
-            for worker in workers:
-                worker.cancel()
     log.info("standin_stopped")
 
 

@@ -100,21 +100,31 @@ def test_epoch_grows_with_every_new_leader(etcd_cluster: LocalEtcdCluster,
     run(etcd_cluster, cluster_name, body)
 
 
-def test_keepalive_deadline_is_send_time_plus_granted_ttl(etcd_cluster: LocalEtcdCluster,
-                                                          cluster_name: str) -> None:
+def test_keepalive_deadline_is_send_time_plus_granted_ttl(
+        etcd_cluster: LocalEtcdCluster, cluster_name: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """Rule 3: the local deadline is the send time of the answered keepalive + the TTL etcd
-    granted, never the time the answer arrived."""
+    granted, never the time the answer arrived (here 0.3 s after etcd gave it)."""
+    delay = 0.3
 
     async def body(make: Callable[[str], Election]) -> None:
         election = make("a")
         lease = await election.grant()
+        real_call = election.etcd.call
+
+        async def late_answer(fn: Callable[[Any], T], what: str) -> T:
+            result = await real_call(fn, what)
+            await asyncio.sleep(delay)  # a slow network on the way back
+            return result
+
+        monkeypatch.setattr(election.etcd, "call", late_answer)
         before = time.monotonic()
         await election.keepalive_once(lease)
         after = time.monotonic()
         assert lease.ttl == 2
-        assert before + lease.ttl <= lease.deadline <= after + lease.ttl
-        # It is the send time: the deadline is at most before + TTL + the call's own latency.
-        assert lease.deadline - (before + lease.ttl) <= after - before
+        assert after - before >= delay
+        # The send time: at most before + TTL + the time etcd itself took, never + the delay.
+        assert before + lease.ttl <= lease.deadline <= after - delay + lease.ttl
 
     run(etcd_cluster, cluster_name, body)
 

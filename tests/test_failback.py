@@ -10,7 +10,7 @@ import time
 import grpc
 import pytest
 
-from sidecar import client
+from sidecar import client, node
 from sidecar.api import session_pb2, session_pb2_grpc
 from sidecar.localcluster import LocalEtcdCluster
 
@@ -146,3 +146,32 @@ def test_switchover_cli(pair: Pair) -> None:
                              capture_output=True, text=True, timeout=30)
     assert refused.returncode == 1
     assert "ghost is not a member" in refused.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop", ["sigterm", "kill"])
+def test_after_a_failback_the_secondary_still_takes_over(pair: Pair, stop: str) -> None:
+    """The secondary that handed the role back to the preferred primary is still a candidate
+    after its standby's leader re-read has timed out (LEADER_REREAD_SECONDS): when the preferred
+    primary then stops (SIGTERM or kill -9), the secondary becomes PRIMARY.
+
+    On Python 3.11.2 (Debian 12's own) the handover's task group left the node's task marked
+    as cancelled, so the next asyncio.timeout raised CancelledError instead of TimeoutError and
+    silently ended the leadership loop: a standby that never took over again."""
+    preferred_pair(pair)
+    a, b = pair.nodes
+    a.kill()
+    b.wait_role("PRIMARY", timeout=6)
+    restarted = time.monotonic()
+    a.start()
+    recorder_a = pair.recorder(a)
+    recorder_a.wait_role("PRIMARY", timeout=DELAY + 10, after=restarted)
+    b.wait_role("STANDBY", timeout=5)
+    # Past one leader re-read of the standby: its follow timeout has expired at least once.
+    time.sleep(node.LEADER_REREAD_SECONDS + 2)
+    assert client.role_name(b.role()) == "STANDBY"
+    if stop == "kill":
+        a.kill()
+    else:
+        a.terminate()
+    b.wait_role("PRIMARY", timeout=2 * 2 + 3)

@@ -1029,7 +1029,8 @@ Known cause of overlapping claims when the etcd **leader** is paused for longer 
 TTL (odd runs of pause-etcd-member): etcd-io/etcd#15247. A stuck etcd leader that resumes
 after a new leader was elected still revokes the leases that expired in its stale view, and
 raft forwards that revoke to the new leader, so a lease ends before "keepalive sent + TTL",
-the bound the sidecar's local deadline relies on (DESIGN.md rule 3). The deposed primary
+the bound the sidecar's local deadline relies on
+([DESIGN.md rule 3](DESIGN.md#rule-3-local-lease-deadline)). The deposed primary
 notices the deletion of its leader key at once (a watch) and steps down; writes stay safe
 (every write is guarded on the epoch), but its claim to the role was briefly wrong. The fix
 (etcd-io/etcd#16822, "ignore old leader's leases revoking request") is in later 3.4 and 3.5
@@ -1116,7 +1117,8 @@ matplotlib draws the timelines (Agg backend, no display needed).
 
 Packet loss and latency on links (netem), a partition between the two sidecar hosts that
 leaves both reaching etcd (harmless by design: they never talk to each other), an etcd member
-dying together with a sidecar host (etcd runs outside the host namespaces here), asymmetric
+dying together with a sidecar host (etcd runs outside the host namespaces in the chaos
+lab), asymmetric
 cuts (one direction only), and clock jumps (the lease deadline uses the monotonic clock).
 """
     out.mkdir(parents=True, exist_ok=True)
