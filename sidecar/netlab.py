@@ -7,9 +7,17 @@
       └── vetcd    ── eth0 in host "etcd"    192.0.2.1/24   2001:db8::1/64
 
 Only documentation ranges are used, and nothing is created in the root namespace, so a lab can
-never reach or disturb the machine's real network. Every namespace name carries the creating
-process id and a random tag: parallel runs never clash, and a later run can tell the leftovers
-of a killed run (dead pid) from a lab that is still in use.
+never reach or disturb the machine's real network. Nor does a lab depend on the machine's
+settings: a new namespace copies the root's IPv4 sysctls (``ip_forward=1`` on every Docker host
+would make host a route a client's packet on to b), so each namespace sets what the lab relies
+on (:data:`HOST_SYSCTLS`, :data:`SWITCH_SYSCTLS`) before any interface exists. Netfilter tables
+are per namespace and start empty with ACCEPT policies. The root's tables (Docker's FORWARD
+DROP among them) see only the traffic of the root's own leg (``attach_root``), as INPUT and
+OUTPUT, never as FORWARD.
+
+Every namespace name carries the creating process id and a random tag: parallel runs never
+clash, and a later run can tell the leftovers of a killed run (dead pid) from a lab that is
+still in use.
 
 Helpers take a host name ("a", "client", "switch") or a full namespace name. This harness uses
 the ``ip`` command freely; the product code must not (it speaks netlink). It is a test and demo
@@ -40,6 +48,23 @@ HOST_IFNAME: Final = "eth0"
 # Host name -> last octet / last group of its addresses.
 HOSTS: Final[Mapping[str, int]] = {"etcd": 1, "a": 11, "b": 12, "client": 100}
 
+# What every lab namespace relies on, whatever the root namespace has. Set on "all" and
+# "default" right after the namespace is made, so eth0 (moved in later) starts from them too.
+HOST_SYSCTLS: Final[Mapping[str, str]] = {
+    # Hosts are hosts, not routers: a packet for an address a host gave up is dropped there,
+    # not routed on to its new holder (which would hide a missing announcement).
+    **{f"net.ipv{v}.conf.{c}.forwarding": "0" for v in (4, 6) for c in ("all", "default")},
+    # The announcement tests need the client to learn from gratuitous ARP and unsolicited NA.
+    **{f"net.ipv4.conf.{c}.drop_gratuitous_arp": "0" for c in ("all", "default")},
+    **{f"net.ipv6.conf.{c}.drop_unsolicited_na": "0" for c in ("all", "default")},
+    **{f"net.ipv6.conf.{c}.disable_ipv6": "0" for c in ("all", "default")},
+}
+# With br_netfilter loaded (dockerd loads it) a new namespace's bridge hands bridged frames to
+# that namespace's iptables; the switch is a plain switch. Only where the module is loaded.
+SWITCH_SYSCTLS: Final[Mapping[str, str]] = {
+    f"net.bridge.bridge-nf-call-{table}": "0" for table in ("iptables", "ip6tables", "arptables")
+}
+
 
 class LabError(RuntimeError):
     """A lab command failed; the message carries the command and its stderr."""
@@ -68,6 +93,8 @@ def netns_unavailable() -> str | None:
         return "network namespace tests need root"
     if shutil.which("ip") is None:
         return "the ip command (iproute2) is not installed"
+    if shutil.which("sysctl") is None:
+        return "the sysctl command (procps) is not installed"
     name = f"{PREFIX}-{os.getpid()}-{secrets.token_hex(3)}-check"
     created = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True)
     if created.returncode != 0:
@@ -199,6 +226,7 @@ class NetnsLab:
         _open_labs.add(self)
         sweep_orphans()
         self._add_netns(self.switch)
+        self._sysctl(self.switch, SWITCH_SYSCTLS, missing_ok=True)
         self._batch(
             self.switch,
             "link set lo up",
@@ -252,6 +280,19 @@ class NetnsLab:
     def _add_netns(self, name: str) -> None:
         _check(["ip", "netns", "add", name])
         self._namespaces.append(name)
+        self._sysctl(name, HOST_SYSCTLS)
+
+    def _sysctl(self, ns: str, settings: Mapping[str, str], missing_ok: bool = False) -> None:
+        assignments = [f"{key}={value}" for key, value in settings.items()]
+        # -e: a setting whose module is not loaded does not exist, so it cannot be on either.
+        flags = ["-q", "-e", "-w"] if missing_ok else ["-q", "-w"]
+        _check(["ip", "netns", "exec", ns, "sysctl", *flags, *assignments])
+
+    def sysctl(self, ns: str, key: str) -> str | None:
+        """The value of a sysctl in the host (None where the key does not exist there)."""
+        path = "/proc/sys/" + key.replace(".", "/")
+        done = self.run(ns, "cat", path, check=False)
+        return done.stdout.strip() if done.returncode == 0 else None
 
     def _batch(self, ns: str, *commands: str) -> None:
         _check(["ip", "-n", ns, "-batch", "-"], stdin="\n".join(commands) + "\n")

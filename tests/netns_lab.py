@@ -6,17 +6,22 @@ See :mod:`sidecar.netlab` for the topology, the addresses and the clean-up rules
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
 
 import pytest
 
 from sidecar.netlab import (
     BRIDGE,
     HOST_IFNAME,
+    HOST_SYSCTLS,
     HOSTS,
     PREFIX,
     ROOT_OCTET,
     ROOT_PORT,
+    SWITCH_SYSCTLS,
     TEST_NETS,
     Host,
     LabError,
@@ -35,9 +40,11 @@ __all__ = [
     "BRIDGE",
     "HOSTS",
     "HOST_IFNAME",
+    "HOST_SYSCTLS",
     "PREFIX",
     "ROOT_OCTET",
     "ROOT_PORT",
+    "SWITCH_SYSCTLS",
     "TEST_NETS",
     "Host",
     "LabError",
@@ -49,6 +56,7 @@ __all__ = [
     "read_line",
     "require_netns",
     "root_subnets",
+    "root_sysctls",
     "sweep_orphans",
     "wait_for",
 ]
@@ -68,3 +76,19 @@ def require_netns() -> None:
     if os.environ.get("CI") == "true":
         pytest.fail(f"{reason} (CI=true, where network namespace tests must run)", pytrace=False)
     pytest.skip(reason)
+
+
+@contextlib.contextmanager
+def root_sysctls(settings: Mapping[str, str]) -> Iterator[None]:
+    """Set sysctls of the root namespace (as a Docker host has them) for the ``with`` body,
+    then put every old value back, pass or fail. Root only."""
+    old: dict[Path, str] = {}
+    try:
+        for key, value in settings.items():
+            path = Path("/proc/sys", *key.split("."))
+            old[path] = path.read_text()
+            path.write_text(value)
+        yield
+    finally:
+        for path, value in old.items():
+            path.write_text(value)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
+import os
+import secrets
 import socket
 import struct
 import subprocess
@@ -35,7 +37,15 @@ from sidecar.vip import (
 
 from . import netns_lab as lab_module
 from .netns_conftest import netns_lab  # noqa: F401 - the fixture, until conftest imports it
-from .netns_lab import NetnsLab, list_netns, require_netns, wait_for
+from .netns_lab import (
+    HOST_SYSCTLS,
+    SWITCH_SYSCTLS,
+    NetnsLab,
+    list_netns,
+    require_netns,
+    root_sysctls,
+    wait_for,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 PORT = 7000
@@ -44,6 +54,12 @@ VIP4_IP = "192.0.2.4"
 VIP6 = "2001:db8::4/64"
 VIP6_IP = "2001:db8::4"
 QUICK = {"repeat": 2, "interval": 0.01, "delay": 0.0}  # one short burst, no second one
+# dockerd turns on forwarding in the root namespace, and new namespaces copy it from there.
+DOCKER_HOST = {"net.ipv4.ip_forward": "1"}
+# The lab's fixture, built on the root namespace as found and as on every Docker host.
+ROOT_AS_FOUND_AND_AS_DOCKER_HOST = pytest.mark.parametrize(
+    "netns_lab", [{}, DOCKER_HOST], ids=["root-as-found", "root-forwarding"], indirect=True
+)
 
 
 # --------------------------------------------------------------------------- pure helpers
@@ -472,6 +488,7 @@ def _a_serves_the_vip(lab: NetnsLab, drivers: Drivers, vip_cidr: str) -> tuple[V
 
 
 @pytest.mark.netns
+@ROOT_AS_FOUND_AND_AS_DOCKER_HOST
 def test_announcement_moves_the_client_to_the_new_holder(
     netns_lab: NetnsLab,  # noqa: F811
     drivers: Drivers,
@@ -490,6 +507,7 @@ def test_announcement_moves_the_client_to_the_new_holder(
 
 
 @pytest.mark.netns
+@ROOT_AS_FOUND_AND_AS_DOCKER_HOST
 def test_without_announcement_the_client_keeps_the_old_mac(
     netns_lab: NetnsLab,  # noqa: F811
     drivers: Drivers,
@@ -785,6 +803,41 @@ def test_labs_left_open_are_cleaned_at_exit_or_by_the_next_lab() -> None:
     assert {name for name in list_netns() if name.startswith(tag)}  # left behind
     with NetnsLab():  # starting any lab sweeps namespaces whose creator is dead
         assert not {name for name in list_netns() if name.startswith(tag)}
+
+
+@pytest.mark.netns
+def test_lab_namespaces_never_forward_whatever_the_root_has() -> None:
+    """With ip_forward=1 in the root, which a bare new namespace copies, every lab namespace
+    still has forwarding off (IPv4 and IPv6: all, default, eth0) and the other settings the lab
+    relies on, and no bridge netfilter in the switch; the root's value is back afterwards."""
+    require_netns()
+    before = Path("/proc/sys/net/ipv4/ip_forward").read_text()
+    eth0_forwarding = {f"net.ipv{v}.conf.eth0.forwarding": "0" for v in (4, 6)}
+    # Where br_netfilter is not loaded its settings do not exist, in the switch either.
+    bridge_loaded = Path("/proc/sys/net/bridge").exists()
+    switch_wanted = {key: value if bridge_loaded else None for key, value in SWITCH_SYSCTLS.items()}
+    wanted = {host: {**HOST_SYSCTLS, **eth0_forwarding} for host in lab_module.HOSTS}
+    wanted["switch"] = {**HOST_SYSCTLS, **switch_wanted}
+    with root_sysctls(DOCKER_HOST):
+        assert _bare_namespace_sysctl("net.ipv4.ip_forward") == "1"  # what the lab must undo
+        with NetnsLab() as lab:
+            found = {ns: {key: lab.sysctl(ns, key) for key in keys} for ns, keys in wanted.items()}
+    assert found == wanted
+    assert Path("/proc/sys/net/ipv4/ip_forward").read_text() == before
+
+
+def _bare_namespace_sysctl(key: str) -> str:
+    """A sysctl as a new namespace gets it, before anyone sets it."""
+    name = f"{lab_module.PREFIX}-{os.getpid()}-{secrets.token_hex(3)}-bare"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        path = "/proc/sys/" + key.replace(".", "/")
+        shown = subprocess.run(
+            ["ip", "netns", "exec", name, "cat", path], capture_output=True, text=True, check=True
+        )
+        return shown.stdout.strip()
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=True)
 
 
 def _run_python(code: str, check: bool = True) -> subprocess.CompletedProcess[str]:
