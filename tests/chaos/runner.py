@@ -167,19 +167,47 @@ def watch_reports(node_id: str, recorder: RoleRecorder) -> list[Report]:
                    _lease_left(o.status), "watch") for o in observations]
 
 
-def overlapping_claims(reports: list[Report]) -> list[tuple[Report, Report]]:
+Claim = tuple[float, float, Report]
+
+
+def claims(reports: list[Report]) -> list[Claim]:
+    """Every PRIMARY report's claim ``(start, end, report)``, sorted by start.
+
+    A claim ends at ``sent + lease_left``, or earlier at the first later report of the same
+    node that shows it no longer PRIMARY (a later report: sent after the claim's report was
+    received): that node had stepped down, and rule 4 releases the resource IP and refuses
+    writes in the very step that changes the role. Handovers (rule 6) rest on the same
+    ordering: the old primary steps down before the key is deleted. A node that cannot report
+    (paused, killed) keeps its claim to the end.
+    """
+    down: dict[str, list[Report]] = {}
+    for report in reports:
+        if report.role not in ("PRIMARY", "UNREACHABLE"):
+            down.setdefault(report.node, []).append(report)
+    found: list[Claim] = []
+    for report in reports:
+        interval = report.claim()
+        if interval is None:
+            continue
+        start, end = interval
+        stepped_down = [q.received for q in down.get(report.node, ())
+                        if q.sent >= report.received]
+        end = min([end, *stepped_down])
+        if end >= start:
+            found.append((start, end, report))
+    return sorted(found, key=lambda c: c[0])
+
+
+def overlapping_claims(reports: list[Report]) -> list[tuple[Claim, Claim]]:
     """Pairs of PRIMARY claims of different nodes whose intervals overlap."""
-    claims = sorted(((r.claim(), r) for r in reports if r.claim() is not None),
-                    key=lambda c: c[0][0])  # type: ignore[index]
-    found: list[tuple[Report, Report]] = []
-    for i, (interval, report) in enumerate(claims):
-        assert interval is not None
-        for other_interval, other in claims[i + 1:]:
-            assert other_interval is not None
-            if other_interval[0] > interval[1]:
+    ordered = claims(reports)
+    found: list[tuple[Claim, Claim]] = []
+    for i, claim in enumerate(ordered):
+        for other in ordered[i + 1:]:
+            if other[0] > claim[1]:
                 break
-            if other.node != report.node:
-                found.append((report, other))
+            if other[2].node != claim[2].node:
+                found.append((claim, other))
     return found
 
 
@@ -814,14 +842,13 @@ def role_violations(lab: Lab, results: list[RunResult]) -> None:
     start. One incident: all overlapping report pairs of the same two (node, epoch) claims,
     reported once with the span during which both claims stood and how many reports showed it.
     """
-    incidents: dict[tuple[str, int, str, int], list[tuple[Report, Report]]] = {}
+    incidents: dict[tuple[str, int, str, int], list[tuple[Claim, Claim]]] = {}
     for first, second in overlapping_claims(lab.reports()):
-        pair = sorted([(first.node, first.epoch), (second.node, second.epoch)])
+        pair = sorted([(first[2].node, first[2].epoch), (second[2].node, second[2].epoch)])
         incidents.setdefault((*pair[0], *pair[1]), []).append((first, second))
     for (node_1, epoch_1, node_2, epoch_2), pairs in incidents.items():
-        start = min(max(f.received, s.received) for f, s in pairs)
-        end = max(min(f.sent + (f.lease_left or 0), s.sent + (s.lease_left or 0))
-                  for f, s in pairs)
+        start = min(max(f[0], s[0]) for f, s in pairs)
+        end = max(min(f[1], s[1]) for f, s in pairs)
         text = (f"PRIMARY claims overlap: {node_1} epoch {epoch_1} and {node_2} epoch "
                 f"{epoch_2} both claimed a valid lease over [{start:.3f}, {end:.3f}] "
                 f"({(end - start) * 1000:.0f} ms; {len(pairs)} overlapping report pairs)")
