@@ -374,7 +374,9 @@ class Election:
         self._versions_checked: float | None = None
         self._last_leader: LeaderInfo | None = None  # the last leader key seen
         self._handover_to_me = False  # a switchover request naming us, seen with no leader
-        self._won: tuple[int, float] | None = None  # (epoch, when) of the last campaign won
+        # The last campaign won: its epoch, when, and the leader key seen before it.
+        self._won: tuple[int, float, LeaderInfo | None] | None = None
+        self._campaigning: int | None = None  # the lease of a campaign under way
 
     async def grant(self) -> Lease:
         sent = time.monotonic()
@@ -473,7 +475,7 @@ class Election:
         won, self._won = self._won, None
         if won is None or won[0] != leader.epoch or not self.etcd_affected:
             return
-        why = await self._involuntary(lease)
+        why = await self._involuntary(won[2])
         if why is None:
             return
         wait = won[1] + takeover_wait(self.settings) - time.monotonic()
@@ -485,19 +487,20 @@ class Election:
         if lease.expired():
             raise LeaseLost("the local deadline passed while waiting to take over")
 
-    async def _involuntary(self, lease: Lease) -> str | None:
+    async def _involuntary(self, before: LeaderInfo | None) -> str | None:
         """Why the last leader's key may have gone without its holder knowing, or None for a
         planned move: a switchover request named us, or the key was deleted in a revision of
         its own while its holder's member record (on the same lease) lived on. Only the
         holder deletes its key and keeps its lease (handover, step-down, resign); a lease that
         ends, early or not, takes both keys in one revision."""
-        before = self._last_leader
         if self._handover_to_me:
             return None
         if before is None:
             return "no earlier leader seen: one may still believe it holds the role"
-        if before.lease in (0, lease.id) or not before.valid:
-            return None  # no sidecar's lease (removed as unowned), or our own
+        if before.node_id == self.settings.node_id or before.lease == 0 or not before.valid:
+            # Our own key (we know we gave it up; an earlier process of ours is gone), or no
+            # sidecar's (removed as unowned): nobody else can believe it holds the role.
+            return None
         try:
             if await self._deleted_alone(before):
                 return None
@@ -575,10 +578,11 @@ class Election:
         return leader, request, response.header.revision
 
     def _seen(self, leader: LeaderInfo | None, request: SwitchoverRequest | None) -> None:
-        """Remember what a takeover will be judged by (guard_takeover): the last other node's
-        leader key, and whether a switchover request named us while no key existed."""
+        """Remember what a takeover will be judged by (guard_takeover): the last leader key
+        (not the one a campaign of ours is creating), and whether a switchover request named
+        us while no key existed."""
         if leader is not None:
-            if leader.node_id != self.settings.node_id:
+            if leader.lease != self._campaigning:
                 self._last_leader = leader
             self._handover_to_me = False
         else:
@@ -669,10 +673,14 @@ class Election:
         except EtcdUnavailable:
             # The outcome is unknown: the put may have been applied after we stopped waiting.
             # The key tells: ours carries our lease.
-            leader, revision = await self.read_leader()
+            self._campaigning = lease.id
+            try:
+                leader, revision = await self.read_leader()
+            finally:
+                self._campaigning = None
             won = leader is not None and leader.lease == lease.id
             if won and leader is not None:
-                self._won = (leader.epoch, time.monotonic())
+                self._note_won(leader)
             return CampaignResult(won, leader, revision)
         found = response.responses[-1].response_range.kvs
         if not found:  # the key vanished between compare and get: impossible in one txn
@@ -681,10 +689,14 @@ class Election:
         # A retry after an ambiguous failure finds the key our first attempt created.
         won = won or found[0].lease == lease.id
         if won:
-            self._won = (info.epoch, time.monotonic())
+            self._note_won(info)
         else:
             self._seen(info, None)
         return CampaignResult(won, info, response.header.revision)
+
+    def _note_won(self, ours: LeaderInfo) -> None:
+        self._won = (ours.epoch, time.monotonic(), self._last_leader)
+        self._last_leader = ours
 
     async def put_member(self, lease: Lease, record: dict[str, Any]) -> None:
         value = json.dumps(record, sort_keys=True).encode()
