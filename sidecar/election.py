@@ -10,12 +10,18 @@ Safety rules 1, 3 and 6 of DESIGN.md live here:
    margin) never overlaps with a successor, whatever etcd or the network do.
 6. :meth:`Election.resign` revokes the lease, which deletes the leader key at once, so the
    successor that watches the key campaigns without waiting for a TTL.
+
+On an etcd without the fix for etcd-io/etcd#15247 rule 3's premise fails: a stalled etcd leader
+that resumes after a new one was elected still revokes the leases that expired in its stale
+view, and the new leader applies the revoke, so a lease can end at any moment, long before
+"keepalive sent + TTL". See "etcd-io/etcd#15247" below for how both sides bound that.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -25,13 +31,83 @@ import structlog
 from etcd3 import etcdrpc
 
 from .config import NAME_PATTERN, Settings
-from .etcd import Etcd, EtcdError, EtcdUnavailable, kv_call, prefix_end
+from .etcd import (
+    Etcd,
+    EtcdError,
+    EtcdUnavailable,
+    Event,
+    EventType,
+    kv_call,
+    lease_ttl_elsewhere,
+    member_versions,
+    prefix_end,
+)
 
 log = structlog.get_logger(__name__)
 
 # After a failed keepalive, try again this soon (on another endpoint) rather than a whole
 # interval later: an etcd leader election costs 1-2 s and the deadline does not wait.
 KEEPALIVE_RETRY = 0.1
+
+
+# -- etcd-io/etcd#15247 ----------------------------------------------------------------------
+#
+# A primary whose lease was revoked early still believes its local deadline, which lies up to a
+# TTL ahead; only learning of the revoke ends that belief. So, on an affected etcd only:
+# (a) the primary learns through any member: a keepalive that fails, or whose answer is slow
+#     (a stalled member, or one that just resumed), has the lease checked through another
+#     member (TimeToLive, which a follower forwards to the raft leader); a slow answer never
+#     renews the deadline on its own, the check does. So the deposed primary steps down within
+#     one keepalive interval plus that slowness of the revoke (its watch often sooner);
+# (b) a node that wins the leader key after an involuntary loss (the key went with its
+#     holder's lease, not a handover) waits that long plus the safety margin before it turns
+#     PRIMARY, claims the resource IP and serves (takeover_wait).
+# Planned moves (the holder deleted its key while its lease lived, or a switchover request
+# names the winner) and etcd releases with the fix skip the wait.
+
+# First release of each series with the fix (etcd-io/etcd#16822 and its backports); 3.6.0 on.
+FIXED_15247 = {(3, 4): (3, 4, 31), (3, 5): (3, 5, 13)}
+# A keepalive answer later than this fraction of the interval is checked through another member.
+SLOW_KEEPALIVE = 0.5
+# Members' versions are asked again at a lease grant at most this often (rolling upgrades).
+VERSION_RECHECK = 300.0
+_RELEASE = re.compile(r"v?(\d+)\.(\d+)\.(\d+)")
+
+
+def _release(version: str) -> tuple[int, int, int] | None:
+    match = _RELEASE.match(version.strip())
+    if match is None:
+        return None
+    major, minor, patch = (int(part) for part in match.groups())
+    return major, minor, patch
+
+
+def affected_by_15247(version: str) -> bool:
+    """Whether this etcd release lacks the fix for etcd-io/etcd#15247 (a resumed stale leader
+    revokes leases early). Pre-release suffixes are ignored; an unreadable version counts as
+    affected (the guard costs a little failover time, its absence a double primary)."""
+    release = _release(version)
+    if release is None:
+        return True
+    if release >= (3, 6, 0):
+        return False
+    fixed = FIXED_15247.get((release[0], release[1]))
+    return fixed is None or release < fixed
+
+
+def upgrade_target(version: str) -> str:
+    """The first release with the fix in this version's series (3.5's for older ones)."""
+    release = _release(version)
+    if release is not None and release[:2] == (3, 4):
+        return "3.4.31"
+    return "3.5.13"
+
+
+def takeover_wait(settings: Settings) -> float:
+    """How long a new primary waits after an involuntary loss on an affected etcd: the deposed
+    primary's next keepalive (one interval), the slowness after which its answer is checked
+    through another member, and the safety margin for that check's round trip."""
+    return settings.keepalive_interval * (1 + SLOW_KEEPALIVE) + settings.margin
 
 
 class LeaseLost(Exception):
@@ -261,6 +337,12 @@ class Lease:
         self.ttl = granted_ttl
         self.renewed_at = time.monotonic()
 
+    def confirm(self, sent_at: float, remaining: int) -> None:
+        """A check through another member found the lease alive with ``remaining`` whole
+        seconds (etcd rounds down) as seen at or after ``sent_at``."""
+        self.deadline = max(self.deadline, sent_at + remaining)
+        self.renewed_at = time.monotonic()
+
     def time_left(self, now: float | None = None) -> float:
         """Seconds before this node must have given up what the lease protects."""
         now = time.monotonic() if now is None else now
@@ -286,22 +368,174 @@ class Election:
         self.keys = Keys(settings.prefix)
         self.keepalive_latency = 0.0
         self.garbage = GarbageLog()
+        # etcd-io/etcd#15247: assumed until a member's version says otherwise (the safe side).
+        self.etcd_affected = True
+        self.etcd_versions: dict[str, str | None] = {}
+        self._versions_checked: float | None = None
+        self._last_leader: LeaderInfo | None = None  # the last leader key seen
+        self._handover_to_me = False  # a switchover request naming us, seen with no leader
+        # The last campaign won: its epoch, when, and the leader key seen before it.
+        self._won: tuple[int, float, LeaderInfo | None] | None = None
+        self._campaigning: int | None = None  # the lease of a campaign under way
 
     async def grant(self) -> Lease:
         sent = time.monotonic()
         lease = await self.etcd.call(lambda c: c.lease(self.settings.ttl), "grant lease")
         granted = Lease(lease.id, lease.ttl, sent + lease.ttl, self.settings.margin)
         log.info("lease_granted", lease=hex(lease.id), ttl=lease.ttl)
+        checked = self._versions_checked
+        if checked is None or time.monotonic() - checked >= VERSION_RECHECK:
+            await self.check_etcd_version()
         return granted
 
+    async def check_etcd_version(self) -> None:
+        """Ask every member its version; the #15247 guard is on if any answering member lacks
+        the fix (a mixed cluster is as weak as its weakest leader), and stays as it was if
+        none answers. Logs a warning naming the release to upgrade to."""
+        timeout = min(self.etcd.timeout, 1.0)
+        versions = await self.etcd.call(lambda c: member_versions(c, timeout),
+                                        "etcd version")
+        self._versions_checked = time.monotonic()
+        known = {member: v for member, v in versions.items() if v is not None}
+        if not known:
+            return
+        affected = sorted({v for v in known.values() if affected_by_15247(v)})
+        changed = versions != self.etcd_versions or self.etcd_affected != bool(affected)
+        self.etcd_versions, self.etcd_affected = versions, bool(affected)
+        if not changed:
+            return
+        if affected:
+            log.warning("etcd_lacks_lease_fix", versions=affected, issue="etcd-io/etcd#15247",
+                        upgrade_to=", ".join(sorted({upgrade_target(v) for v in affected})),
+                        guard=f"a takeover after a lost leader waits "
+                              f"{takeover_wait(self.settings):.2f} s; slow keepalives are "
+                              "checked through another member")
+        else:
+            log.info("etcd_version", versions=sorted(set(known.values())),
+                     issue="etcd-io/etcd#15247 fixed: no takeover wait")
+
     async def keepalive_once(self, lease: Lease) -> None:
+        """One keepalive; renews the local deadline (rule 3) or raises LeaseLost/EtcdError."""
+        if self.etcd_affected:
+            await self.guarded_keepalive(lease)
+            return
+        sent = time.monotonic()
+        lease.renew(sent, await self._refresh(lease))
+
+    async def _refresh(self, lease: Lease) -> int:
+        """One keepalive; the TTL etcd granted. Raises LeaseLost when etcd says it is gone."""
         sent = time.monotonic()
         responses = await self.etcd.call(lambda c: list(c.refresh_lease(lease.id)), "keepalive")
         self.keepalive_latency = time.monotonic() - sent
         ttl = responses[0].TTL if responses else 0
         if ttl <= 0:
             raise LeaseLost(f"etcd says lease {lease.id:x} is gone")
+        return int(ttl)
+
+    async def guarded_keepalive(self, lease: Lease) -> None:
+        """A keepalive on an etcd with #15247 (rule (a) above): a prompt answer renews as
+        usual; a failed or slow one has the lease checked through another member, whose
+        answer alone renews the deadline. Raises LeaseLost when that check finds it gone."""
+        sent = time.monotonic()
+        refresh = asyncio.ensure_future(self._refresh(lease))
+        refresh.add_done_callback(_consume)  # it may be abandoned below
+        try:
+            done, _ = await asyncio.wait({refresh}, timeout=self.settings.keepalive_interval
+                                         * SLOW_KEEPALIVE)
+            if not done:
+                await self.confirm_elsewhere(lease)
+                await refresh  # renews the lease in etcd when it arrives; not trusted here
+                return
+        finally:
+            if not refresh.done():
+                refresh.cancel()
+        try:
+            ttl = refresh.result()
+        except EtcdError:
+            await self.confirm_elsewhere(lease)
+            raise
         lease.renew(sent, ttl)
+
+    async def confirm_elsewhere(self, lease: Lease) -> None:
+        """Ask etcd's leader, through a member other than the one in use, whether the lease
+        lives; renew the deadline from its remaining TTL, or raise LeaseLost."""
+        sent = time.monotonic()
+        ttl, member = await self.etcd.call(
+            lambda c: lease_ttl_elsewhere(c, lease.id, self.etcd.timeout), "lease check")
+        if ttl <= 0:
+            log.warning("lease_ended_elsewhere", lease=hex(lease.id), member=member,
+                        decision="give up the role now")
+            raise LeaseLost(f"lease {lease.id:x} ended in etcd (asked through {member})")
+        lease.confirm(sent, ttl)
+
+    async def guard_takeover(self, lease: Lease, leader: LeaderInfo) -> None:
+        """Rule (b) above: after winning ``leader`` (our new key), wait on an affected etcd
+        until a deposed primary has certainly learned that its lease ended. Returns at once
+        on a fixed etcd, for our own key resumed after a fence, and after a planned move."""
+        won, self._won = self._won, None
+        if won is None or won[0] != leader.epoch or not self.etcd_affected:
+            return
+        why = await self._involuntary(won[2])
+        if why is None:
+            return
+        wait = won[1] + takeover_wait(self.settings) - time.monotonic()
+        log.info("takeover_delayed", seconds=round(max(wait, 0.0), 3), why=why,
+                 issue="etcd-io/etcd#15247",
+                 note="the deposed primary may still believe its lease; it learns within this")
+        if wait > 0:
+            await asyncio.sleep(wait)
+        if lease.expired():
+            raise LeaseLost("the local deadline passed while waiting to take over")
+
+    async def _involuntary(self, before: LeaderInfo | None) -> str | None:
+        """Why the last leader's key may have gone without its holder knowing, or None for a
+        planned move: a switchover request named us, or the key was deleted in a revision of
+        its own while its holder's member record (on the same lease) lived on. Only the
+        holder deletes its key and keeps its lease (handover, step-down, resign); a lease that
+        ends, early or not, takes both keys in one revision."""
+        if self._handover_to_me:
+            return None
+        if before is None:
+            return "no earlier leader seen: one may still believe it holds the role"
+        if before.node_id == self.settings.node_id or before.lease == 0 or not before.valid:
+            # Our own key (we know we gave it up; an earlier process of ours is gone), or no
+            # sidecar's (removed as unowned): nobody else can believe it holds the role.
+            return None
+        try:
+            if await self._deleted_alone(before):
+                return None
+        except EtcdError as exc:
+            return f"how {before.node_id}'s key went could not be read: {exc}"
+        return f"{before.node_id}'s key went with its lease (expiry or revoke)"
+
+    async def _deleted_alone(self, before: LeaderInfo) -> bool:
+        """Whether the leader key ``before`` was deleted while the same holder's member record
+        still existed (read from history: the deletion's revision, then the record at it)."""
+        first = asyncio.ensure_future(
+            self._first_event(self.keys.leader, (before.revision or before.epoch) + 1))
+        first.add_done_callback(_consume)
+        done, _ = await asyncio.wait({first}, timeout=self.etcd.timeout * 2)
+        if not done:
+            first.cancel()
+            raise EtcdUnavailable("the leader key's history did not arrive in time")
+        event = first.result()
+        if event.type is not EventType.DELETE:
+            return False
+        member = self.keys.member(before.node_id)
+
+        def read(client: Any) -> Any:
+            return kv_call(client, "Range", etcdrpc.RangeRequest(
+                key=member, revision=event.mod_revision))
+
+        kvs = (await self.etcd.call(read, "read member at the deletion")).kvs
+        return bool(kvs) and kvs[0].lease == before.lease
+
+    async def _first_event(self, key: bytes, start_revision: int) -> Event:
+        async with self.etcd.watch(key, start_revision=start_revision) as watch:
+            async for batch in watch:
+                if batch.events:
+                    return batch.events[0]
+        raise EtcdUnavailable("the watch ended before the first event")
 
     async def keep_alive(self, lease: Lease) -> None:
         """Renew until the lease is lost; raises :class:`LeaseLost` (never returns)."""
@@ -340,7 +574,20 @@ class Election:
         request_kvs = response.responses[1].response_range.kvs
         leader = self.leader_info(leader_kvs[0]) if leader_kvs else None
         request = self.switchover_request(request_kvs[0]) if request_kvs else None
+        self._seen(leader, request)
         return leader, request, response.header.revision
+
+    def _seen(self, leader: LeaderInfo | None, request: SwitchoverRequest | None) -> None:
+        """Remember what a takeover will be judged by (guard_takeover): the last leader key
+        (not the one a campaign of ours is creating), and whether a switchover request named
+        us while no key existed."""
+        if leader is not None:
+            if leader.lease != self._campaigning:
+                self._last_leader = leader
+            self._handover_to_me = False
+        else:
+            self._handover_to_me = request is not None and \
+                request.target == self.settings.node_id
 
     def leader_info(self, kv: Any) -> LeaderInfo:
         """The leader key from a KeyValue of a read (which, unlike a watch event, carries the
@@ -426,8 +673,14 @@ class Election:
         except EtcdUnavailable:
             # The outcome is unknown: the put may have been applied after we stopped waiting.
             # The key tells: ours carries our lease.
-            leader, revision = await self.read_leader()
+            self._campaigning = lease.id
+            try:
+                leader, revision = await self.read_leader()
+            finally:
+                self._campaigning = None
             won = leader is not None and leader.lease == lease.id
+            if won and leader is not None:
+                self._note_won(leader)
             return CampaignResult(won, leader, revision)
         found = response.responses[-1].response_range.kvs
         if not found:  # the key vanished between compare and get: impossible in one txn
@@ -435,7 +688,15 @@ class Election:
         info = self.leader_info(found[0])
         # A retry after an ambiguous failure finds the key our first attempt created.
         won = won or found[0].lease == lease.id
+        if won:
+            self._note_won(info)
+        else:
+            self._seen(info, None)
         return CampaignResult(won, info, response.header.revision)
+
+    def _note_won(self, ours: LeaderInfo) -> None:
+        self._won = (ours.epoch, time.monotonic(), self._last_leader)
+        self._last_leader = ours
 
     async def put_member(self, lease: Lease, record: dict[str, Any]) -> None:
         value = json.dumps(record, sort_keys=True).encode()
@@ -461,7 +722,23 @@ class Election:
         return members
 
     async def resign(self, lease: Lease) -> None:
-        """Revoke the lease: the leader key (if ours) and our member key go at once (rule 6)."""
-        await self.etcd.call(lambda c: c.revoke_lease(lease.id), "revoke lease")
+        """Delete the leader key if it is on our lease, then revoke the lease, which takes our
+        member key (rule 6). The key goes in a revision of its own, before the member record:
+        that tells a successor this was a planned move, not a lost lease (guard_takeover)."""
+        key = self.keys.leader
+
+        def resign(client: Any) -> None:
+            ours = etcdrpc.Compare(key=key, target=etcdrpc.Compare.LEASE,
+                                   result=etcdrpc.Compare.EQUAL, lease=lease.id)
+            delete = etcdrpc.RequestOp(request_delete_range=etcdrpc.DeleteRangeRequest(key=key))
+            kv_call(client, "Txn", etcdrpc.TxnRequest(compare=[ours], success=[delete]))
+            client.revoke_lease(lease.id)
+
+        await self.etcd.call(resign, "revoke lease")
         log.info("lease_revoked", lease=hex(lease.id))
 
+
+def _consume(task: asyncio.Future[Any]) -> None:
+    """Retrieve an abandoned call's outcome, so asyncio does not log it as never retrieved."""
+    if not task.cancelled():
+        task.exception()

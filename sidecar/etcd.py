@@ -372,6 +372,52 @@ def kv_call(client: Any, method: str, request: Any, timeout: float | None = None
                                           metadata=client.metadata)
 
 
+def member_versions(client: Any, timeout: float) -> dict[str, str | None]:
+    """Each configured member's etcd version (its Status RPC), or None where it did not answer.
+
+    Asked member by member on each endpoint's own channel: the client's methods only ever ask
+    the endpoint in use, and one member's version says nothing of the others (a rolling
+    upgrade runs mixed versions for a while).
+    """
+    found: dict[str, str | None] = {}
+    for label, endpoint in client.endpoints.items():
+        stub = etcdrpc.MaintenanceStub(endpoint.channel)
+        try:
+            found[label] = stub.Status(etcdrpc.StatusRequest(), timeout,
+                                       credentials=client.call_credentials,
+                                       metadata=client.metadata).version
+        except grpc.RpcError:
+            found[label] = None
+    return found
+
+
+def lease_ttl_elsewhere(client: Any, lease_id: int, timeout: float) -> tuple[int, str]:
+    """The lease's remaining TTL as etcd's leader sees it, asked through a member other than
+    the endpoint in use (that one may be the stalled member whose answers are in question):
+    a follower forwards TimeToLive to the raft leader. Returns (TTL, member); TTL -1 when the
+    lease is gone (etcd answers TTL -1 for an unknown lease). With one endpoint only, that one
+    is asked."""
+    current = client.endpoint_in_use
+    others = [e for e in client.endpoints.values() if e is not current] or [current]
+    others.sort(key=lambda e: e.is_failed())  # members that failed lately last
+    last: grpc.RpcError | None = None
+    for endpoint in others:
+        stub = etcdrpc.LeaseStub(endpoint.channel)
+        try:
+            response = stub.LeaseTimeToLive(etcdrpc.LeaseTimeToLiveRequest(ID=lease_id),
+                                            timeout, credentials=client.call_credentials,
+                                            metadata=client.metadata)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                return -1, endpoint.netloc
+            last = exc
+            continue
+        return int(response.TTL), endpoint.netloc
+    assert last is not None
+    # Translated here: run_sync would take a raw RpcError for a failure of the endpoint in use.
+    raise _translate(last, f"lease check through {len(others)} other member(s)")
+
+
 def _revive_if_all_failed(client: Any) -> None:
     """Never let every endpoint be "failed" at once.
 

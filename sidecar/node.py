@@ -458,6 +458,7 @@ class Node:
     async def _serve(self, lease: Lease, leader: LeaderInfo, revision: int) -> None:
         """Hold the leadership until the lease is lost or the key is taken from us."""
         await self._pass_gates(lease, revision)
+        await self.election.guard_takeover(lease, leader)  # etcd-io/etcd#15247, affected etcd
         self._set_role(Role.PRIMARY, "won the election", leader=leader, epoch=leader.epoch)
         for action in self.on_promote:
             try:

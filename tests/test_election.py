@@ -12,7 +12,14 @@ import time
 
 import pytest
 
-from sidecar.election import GarbageLog, SwitchoverRequest, decode_leader, decode_member
+from sidecar import config
+from sidecar.election import (
+    GarbageLog,
+    SwitchoverRequest,
+    decode_leader,
+    decode_member,
+    takeover_wait,
+)
 from sidecar.localcluster import LocalEtcdCluster
 from sidecar.localnode import RoleRecorder
 
@@ -21,6 +28,9 @@ from .sidecars import Pair
 pytestmark = [pytest.mark.etcd]
 
 TTL = 2
+# The bundled etcd (3.5.1) lacks the fix for etcd-io/etcd#15247: a takeover after a lost lease
+# waits this long (tests/test_etcd_15247.py); planned moves do not.
+GUARD = takeover_wait(config.build({"node_id": "a", "ttl": TTL}))
 
 
 def test_two_sidecars_elect_exactly_one_primary(pair: Pair) -> None:
@@ -50,15 +60,16 @@ def test_leader_key_holds_json_with_node_address_since_and_epoch(
 
 
 def test_kill9_of_primary_fails_over_within_ttl_plus_one_second(pair: Pair) -> None:
-    """kill -9 of the primary: the standby is PRIMARY within TTL + 1 s, with a higher epoch."""
+    """kill -9 of the primary: the standby is PRIMARY within TTL + 1 s (plus the #15247
+    takeover wait on the bundled etcd), with a higher epoch."""
     pair.start(ttl=TTL)
     primary, standby = pair.wait_split()
     old_epoch = int(primary.role()["epoch"])
     recorder = pair.recorder(standby)
     killed_at = time.monotonic()
     primary.kill()
-    promoted = recorder.wait_role("PRIMARY", timeout=TTL + 3, after=killed_at)
-    assert promoted.at - killed_at <= TTL + 1.0
+    promoted = recorder.wait_role("PRIMARY", timeout=TTL + 3 + GUARD, after=killed_at)
+    assert promoted.at - killed_at <= TTL + 1.0 + GUARD
     assert int(promoted.status["epoch"]) > old_epoch
 
 

