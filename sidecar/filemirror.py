@@ -70,6 +70,7 @@ MAX_RETRY_SECONDS = 30.0
 # Reads of a copy whose chunks vanish under them (a newer upload's clean-up) start over this
 # many times before the copy counts as broken.
 READ_ATTEMPTS = 5
+GATE_POLL = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -347,10 +348,25 @@ class FileMirror:
                 log.info("vsm_file_watch_ended", error=str(exc))
                 await asyncio.sleep(0.2)
 
+    def current(self) -> bool:
+        """Whether this node could take over with its file as it is: in on-primary mode the
+        file must equal etcd's copy (the VSM server starts on it); in replicated mode ThinLinc
+        keeps it, so always."""
+        if self.mode == REPLICATED:
+            return True
+        if not self._synced.is_set() or self._local is None:
+            return False
+        return self._etcd is None or self._local.sha256 == self._etcd[0]
+
     async def gate(self, revision: int) -> None:
-        """Promotion gate (rule 5): the file current before the role turns PRIMARY; log the
+        """Promotion gate (rule 5): in on-primary mode, wait until the file equals etcd's
+        copy, however long (the node's lease deadline bounds it: a node whose file cannot be
+        written, say because its VSM server will not stop, never becomes PRIMARY); log the
         version this node takes over with."""
         await self.sync(revision)
+        while not self.current():
+            await asyncio.sleep(GATE_POLL)
+            await self.sync(revision)
         report = self.report()
         log.info("vsm_file_gate", mode=self.mode, etcd_sha256=report.etcd_sha256[:12],
                  etcd_revision=report.etcd_revision, local_sha256=report.local_sha256[:12],

@@ -86,6 +86,10 @@ class Service:
             # (or a hook) starts on it.
             self.node.promotion_gates.append(self.file_mirror.gate)
             self.node.file_report = self.file_mirror.report
+            mirror = self.file_mirror
+            # No failback or switchover to a node whose VSM server would start on an old file.
+            self.node.member_fields["copy_current"] = lambda: (
+                self.follower.connected and mirror.current())
             if self.vsm_server is not None:
                 self.vsm_server.on_stopped.append(self.file_mirror.sync)
         self.resource = ResourceController(settings, self.node.is_primary) if settings.vip \

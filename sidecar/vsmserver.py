@@ -69,10 +69,11 @@ class VsmServerControl:
         """False after a failed start (the node hands over if it can), else no verdict."""
         return False if self._start_failed else None
 
-    def member_health(self) -> str | None:
+    def member_health(self) -> str:
         """The members/ record's ``health``: others do not hand the role to a node whose
-        VSM server would not start."""
-        return "unhealthy" if self._start_failed else None
+        VSM server would not start. (A standby's server is stopped by design, so "healthy"
+        here means that nothing says it cannot start.)"""
+        return "unhealthy" if self._start_failed else "healthy"
 
     def may_write_file(self) -> str | None:
         """Why the live sessions file must not be written now, or None."""
@@ -102,6 +103,8 @@ class VsmServerControl:
                     await self._changed.wait()
             except TimeoutError:
                 pass
+            # Cleared before acting: a role change while a command runs wakes the next turn at
+            # once; a failed command alone waits for the retry.
             self._changed.clear()
             primary = self.node.status().role is Role.PRIMARY
             if primary and self.state != RUNNING:
@@ -123,7 +126,6 @@ class VsmServerControl:
                       error=error, decision="hand over if a standby can take over; retry in "
                       f"{self.retry:g} s")
         self.node.mark_member_dirty()
-        self._changed.set()  # look at the role again: it may have changed meanwhile
 
     async def _stop(self) -> None:
         self._set(STOPPING)
@@ -140,7 +142,6 @@ class VsmServerControl:
                       error=error, decision=f"retry in {self.retry:g} s; the sessions file is "
                       "not written meanwhile")
         self.node.mark_member_dirty()
-        self._changed.set()
 
     def _set(self, state: str, error: str = "") -> None:
         self.state, self.since, self.error = state, time.time(), error

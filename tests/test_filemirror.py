@@ -279,3 +279,42 @@ def _behind(report: dict[str, Any]) -> dict[str, Any]:
 
 def _positive(value: float) -> None:
     assert value > 0
+
+
+# -- on-primary: a VSM server that will not start -----------------------------------------------
+
+
+@pytest.mark.parametrize(("command", "error"), [
+    ("sh -c 'echo vsmserver.service not found >&2; exit 5'",
+     "exit code 5: vsmserver.service not found"),
+    ("sleep 30", "no answer within 1 s (killed)"),
+], ids=["fails", "times out"])
+def test_a_vsm_server_that_will_not_start_is_reported_and_handed_over(
+        pair: Pair, command: str, error: str) -> None:
+    """on-primary: b's start command fails (or hangs past the timeout) when b takes over. b
+    says so on GetRole, /health and /metrics and keeps the role while no standby could do
+    better; once a is back as a healthy standby, b hands over to it, and a serves."""
+    args = ["--vsm-server-mode", "on-primary", "--vsm-server-stop", "true",
+            "--vsm-server-timeout", "1"]
+    a = pair.start_one("a", ttl=2, extra_args=[*args, "--vsm-server-start", "true"])
+    b = pair.start_one("b", ttl=2, extra_args=[*args, "--vsm-server-start", command])
+    pair.wait_split()
+    a.kill()
+    b.wait_role("PRIMARY", timeout=10)
+    server = eventually(lambda: _failed_start(b.role()))
+    assert server["error"] == error
+    assert int(server["start_failures"]) >= 1
+    assert re.search(r"^vsm_server: start failed since \S+Z: " + re.escape(error),
+                     http(b, "/health"), re.MULTILINE)
+    assert metric(b, "vsm_sidecar_vsm_server_start_failures_total") >= 1
+    assert b.role()["role"] == "ROLE_PRIMARY"  # nobody to hand over to
+    a.start()
+    a.wait_role("PRIMARY", timeout=20)
+    eventually(lambda: _check(a.role()["vsm_server"], state="running"))
+    assert "primary unhealthy" in b.log_tail(400)
+
+
+def _failed_start(status: dict[str, Any]) -> dict[str, Any]:
+    server: dict[str, Any] = status["vsm_server"]
+    assert server["state"] == "start failed", server
+    return server
