@@ -43,6 +43,12 @@ class FileReport:
     error: str = ""
     upload_failures: int = 0
 
+    def summary(self) -> dict[str, str]:
+        """What the members/ record carries (read by ``check-host``)."""
+        return {"state": self.state, "behind_since": utc(self.behind_since) if
+                self.behind_since is not None and self.state == FILE_BEHIND else "",
+                "error": self.error[:200]}
+
     def line(self) -> str:
         """One line for ``/health`` and ``check-host``."""
         etcd = f"etcd holds {self.etcd_sha256[:12] or 'nothing'}"

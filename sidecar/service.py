@@ -17,6 +17,7 @@ import structlog
 
 from . import logs
 from .api import session_pb2_grpc
+from .checkhost import watch_etcd_version
 from .config import ConfigError, Settings
 from .election import Keys
 from .etcd import Etcd, EtcdError
@@ -87,6 +88,8 @@ class Service:
             self.node.promotion_gates.append(self.file_mirror.gate)
             self.node.file_report = self.file_mirror.report
             mirror = self.file_mirror
+            # check-host reads it from etcd: whether this node's copy is behind, since when.
+            self.node.member_fields["sessions_file"] = lambda: mirror.report().summary()
             # No failback or switchover to a node whose VSM server would start on an old file.
             self.node.member_fields["copy_current"] = lambda: (
                 self.follower.connected and mirror.current())
@@ -165,6 +168,8 @@ class Service:
             background.append(asyncio.create_task(self.file_mirror.run(), name="file-mirror"))
         if self.vsm_server is not None:
             background.append(asyncio.create_task(self.vsm_server.run(), name="vsm-server"))
+        background.append(asyncio.create_task(watch_etcd_version(self.etcd),
+                                              name="etcd-version"))
         if self.hooks is not None:
             background += [asyncio.create_task(self.hooks.run(), name="hooks"),
                            asyncio.create_task(self.hooks.follow(self.node), name="hook-feed")]

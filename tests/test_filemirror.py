@@ -7,6 +7,8 @@ import json
 import os
 import random
 import re
+import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
@@ -263,6 +265,8 @@ def test_a_file_that_cannot_be_mirrored_is_reported_behind(
         eventually(lambda: _positive(metric(primary, "vsm_sidecar_sessions_file_behind_seconds")))
         assert metric(primary, "vsm_sidecar_sessions_file_upload_failures_total") >= 1
         _check(sessions_file(standby), state="following", etcd_sha256=sha(small))
+        host = eventually(lambda: _check_host_fails(pair, primary, paths[primary.node_id]))
+        assert f"behind since {report['behind_since'][:19]}" in host
         again = b"small again\n"
         atomic_write(paths[primary.node_id], again)
         eventually(lambda: _check(sessions_file(primary), state="current",
@@ -318,3 +322,17 @@ def _failed_start(status: dict[str, Any]) -> dict[str, Any]:
     server: dict[str, Any] = status["vsm_server"]
     assert server["state"] == "start failed", server
     return server
+
+
+def _check_host_fails(pair: Pair, node: LocalSidecar, path: Path) -> str:
+    """check-host on the node's settings: exit 1 and the FAIL line for the copy."""
+    result = subprocess.run(
+        [sys.executable, "-m", "sidecar", "check-host", "--node-id", node.node_id,
+         "--cluster", pair.cluster, "--etcd-endpoints", pair.etcd.endpoints_arg,
+         "--vsm-sessions-file", str(path), "--data-dir", str(pair.workdir)],
+        capture_output=True, text=True, timeout=60)
+    line = next((x for x in result.stdout.splitlines() if "sessions file is behind" in x), "")
+    assert result.returncode == 1
+    assert line.startswith("FAIL the etcd copy of the sessions file is behind since"), \
+        result.stdout
+    return line
