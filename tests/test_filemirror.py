@@ -336,3 +336,28 @@ def _check_host_fails(pair: Pair, node: LocalSidecar, path: Path) -> str:
     assert line.startswith("FAIL the etcd copy of the sessions file is behind since"), \
         result.stdout
     return line
+
+
+def test_on_primary_never_takes_over_with_a_file_it_could_not_write(pair: Pair) -> None:
+    """on-primary, rule 5: b's VSM server will not stop, so b must not write its sessions file
+    and says why; when a dies, b wins elections but never becomes PRIMARY (its VSM server would
+    serve an old file), until the file can be written."""
+    paths = files(pair)
+    a = pair.start_one("a", ttl=2, extra_args=[
+        "--vsm-sessions-file", str(paths["a"]), "--vsm-file-check-interval", "0.3", *ON_PRIMARY])
+    b = pair.start_one("b", ttl=2, extra_args=[
+        "--vsm-sessions-file", str(paths["b"]), "--vsm-file-check-interval", "0.3",
+        "--vsm-server-mode", "on-primary", "--vsm-server-start", "true",
+        "--vsm-server-stop", "false"])
+    pair.wait_split()
+    atomic_write(paths["a"], b"sessions only a has\n")
+    eventually(lambda: _check(sessions_file(b), etcd_sha256=sha(b"sessions only a has\n")))
+    report = sessions_file(b)
+    assert report["error"].startswith("file not written: the local VSM server is stop")
+    a.kill()
+    deadline = time.monotonic() + 8  # four TTLs: b wins elections meanwhile
+    while time.monotonic() < deadline:
+        assert b.role(timeout=2)["role"] != "ROLE_PRIMARY"
+        time.sleep(0.1)
+    assert content(paths["b"]) is None
+    assert "vsm_file_not_written" in b.log_tail(300)

@@ -42,6 +42,7 @@ dir=$1 grpc=$2 name=$3
 setsid {python} -m sidecar vsm-standin --grpc "$grpc" --listen 0.0.0.0:{port} --name "$name" \
     >> "$dir/standin.log" 2>&1 < /dev/null &
 echo $! > "$dir/standin.pid"
+echo $! >> "$dir/standin.pids"
 """
 STOP = """#!/bin/sh
 dir=$1
@@ -119,6 +120,10 @@ class Hosts:
     def close(self) -> None:
         for node in self.nodes.values():
             node.close()
+        for host in ("a", "b"):
+            # Every stand-in a start command ever ran: a sidecar killed -9 leaves its own.
+            with contextlib.suppress(FileNotFoundError):
+                self.pids += [int(p) for p in (self.dir(host) / "standin.pids").read_text().split()]
         for pid in set(self.pids):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
