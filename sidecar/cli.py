@@ -90,6 +90,25 @@ def _parser() -> argparse.ArgumentParser:
     _add_client_tls(move)
     move.set_defaults(func=_cmd_switchover)
 
+    # -- ThinLinc hosts (docs/THINLINC.md) --------------------------------------------------
+    check_host = commands.add_parser(
+        "check-host", help="check that this host is ready for the chosen vsm_server_mode "
+                           "(hiveconf, etcd, capabilities, folders); exit 1 on any FAIL")
+    config.add_arguments(check_host)
+    check_host.add_argument("--json", action="store_true", help="print JSON")
+    check_host.set_defaults(func=_cmd_check_host)
+
+    restore = commands.add_parser(
+        "restore-sessions-file", help="write etcd's copy of the sessions file to PATH "
+                                      "(catastrophic recovery; refuses while the local VSM "
+                                      "server answers)")
+    config.add_arguments(restore)
+    restore.add_argument("--to", required=True, metavar="PATH", dest="restore_to",
+                         help="where to write it, e.g. /var/lib/vsm/sessions")
+    restore.add_argument("--force", action="store_true",
+                         help="write even while the local VSM server answers its check")
+    restore.set_defaults(func=_cmd_restore)
+
     demo = commands.add_parser("demo", help="run a local cluster and show a failover")
     demo.add_argument("--duration", type=float, default=None, metavar="SECONDS",
                       help="stop after this long (default: run the scenes, then until Ctrl-C)")
@@ -203,6 +222,26 @@ def _cmd_switchover(args: argparse.Namespace) -> int:
     else:
         print(f"{primary} is PRIMARY (epoch {epoch}), moved in {took * 1000:.0f} ms")
     return EXIT_DONE
+
+
+def _cmd_check_host(args: argparse.Namespace) -> int:
+    from . import checkhost
+
+    settings = config.load(vars(args))
+    logs.configure("console", "error")
+    checks = checkhost.run_checks(settings)
+    print(checkhost.render(checks, args.json))
+    return 1 if any(c.status == checkhost.FAIL for c in checks) else 0
+
+
+def _cmd_restore(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from . import restore
+
+    settings = config.load(vars(args))
+    logs.configure("console", "error")
+    return restore.restore(settings, Path(args.restore_to), force=args.force)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

@@ -258,11 +258,30 @@ class Settings:
         metavar="SECONDS")
     vsm_sessions_file: Path | None = _setting(
         None, _optional_path, "mirror a stock VSM server's session database file (e.g. "
-        "/var/lib/vsm/sessions): uploaded on the primary, kept current on the standby",
+        "/var/lib/vsm/sessions): uploaded to etcd by the primary; in on-primary mode also "
+        "kept current on the standby",
         metavar="FILE")
     vsm_file_check_interval: float = _setting(
         2.0, _number(float), "re-check the file this often besides inotify events",
         metavar="SECONDS")
+    # -- how the VSM server runs beside the sidecar (docs/THINLINC.md) ----------------------
+    vsm_server_mode: str = _setting(
+        "replicated", _choice("replicated", "on-primary"), "replicated: the VSM server runs on "
+        "both nodes with ThinLinc's HA sync on, the sidecar moves the resource IP and never "
+        "writes the sessions file; on-primary: ThinLinc's sync off, the sidecar starts the VSM "
+        "server on promotion and stops it on demotion", metavar="MODE")
+    vsm_server_start: str = _setting(
+        "systemctl start vsmserver.service", _text, "on-primary: command that starts the VSM "
+        "server (split like a shell would, run without one)", metavar="COMMAND")
+    vsm_server_stop: str = _setting(
+        "systemctl stop vsmserver.service", _text, "on-primary: command that stops the VSM "
+        "server", metavar="COMMAND")
+    vsm_server_timeout: float = _setting(
+        60.0, _number(float), "on-primary: a start or stop still running after this long is "
+        "killed and counts as failed", metavar="SECONDS")
+    thinlinc_conf_dir: Path = _setting(
+        Path("/opt/thinlinc/etc/conf.d"), _path, "ThinLinc's hiveconf folder (*.hconf), read "
+        "by check-host", metavar="DIR")
     preferred_primary: bool = _setting(
         False, _boolean, "this node is the one ThinLinc calls primary: it takes the role back "
         "when it is healthy and caught up (failback)")
@@ -483,6 +502,24 @@ def validate(s: Settings) -> None:
     if s.vsm_sessions_file is not None and not s.vsm_sessions_file.parent.is_dir():
         raise ConfigError("vsm_sessions_file",
                           f"the folder of {s.vsm_sessions_file} does not exist")
+    _validate_vsm_server(s)
+
+
+def _validate_vsm_server(s: Settings) -> None:
+    import shlex
+
+    for name in ("vsm_server_start", "vsm_server_stop"):
+        try:
+            words = shlex.split(getattr(s, name))
+        except ValueError as exc:
+            raise ConfigError(name, f"cannot be split into words: {exc}") from None
+        if not words:
+            raise ConfigError(name, "must name a command")
+    if not 1 <= s.vsm_server_timeout <= 3600:
+        raise ConfigError("vsm_server_timeout", "must be 1-3600 seconds")
+    if s.vsm_server_mode == "on-primary" and s.health_check is not None:
+        raise ConfigError("health_check", "cannot gate candidacy in on-primary mode: a "
+                                          "standby's VSM server is stopped by design")
 
 
 def _validate_hooks_and_health(s: Settings) -> None:

@@ -1,10 +1,11 @@
 """Pieces for mirroring a stock VSM server's session database file (opaque bytes).
 
 On the primary, FileWatcher notices when the file changes and hands over its content, which the
-mirror stores in etcd as a manifest plus chunks (``split_chunks`` / ``Manifest``) written in one
-transaction. On the standby, ``join_chunks`` reassembles and verifies the content and
-``atomic_write`` puts it on disk so that the VSM server, started on takeover, reads either the old
-or the new file and never a mix.
+mirror stores in etcd as content-addressed chunks (``split_chunks``, named by their SHA-256) and a
+manifest listing them (``Manifest``); ``batches`` cuts the chunks into transactions that stay
+within etcd's default request limit. On the standby, ``join_chunks`` reassembles and verifies the
+content and ``atomic_write`` puts it on disk so that the VSM server, started on takeover, reads
+either the old or the new file and never a mix.
 
 Nothing here touches etcd or the network.
 """
@@ -19,7 +20,6 @@ import os
 import stat
 import tempfile
 import time
-import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,15 +29,22 @@ from typing import BinaryIO, Final, Self, TypeVar
 from asyncinotify import Event, Inotify, Mask, Watch
 
 DEFAULT_SESSIONS_FILE: Final = Path("/var/lib/vsm/sessions")
-# One chunk is one etcd value. The chunks and the manifest go in one transaction, which etcd
-# limits to 1.5 MiB (--max-request-bytes) and 128 operations (--max-txn-ops) by default: a file
-# over ~1.4 MiB needs the first raised, and 512 KiB chunks keep the second out of reach (63 MiB).
+# One chunk is one etcd value. etcd refuses a request over 1.5 MiB (--max-request-bytes) and a
+# transaction of more than 128 operations (--max-txn-ops) by default: chunks go in transactions
+# of at most TXN_BYTES of values and TXN_OPS operations, and the manifest in one of its own.
 DEFAULT_CHUNK_SIZE: Final = 512 * 1024
-# More chunks than one transaction could ever carry (even with --max-txn-ops raised 32-fold):
-# a manifest claiming more is garbage, refused before anything is sized after it.
+TXN_BYTES: Final = 1024 * 1024
+TXN_OPS: Final = 64
+# The largest file mirrored (the documented limit): 128 chunks. A ThinLinc session takes well
+# under a kilobyte of the file, so this is room for tens of thousands of sessions; a larger file
+# is reported as not mirrored, never cut.
+MAX_FILE_SIZE: Final = 64 * 1024 * 1024
+# More chunks than any file within the limit needs at the smallest sensible chunk size: a
+# manifest claiming more is garbage, refused before anything is sized after it.
 MAX_CHUNKS: Final = 4096
 DEFAULT_INTERVAL: Final = 2.0
-MANIFEST_VERSION: Final = 1
+MANIFEST_VERSION: Final = 2
+_HEX64 = frozenset("0123456789abcdef")
 
 _T = TypeVar("_T")
 
@@ -119,42 +126,42 @@ class ChunkError(ValueError):
     """A manifest or its chunks do not add up to the file it describes."""
 
 
+def chunk_hash(chunk: bytes) -> str:
+    """The name of a chunk: its SHA-256 in hex. Equal content, equal key: an unchanged part
+    of the file is never written to etcd again (nor into its history)."""
+    return hashlib.sha256(chunk).hexdigest()
+
+
 @dataclass(frozen=True, slots=True)
 class Manifest:
     """What a reader needs to reassemble and verify a file stored as several etcd values.
 
-    Written in the same transaction as the chunks; ``generation`` is new for every write, so a
-    reader can tell two writes of the same content apart and name the chunk keys after it.
+    ``chunks`` names the chunks in order by their SHA-256. Written last, in a transaction of its
+    own: the manifest is the commit point of an upload, and it only ever names chunks that are
+    already stored.
     """
 
     size: int
     sha256: str
-    chunks: int
     chunk_size: int
-    generation: str
+    chunks: tuple[str, ...]
 
     @classmethod
-    def describe(cls, data: bytes, chunk_size: int, generation: str | None = None) -> Manifest:
+    def describe(cls, data: bytes, chunk_size: int) -> Manifest:
         """The manifest of ``data`` cut into ``chunk_size`` pieces."""
-        _check_chunk_size(chunk_size)
-        return cls(
-            size=len(data),
-            sha256=hashlib.sha256(data).hexdigest(),
-            chunks=-(-len(data) // chunk_size),
-            chunk_size=chunk_size,
-            generation=generation if generation is not None else uuid.uuid4().hex,
-        )
+        return cls(size=len(data), sha256=hashlib.sha256(data).hexdigest(),
+                   chunk_size=chunk_size,
+                   chunks=tuple(chunk_hash(c) for c in split_chunks(data, chunk_size)))
+
+    @property
+    def short(self) -> str:
+        """How logs and reports name this version of the file."""
+        return self.sha256[:12]
 
     def to_json(self) -> bytes:
         """Readable JSON with a fixed key order (an operator may read it with etcdctl)."""
-        doc = {
-            "v": MANIFEST_VERSION,
-            "generation": self.generation,
-            "size": self.size,
-            "sha256": self.sha256,
-            "chunks": self.chunks,
-            "chunk_size": self.chunk_size,
-        }
+        doc = {"v": MANIFEST_VERSION, "size": self.size, "sha256": self.sha256,
+               "chunk_size": self.chunk_size, "chunks": list(self.chunks)}
         return json.dumps(doc, separators=(",", ":")).encode()
 
     @classmethod
@@ -165,24 +172,28 @@ class Manifest:
         except (ValueError, RecursionError) as exc:
             raise ChunkError(f"manifest is not UTF-8 JSON: {exc}") from None
         if not isinstance(doc, dict) or doc.get("v") != MANIFEST_VERSION:
-            raise ChunkError("not a version 1 manifest")
-        manifest = cls(
-            size=_field(doc, "size", int),
-            sha256=_field(doc, "sha256", str),
-            chunks=_field(doc, "chunks", int),
-            chunk_size=_field(doc, "chunk_size", int),
-            generation=_field(doc, "generation", str),
-        )
+            raise ChunkError(f"not a version {MANIFEST_VERSION} manifest")
+        chunks = _field(doc, "chunks", list)
+        if len(chunks) > MAX_CHUNKS:
+            raise ChunkError(f"manifest: {len(chunks)} chunks (at most {MAX_CHUNKS})")
+        if not all(isinstance(c, str) and _is_sha256(c) for c in chunks):
+            raise ChunkError("manifest: chunks must be SHA-256 hex digests")
+        manifest = cls(size=_field(doc, "size", int), sha256=_field(doc, "sha256", str),
+                       chunk_size=_field(doc, "chunk_size", int), chunks=tuple(chunks))
         manifest._check_shape()
         return manifest
 
     def _check_shape(self) -> None:
         if self.chunk_size <= 0 or self.size < 0:
             raise ChunkError("manifest: size and chunk_size must be positive")
-        if not 0 <= self.chunks <= MAX_CHUNKS:
-            raise ChunkError(f"manifest: {self.chunks} chunks (at most {MAX_CHUNKS})")
-        if self.chunks != -(-self.size // self.chunk_size):
-            raise ChunkError(f"manifest: {self.chunks} chunks cannot hold {self.size} bytes")
+        if len(self.chunks) != -(-self.size // self.chunk_size):
+            raise ChunkError(f"manifest: {len(self.chunks)} chunks cannot hold {self.size} bytes")
+        if not _is_sha256(self.sha256):
+            raise ChunkError("manifest: sha256 must be a SHA-256 hex digest")
+
+
+def _is_sha256(text: str) -> bool:
+    return len(text) == 64 and set(text) <= _HEX64
 
 
 def _field(doc: dict[str, object], name: str, kind: type[_T]) -> _T:
@@ -201,8 +212,11 @@ def split_chunks(data: bytes, chunk_size: int = DEFAULT_CHUNK_SIZE) -> list[byte
 
 def join_chunks(manifest: Manifest, chunks: Sequence[bytes]) -> bytes:
     """Reassemble the file; raise ChunkError unless it matches ``manifest`` exactly."""
-    if len(chunks) != manifest.chunks:
-        raise ChunkError(f"expected {manifest.chunks} chunks, got {len(chunks)}")
+    if len(chunks) != len(manifest.chunks):
+        raise ChunkError(f"expected {len(manifest.chunks)} chunks, got {len(chunks)}")
+    for index, (name, chunk) in enumerate(zip(manifest.chunks, chunks, strict=True)):
+        if chunk_hash(chunk) != name:
+            raise ChunkError(f"chunk {index}: sha256 differs from its name {name[:12]}")
     data = b"".join(chunks)
     if len(data) != manifest.size:
         raise ChunkError(f"expected {manifest.size} bytes, got {len(data)}")
@@ -210,6 +224,22 @@ def join_chunks(manifest: Manifest, chunks: Sequence[bytes]) -> bytes:
     if digest != manifest.sha256:
         raise ChunkError(f"sha256 {digest} differs from the manifest's {manifest.sha256}")
     return data
+
+
+def batches(sizes: Sequence[int], max_bytes: int = TXN_BYTES,
+            max_ops: int = TXN_OPS) -> list[range]:
+    """Cut items of the given sizes into consecutive runs of at most ``max_ops`` items and
+    ``max_bytes`` bytes (an item larger than ``max_bytes`` goes alone)."""
+    runs: list[range] = []
+    start, total = 0, 0
+    for index, size in enumerate(sizes):
+        if index > start and (total + size > max_bytes or index - start >= max_ops):
+            runs.append(range(start, index))
+            start, total = index, 0
+        total += size
+    if start < len(sizes):
+        runs.append(range(start, len(sizes)))
+    return runs
 
 
 def _check_chunk_size(chunk_size: int) -> None:

@@ -81,11 +81,29 @@ def status_message(status: Status, resource: ResourceView | None = None,
             health = node.health()
             message.health = "unknown" if health is None else (
                 "healthy" if health else "unhealthy")
+    if node is not None:
+        _thinlinc_fields(message, node)
     for member in status.members:
         message.members.add(
             node_id=str(member.get("node_id", "")), address=str(member.get("address", "")),
             role=_role_value(member.get("role")), epoch=_int(member.get("epoch")))
     return message
+
+
+def _thinlinc_fields(message: role_pb2.RoleStatus, node: Node) -> None:
+    if node.file_report is not None:
+        file = node.file_report()
+        message.sessions_file.CopyFrom(role_pb2.SessionsFile(
+            state=file.state, local_sha256=file.local_sha256, etcd_sha256=file.etcd_sha256,
+            etcd_revision=file.etcd_revision, error=file.error,
+            upload_failures=file.upload_failures))
+        if file.behind_since is not None:
+            message.sessions_file.behind_since.CopyFrom(_timestamp(file.behind_since))
+    if node.server_report is not None:
+        server = node.server_report()
+        message.vsm_server.CopyFrom(role_pb2.VsmServer(
+            state=server.state, since=_timestamp(server.since), error=server.error,
+            start_failures=server.start_failures, stop_failures=server.stop_failures))
 
 
 def _role_value(name: object) -> int:

@@ -219,8 +219,19 @@ class HttpServer:
             log.exception("http_health_status_failed")
             return Response(HTTPStatus.SERVICE_UNAVAILABLE, b"status unreadable\n")
         ok = status.role is not Role.STOPPING
-        return Response(HTTPStatus.OK if ok else HTTPStatus.SERVICE_UNAVAILABLE, _describe(status))
+        body = _describe(status) + _thinlinc_lines(self.node)
+        return Response(HTTPStatus.OK if ok else HTTPStatus.SERVICE_UNAVAILABLE, body)
 
 
 def _describe(status: Status) -> bytes:
     return f"{status.role.name} node={status.node_id} epoch={status.epoch}\n".encode()
+
+
+def _thinlinc_lines(node: Node) -> bytes:
+    """The sessions file's copy and the VSM server, one line each, when configured."""
+    lines = []
+    if node.file_report is not None:
+        lines.append(f"sessions_file: {node.file_report().line()}\n")
+    if node.server_report is not None:
+        lines.append(f"vsm_server: {node.server_report().line()}\n")
+    return "".join(lines).encode()

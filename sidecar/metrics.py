@@ -24,11 +24,13 @@ from prometheus_client.core import (
 from . import __version__
 from .election import Election, GarbageLog
 from .etcd import Etcd
+from .filemirror import FileMirror
 from .health import HealthCheck
 from .hooks import HookRunner
 from .mirror import Follower, Writer
 from .node import Node, Role
 from .resource import ResourceController
+from .vsmserver import VsmServerControl
 
 PREFIX = "vsm_sidecar_"
 
@@ -160,6 +162,34 @@ class SidecarCollector:
                        "resource IP when it was claimed.", stats.stale_holders_seen)
         yield _counter("resource_ip_repairs", "Times the reconciler put back a missing "
                        "address or removed one this node must not hold.", stats.repairs)
+
+
+class ThinLincCollector:
+    """The sessions file's mirror and the VSM server run in on-primary mode."""
+
+    def __init__(self, mirror: FileMirror | None, server: VsmServerControl | None) -> None:
+        self.mirror = mirror
+        self.server = server
+
+    def collect(self) -> Iterator[Metric]:
+        if self.mirror is not None:
+            yield _gauge("sessions_file_behind_seconds", "Seconds the etcd copy of the sessions "
+                         "file has lagged behind the primary's file because uploads fail; 0 "
+                         "when current (and on a standby).", self.mirror.behind_seconds())
+            yield _counter("sessions_file_uploads", "Sessions file versions uploaded to etcd.",
+                           self.mirror.uploads)
+            yield _counter("sessions_file_upload_failures", "Sessions file uploads that "
+                           "failed (retried).", self.mirror.upload_failures)
+            yield _counter("sessions_file_downloads", "Times etcd's copy was written to the "
+                           "local sessions file.", self.mirror.downloads)
+        if self.server is not None:
+            report = self.server.report()
+            yield _gauge("vsm_server_running", "1 while the VSM server this sidecar started "
+                         "runs (on-primary mode).", 1.0 if report.state == "running" else 0.0)
+            yield _counter("vsm_server_start_failures", "VSM server starts that failed or timed "
+                           "out.", report.start_failures)
+            yield _counter("vsm_server_stop_failures", "VSM server stops that failed or timed "
+                           "out.", report.stop_failures)
 
 
 def create_registry(collector: SidecarCollector, *, process: bool = True) -> CollectorRegistry:

@@ -38,6 +38,7 @@ from .election import (
 )
 from .etcd import Etcd, EtcdAccessDenied, EtcdError, EventType, LeaseGone, retry_policy
 from .handover import SwitchoverRefused, choose_target, ineligibility, request_move
+from .reports import FileReport, ServerReport
 from .tasks import TaskEnded, supervise
 
 log = structlog.get_logger(__name__)
@@ -133,6 +134,10 @@ class Node:
         self.member_fields: dict[str, Callable[[], object]] = {}
         self.health: Callable[[], bool | None] = lambda: None
         self.health_configured = False
+        # The ThinLinc side's reports (the sessions file's copy in etcd, the VSM server run in
+        # on-primary mode), shown by GetRole and /health; set by the service when configured.
+        self.file_report: Callable[[], FileReport] | None = None
+        self.server_report: Callable[[], ServerReport] | None = None
         self.handovers = 0
         self._unowned: tuple[int, float] | None = None  # (mod revision, first seen), see below
 

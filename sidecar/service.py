@@ -17,6 +17,7 @@ import structlog
 
 from . import datalock, logs, preflight
 from .api import session_pb2_grpc
+from .checkhost import watch_etcd_version
 from .config import ConfigError, Settings
 from .election import Keys
 from .etcd import Etcd, EtcdError
@@ -27,12 +28,14 @@ from .grpc_sessions import SessionServicer
 from .health import HealthCheck, parse_target
 from .hooks import HookRunner
 from .http_api import HttpServer
-from .metrics import SidecarCollector, create_registry
+from .metrics import SidecarCollector, ThinLincCollector, create_registry
 from .mirror import Follower, Writer
 from .node import Node
+from .reports import ON_PRIMARY
 from .resource import ResourceController
 from .store import SessionStore, StoreError
 from .systemd import Notifier
+from .vsmserver import VsmServerControl
 
 log = structlog.get_logger(__name__)
 
@@ -65,14 +68,33 @@ class Service:
         # Others judge us as a handover target by these (sidecar.handover.ineligibility).
         self.node.member_fields["copy_current"] = lambda: self.follower.connected
         self.node.member_fields["preferred_primary"] = lambda: settings.preferred_primary
+        self.vsm_server = None
+        if settings.vsm_server_mode == ON_PRIMARY:
+            self.vsm_server = VsmServerControl(self.node, settings.vsm_server_start,
+                                               settings.vsm_server_stop,
+                                               settings.vsm_server_timeout)
+            # A failed start makes the node unhealthy: it hands over when it can.
+            self.node.health = self.vsm_server.healthy
+            self.node.member_fields["health"] = self.vsm_server.member_health
+            self.node.server_report = self.vsm_server.report
         self.file_mirror = None
         if settings.vsm_sessions_file is not None:
-            self.file_mirror = FileMirror(self.data_etcd, keys, settings.vsm_sessions_file,
-                                          self.node.primary_epoch,
-                                          interval=settings.vsm_file_check_interval)
-            # The file is current before the role turns PRIMARY, so before any hook starts
-            # the VSM server on it.
-            self.node.promotion_gates.append(self.file_mirror.sync)
+            self.file_mirror = FileMirror(
+                self.data_etcd, keys, settings.vsm_sessions_file, self.node.primary_epoch,
+                mode=settings.vsm_server_mode, interval=settings.vsm_file_check_interval,
+                may_write=self.vsm_server.may_write_file if self.vsm_server else lambda: None)
+            # The file is current before the role turns PRIMARY, so before the VSM server
+            # (or a hook) starts on it.
+            self.node.promotion_gates.append(self.file_mirror.gate)
+            self.node.file_report = self.file_mirror.report
+            mirror = self.file_mirror
+            # check-host reads it from etcd: whether this node's copy is behind, since when.
+            self.node.member_fields["sessions_file"] = lambda: mirror.report().summary()
+            # No failback or switchover to a node whose VSM server would start on an old file.
+            self.node.member_fields["copy_current"] = lambda: (
+                self.follower.connected and mirror.current())
+            if self.vsm_server is not None:
+                self.vsm_server.on_stopped.append(self.file_mirror.sync)
         self.resource = ResourceController(settings, self.node.is_primary) if settings.vip \
             else None
         if self.resource is not None:
@@ -105,7 +127,9 @@ class Service:
                                          [self.etcd, self.data_etcd], self.follower,
                                          self.writer, self.resource, self.hooks,
                                          self.health, self.node.election.garbage)
-            self.http = HttpServer(self.node, create_registry(collector), settings.http_listen)
+            registry = create_registry(collector)
+            registry.register(ThinLincCollector(self.file_mirror, self.vsm_server))
+            self.http = HttpServer(self.node, registry, settings.http_listen)
         self.systemd = Notifier()
         self.stop = asyncio.Event()
 
@@ -129,6 +153,10 @@ class Service:
             background.append(asyncio.create_task(self.resource.reconcile(), name="reconcile"))
         if self.file_mirror is not None:
             background.append(asyncio.create_task(self.file_mirror.run(), name="file-mirror"))
+        if self.vsm_server is not None:
+            background.append(asyncio.create_task(self.vsm_server.run(), name="vsm-server"))
+        background.append(asyncio.create_task(watch_etcd_version(self.etcd),
+                                              name="etcd-version"))
         if self.hooks is not None:
             background += [asyncio.create_task(self.hooks.run(), name="hooks"),
                            asyncio.create_task(self.hooks.follow(self.node), name="hook-feed")]

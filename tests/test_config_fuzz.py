@@ -393,6 +393,22 @@ def table(files: Files) -> dict[str, tuple[st.SearchStrategy[Case], st.SearchStr
     )
     for name in ("vsm_file_check_interval", "hook_timeout"):
         t[name] = numbers(name, float, 0.1, 3600)
+    t["vsm_server_mode"] = choices("vsm_server_mode", ("replicated", "on-primary"))
+    for name in ("vsm_server_start", "vsm_server_stop"):
+        t[name] = (
+            one(name, padded(st.sampled_from([
+                "true", "systemctl start vsmserver.service",
+                "sudo -n /bin/systemctl stop 'vsmserver.service'"])), str.strip),
+            one(name, st.sampled_from(["", "  ", "'unclosed", 'say "half']))
+            | mistyped(name, NOT_TEXT),
+        )
+    t["vsm_server_timeout"] = numbers("vsm_server_timeout", float, 1, 3600)
+    t["thinlinc_conf_dir"] = (
+        one("thinlinc_conf_dir", padded(st.text(ARG_CHAR, min_size=1, max_size=30).filter(
+            str.strip)), lambda raw: Path(raw.strip())),
+        one("thinlinc_conf_dir", st.sampled_from(["", "  ", "/opt/\0"]))
+        | mistyped("thinlinc_conf_dir", NOT_TEXT),
+    )
     t["preferred_primary"] = boolean("preferred_primary")
     t["failback"] = boolean("failback")
     t["on_role_change"] = (
@@ -713,6 +729,8 @@ CLI_CASES = [
     (["--ttl=2.5"], {}, None, "ttl"),
     (["--failback=maybe"], {}, None, None),  # a bool flag takes no value: argparse says so
     ([], {"VSM_SIDECAR_HEALTH_CHECK": "tcp:0"}, None, "health_check"),
+    # on-primary stops the standby's VSM server: a health check of it cannot gate candidacy.
+    (["--vsm-server-mode=on-primary", "--health-check=tcp:9000"], {}, None, "health_check"),
     ([], {"VSM_SIDECAR_TTL": "inf"}, None, "ttl"),
     ([], {}, 'ttl = inf\n', "ttl"),
     ([], {}, 'etcd_timeout = 1' + "0" * 400 + '\n', "etcd_timeout"),

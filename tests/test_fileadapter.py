@@ -17,11 +17,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sidecar.fileadapter import (
+    DEFAULT_CHUNK_SIZE,
     ChunkError,
     FileState,
     FileWatcher,
     Manifest,
     atomic_write,
+    batches,
     join_chunks,
     split_chunks,
 )
@@ -142,25 +144,29 @@ def test_chunks_round_trip_through_the_manifest(tmp_path: Path) -> None:
     chunks = split_chunks(data, 1_000_000)
     assert [len(c) for c in chunks] == [1_000_000, 1_000_000, 500_000]
     manifest = Manifest.from_json(Manifest.describe(data, 1_000_000).to_json())
-    assert (manifest.size, manifest.chunks, manifest.chunk_size) == (2_500_000, 3, 1_000_000)
+    assert (manifest.size, len(manifest.chunks), manifest.chunk_size) == (2_500_000, 3, 1_000_000)
     assert manifest.sha256 == hashlib.sha256(data).hexdigest()
+    assert manifest.chunks == tuple(hashlib.sha256(c).hexdigest() for c in chunks)
     assert join_chunks(manifest, chunks) == data
 
 
-def test_manifest_is_readable_json_with_a_new_generation_each_time() -> None:
-    """The manifest reads well with etcdctl, and two writes of one content differ in generation."""
-    first = Manifest.describe(b"abc", 2)
-    second = Manifest.describe(b"abc", 2)
-    assert first.generation != second.generation
+def test_manifest_is_readable_json_naming_chunks_by_content() -> None:
+    """The manifest reads well with etcdctl; equal content gives equal chunk names, so an
+    unchanged part of a file is never stored again."""
+    first = Manifest.describe(b"abcdef", 2)
+    second = Manifest.describe(b"abXXef", 2)
+    assert first.chunks[0] == second.chunks[0]
+    assert first.chunks[2] == second.chunks[2]
+    assert first.chunks[1] != second.chunks[1]
     doc = json.loads(first.to_json())
-    assert list(doc) == ["v", "generation", "size", "sha256", "chunks", "chunk_size"]
-    assert Manifest.describe(b"abc", 2, generation="g1").generation == "g1"
+    assert list(doc) == ["v", "size", "sha256", "chunk_size", "chunks"]
+    assert doc["chunks"] == [hashlib.sha256(p).hexdigest() for p in (b"ab", b"cd", b"ef")]
 
 
 def test_empty_file_has_no_chunks() -> None:
     """An empty file is a manifest with zero chunks, and joins back to empty."""
     manifest = Manifest.describe(b"", 10)
-    assert (split_chunks(b"", 10), manifest.chunks) == ([], 0)
+    assert (split_chunks(b"", 10), manifest.chunks) == ([], ())
     assert join_chunks(manifest, []) == b""
 
 
@@ -169,9 +175,9 @@ def test_empty_file_has_no_chunks() -> None:
     [
         (lambda chunks: chunks[:-1], "chunks"),
         (lambda chunks: [*chunks, b"x"], "chunks"),
-        (lambda chunks: [chunks[0][:-1], *chunks[1:]], "bytes"),
-        (lambda chunks: [chunks[0][:-1] + b"?", *chunks[1:]], "sha256"),
-        (lambda chunks: [chunks[1], chunks[0], chunks[2]], "sha256"),
+        (lambda chunks: [chunks[0][:-1], *chunks[1:]], "chunk 0"),
+        (lambda chunks: [chunks[0][:-1] + b"?", *chunks[1:]], "chunk 0"),
+        (lambda chunks: [chunks[1], chunks[0], chunks[2]], "chunk 0"),
     ],
     ids=["missing chunk", "extra chunk", "short chunk", "flipped byte", "swapped chunks"],
 )
@@ -185,27 +191,64 @@ def test_join_detects_corruption(
         join_chunks(manifest, change(split_chunks(data, 10)))
 
 
+H = "0" * 64
+
+
 @pytest.mark.parametrize(
     "raw",
     [
         b"",
         b"[]",
-        b'{"v":2}',
-        b'{"v":1,"generation":"g","size":10,"sha256":"x","chunks":2}',
-        b'{"v":1,"generation":"g","size":10,"sha256":"x","chunks":true,"chunk_size":5}',
-        b'{"v":1,"generation":"g","size":10,"sha256":"x","chunks":1,"chunk_size":5}',
-        b'{"v":1,"generation":"g","size":10,"sha256":"x","chunks":2,"chunk_size":0}',
-        b'{"v":1,"generation":"g","size":-1,"sha256":"x","chunks":0,"chunk_size":5}',
-        # Consistent but absurd: a reader would size a list after it and run out of memory.
-        b'{"v":1,"generation":"g","size":1000000000000000,"sha256":"x",'
-        b'"chunks":1000000000000000,"chunk_size":1}',
+        b'{"v":3}',
+        # The previous format (chunks named by a generation) is not read as this one.
+        b'{"v":1,"generation":"g","size":10,"sha256":"x","chunks":2,"chunk_size":5}',
+        f'{{"v":2,"size":10,"sha256":"{H}","chunk_size":5}}'.encode(),
+        f'{{"v":2,"size":10,"sha256":"{H}","chunks":2,"chunk_size":5}}'.encode(),
+        f'{{"v":2,"size":10,"sha256":"{H}","chunks":["{H}"],"chunk_size":5}}'.encode(),
+        f'{{"v":2,"size":10,"sha256":"{H}","chunks":["{H}","x"],"chunk_size":5}}'.encode(),
+        f'{{"v":2,"size":10,"sha256":"{H}","chunks":["{H}","{H}"],"chunk_size":0}}'.encode(),
+        f'{{"v":2,"size":true,"sha256":"{H}","chunks":[],"chunk_size":5}}'.encode(),
+        f'{{"v":2,"size":-1,"sha256":"{H}","chunks":[],"chunk_size":5}}'.encode(),
+        b'{"v":2,"size":0,"sha256":"nothex","chunks":[],"chunk_size":5}',
+        # More chunk names than any file within the limit has: refused before anything else.
+        (f'{{"v":2,"size":4097,"sha256":"{H}","chunks":[' + ",".join([f'"{H}"'] * 4097)
+         + '],"chunk_size":1}').encode(),
         b"\xff",
     ],
 )
 def test_bad_manifest_is_refused(raw: bytes) -> None:
-    """Anything but a consistent version 1 manifest raises ChunkError."""
+    """Anything but a consistent version 2 manifest raises ChunkError."""
     with pytest.raises(ChunkError):
         Manifest.from_json(raw)
+
+
+@pytest.mark.parametrize(
+    ("sizes", "runs"),
+    [
+        ([], []),
+        ([10, 10, 10], [[0, 1, 2]]),
+        ([60, 60, 60], [[0], [1], [2]]),  # two would pass max_bytes=100
+        ([50, 50, 1], [[0, 1], [2]]),
+        ([500, 1], [[0], [1]]),  # larger than the bound: alone
+        ([0] * 7, [[0, 1, 2], [3, 4, 5], [6]]),  # max_ops=3
+    ],
+)
+def test_batches_respect_bytes_and_operations(sizes: list[int], runs: list[list[int]]) -> None:
+    """Chunks go into transactions of at most max_bytes and max_ops, in order, none left out."""
+    assert [list(r) for r in batches(sizes, max_bytes=100, max_ops=3)] == runs
+
+
+@settings(deadline=None)
+@given(st.lists(st.integers(0, 2 * DEFAULT_CHUNK_SIZE), max_size=60))
+def test_default_batches_fit_etcds_default_request_limit(sizes: list[int]) -> None:
+    """With the default bounds no transaction of chunks (at most DEFAULT_CHUNK_SIZE each)
+    exceeds 1 MiB of values or etcd's default 128 operations."""
+    sizes = [min(s, DEFAULT_CHUNK_SIZE) for s in sizes]
+    runs = batches(sizes)
+    assert [i for r in runs for i in r] == list(range(len(sizes)))
+    for run in runs:
+        assert sum(sizes[i] for i in run) <= 1024 * 1024
+        assert len(run) <= 128
 
 
 def test_chunk_size_must_be_positive() -> None:

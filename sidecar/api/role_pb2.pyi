@@ -48,7 +48,7 @@ class Member(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class RoleStatus(_message.Message):
-    __slots__ = ("node_id", "role", "leader_id", "leader_address", "epoch", "role_since", "lease_time_left", "reason", "cluster", "members", "resource_ips", "resource_ip_held", "last_announcement", "health", "preferred_primary")
+    __slots__ = ("node_id", "role", "leader_id", "leader_address", "epoch", "role_since", "lease_time_left", "reason", "cluster", "members", "resource_ips", "resource_ip_held", "last_announcement", "health", "preferred_primary", "sessions_file", "vsm_server")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     LEADER_ID_FIELD_NUMBER: _ClassVar[int]
@@ -64,6 +64,8 @@ class RoleStatus(_message.Message):
     LAST_ANNOUNCEMENT_FIELD_NUMBER: _ClassVar[int]
     HEALTH_FIELD_NUMBER: _ClassVar[int]
     PREFERRED_PRIMARY_FIELD_NUMBER: _ClassVar[int]
+    SESSIONS_FILE_FIELD_NUMBER: _ClassVar[int]
+    VSM_SERVER_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     role: Role
     leader_id: str
@@ -79,7 +81,41 @@ class RoleStatus(_message.Message):
     last_announcement: _timestamp_pb2.Timestamp
     health: str
     preferred_primary: bool
-    def __init__(self, node_id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., leader_id: _Optional[str] = ..., leader_address: _Optional[str] = ..., epoch: _Optional[int] = ..., role_since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., lease_time_left: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., reason: _Optional[str] = ..., cluster: _Optional[str] = ..., members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., resource_ips: _Optional[_Iterable[str]] = ..., resource_ip_held: _Optional[bool] = ..., last_announcement: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., health: _Optional[str] = ..., preferred_primary: _Optional[bool] = ...) -> None: ...
+    sessions_file: SessionsFile
+    vsm_server: VsmServer
+    def __init__(self, node_id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., leader_id: _Optional[str] = ..., leader_address: _Optional[str] = ..., epoch: _Optional[int] = ..., role_since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., lease_time_left: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., reason: _Optional[str] = ..., cluster: _Optional[str] = ..., members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., resource_ips: _Optional[_Iterable[str]] = ..., resource_ip_held: _Optional[bool] = ..., last_announcement: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., health: _Optional[str] = ..., preferred_primary: _Optional[bool] = ..., sessions_file: _Optional[_Union[SessionsFile, _Mapping]] = ..., vsm_server: _Optional[_Union[VsmServer, _Mapping]] = ...) -> None: ...
+
+class SessionsFile(_message.Message):
+    __slots__ = ("state", "local_sha256", "etcd_sha256", "etcd_revision", "behind_since", "error", "upload_failures")
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_SHA256_FIELD_NUMBER: _ClassVar[int]
+    ETCD_SHA256_FIELD_NUMBER: _ClassVar[int]
+    ETCD_REVISION_FIELD_NUMBER: _ClassVar[int]
+    BEHIND_SINCE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    UPLOAD_FAILURES_FIELD_NUMBER: _ClassVar[int]
+    state: str
+    local_sha256: str
+    etcd_sha256: str
+    etcd_revision: int
+    behind_since: _timestamp_pb2.Timestamp
+    error: str
+    upload_failures: int
+    def __init__(self, state: _Optional[str] = ..., local_sha256: _Optional[str] = ..., etcd_sha256: _Optional[str] = ..., etcd_revision: _Optional[int] = ..., behind_since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., error: _Optional[str] = ..., upload_failures: _Optional[int] = ...) -> None: ...
+
+class VsmServer(_message.Message):
+    __slots__ = ("state", "since", "error", "start_failures", "stop_failures")
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    SINCE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    START_FAILURES_FIELD_NUMBER: _ClassVar[int]
+    STOP_FAILURES_FIELD_NUMBER: _ClassVar[int]
+    state: str
+    since: _timestamp_pb2.Timestamp
+    error: str
+    start_failures: int
+    stop_failures: int
+    def __init__(self, state: _Optional[str] = ..., since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., error: _Optional[str] = ..., start_failures: _Optional[int] = ..., stop_failures: _Optional[int] = ...) -> None: ...
 
 class SwitchoverRequest(_message.Message):
     __slots__ = ("target_node",)
