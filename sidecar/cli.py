@@ -139,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from . import service
-    from .etcd import EtcdError
+    from .etcd.client import EtcdError
 
     settings = config.load(vars(args))
     logs.configure(settings.log_format, settings.log_level)
@@ -151,7 +151,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
-    from . import preflight
+    from .host import preflight
 
     settings = config.load(vars(args))
     if not args.settings_only:
@@ -162,7 +162,7 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def _cmd_standin(args: argparse.Namespace) -> int:
-    from . import standin
+    from .lab import standin
 
     return standin.main(grpc_address=args.grpc, listen=args.listen, name=args.name)
 
@@ -225,7 +225,7 @@ def _cmd_switchover(args: argparse.Namespace) -> int:
 
 
 def _cmd_check_host(args: argparse.Namespace) -> int:
-    from . import checkhost
+    from .host import checkhost
 
     settings = config.load(vars(args))
     logs.configure("console", "error")
@@ -237,7 +237,7 @@ def _cmd_check_host(args: argparse.Namespace) -> int:
 def _cmd_restore(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from . import restore
+    from .vsmfile import restore
 
     settings = config.load(vars(args))
     logs.configure("console", "error")
@@ -245,7 +245,7 @@ def _cmd_restore(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from . import demo
+    from .lab import demo
 
     return demo.main(duration=args.duration, ttl=args.ttl)
 

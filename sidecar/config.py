@@ -523,7 +523,7 @@ def _validate_vsm_server(s: Settings) -> None:
 
 
 def _validate_hooks_and_health(s: Settings) -> None:
-    from . import health, hooks
+    from .host import health, hooks
 
     if s.on_role_change is not None:
         try:
@@ -547,7 +547,7 @@ def _validate_hooks_and_health(s: Settings) -> None:
 
 
 def _validate_vip(s: Settings) -> None:
-    from . import vip
+    from .resource import vip
 
     for text in s.vip:
         try:
@@ -643,7 +643,7 @@ def _validate_grpc_security(s: Settings) -> None:
 
 
 def _validate_grpc_socket(s: Settings) -> None:
-    from .grpc_access import group_id
+    from .endpoints.grpc_access import group_id
 
     if s.grpc_socket is None:
         if s.grpc_socket_group is not None:

@@ -15,27 +15,28 @@ import signal
 
 import structlog
 
-from . import datalock, logs, preflight
+from . import logs
 from .api import session_pb2_grpc
-from .checkhost import watch_etcd_version
 from .config import ConfigError, Settings
-from .election import Keys
-from .etcd import Etcd, EtcdError
-from .filemirror import FileMirror
-from .grpc_api import GrpcServer
-from .grpc_sessions import SERVICE_NAME as SESSION_SERVICE
-from .grpc_sessions import SessionServicer
-from .health import HealthCheck, parse_target
-from .hooks import HookRunner
-from .http_api import HttpServer
-from .metrics import SidecarCollector, ThinLincCollector, create_registry
-from .mirror import Follower, Writer
-from .node import Node
-from .reports import ON_PRIMARY
-from .resource import ResourceController
-from .store import SessionStore, StoreError
-from .systemd import Notifier
-from .vsmserver import VsmServerControl
+from .core.node import Node
+from .core.reports import ON_PRIMARY
+from .endpoints.grpc_role import GrpcServer
+from .endpoints.grpc_sessions import SERVICE_NAME as SESSION_SERVICE
+from .endpoints.grpc_sessions import SessionServicer
+from .endpoints.http_api import HttpServer
+from .endpoints.metrics import SidecarCollector, ThinLincCollector, create_registry
+from .etcd.client import Etcd, EtcdError
+from .etcd.election import Keys
+from .host import datalock, preflight
+from .host.checkhost import watch_etcd_version
+from .host.health import HealthCheck, parse_target
+from .host.hooks import HookRunner
+from .host.systemd import Notifier
+from .host.vsmserver import VsmServerControl
+from .resource.controller import ResourceController
+from .sessions.mirror import Follower, Writer
+from .sessions.store import SessionStore, StoreError
+from .vsmfile.mirror import FileMirror
 
 log = structlog.get_logger(__name__)
 
@@ -65,7 +66,7 @@ class Service:
         self.follower = Follower(self.data_etcd, keys, self.store)
         self.writer = Writer(self.data_etcd, keys, self.node.primary_epoch)
         self.node.promotion_gates.append(self.follower.wait_current)
-        # Others judge us as a handover target by these (sidecar.handover.ineligibility).
+        # Others judge us as a handover target by these (sidecar.etcd.switchover.ineligibility).
         self.node.member_fields["copy_current"] = lambda: self.follower.connected
         self.node.member_fields["preferred_primary"] = lambda: settings.preferred_primary
         self.vsm_server = None

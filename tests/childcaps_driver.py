@@ -1,5 +1,5 @@
 """Runs the sidecar's real hook runner and ``exec:`` health check once each, for
-tests/test_childcaps.py, which starts it as another user with ambient capabilities.
+tests/host/test_childcaps.py, which starts it as another user with ambient capabilities.
 
 ``python -m tests.childcaps_driver DIR`` runs a role hook and a health check that each copy
 their own /proc/self/status to DIR/hook.status and DIR/health.status, and writes this
@@ -13,9 +13,9 @@ import asyncio
 import sys
 from pathlib import Path
 
-from sidecar.health import CommandTarget, HealthCheck
-from sidecar.hooks import HookRunner
-from sidecar.node import Role
+from sidecar.core.node import Role
+from sidecar.host.health import CommandTarget, HealthCheck
+from sidecar.host.hooks import HookRunner
 
 # What a child copies: its own status, as the kernel gave it after execve.
 COPY_STATUS = 'exec cat /proc/self/status > "$0"'

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from sidecar.localcluster import LocalEtcdCluster
+from sidecar.lab.localcluster import LocalEtcdCluster
 
 from .sidecars import PAIR_KEY, Pair, make_pair
 

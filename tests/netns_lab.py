@@ -1,7 +1,7 @@
-"""Real hosts for network tests: the lab lives in :mod:`sidecar.netlab` (the demo uses it too);
+"""Real hosts for network tests: the lab lives in :mod:`sidecar.lab.netlab` (the demo uses it too);
 this module re-exports it and adds the pytest side, :func:`require_netns`.
 
-See :mod:`sidecar.netlab` for the topology, the addresses and the clean-up rules.
+See :mod:`sidecar.lab.netlab` for the topology, the addresses and the clean-up rules.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.netlab import (
+from sidecar.lab.netlab import (
     BRIDGE,
     HOST_IFNAME,
     HOST_SYSCTLS,

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.localcluster import LocalEtcdCluster
-from sidecar.localnode import LocalSidecar, RoleRecorder
+from sidecar.lab.localcluster import LocalEtcdCluster
+from sidecar.lab.localnode import LocalSidecar, RoleRecorder
 
 
 class Pair:

@@ -18,7 +18,7 @@ import grpc
 import pytest
 
 from sidecar import config
-from sidecar.localcluster import free_port
+from sidecar.lab.localcluster import free_port
 
 from .tlsgen import Pki, make_pki
 

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-from sidecar.netlab import NetnsLab, read_line
+from sidecar.lab.netlab import NetnsLab, read_line
 
 Interval = tuple[float, float]
 

@@ -2,10 +2,11 @@
 
     python -m tests.bench.client_failover [--runs 20]
 
-Same lab as tests/test_vip_failover.py (network namespaces, etcd on the test process's leg of
-the bridge, a name service on port 9000 in hosts a and b). A prober in the client namespace
-connects to VIP:9000 every ~20 ms (50 ms connect timeout) and prints the monotonic time and the
-name it got. The figure per run is from the moment just before the fault is injected to the
+Same lab as tests/resource/test_vip_failover.py (network namespaces, etcd on the test
+process's leg of the bridge, a name service on port 9000 in hosts a and b). A prober in the
+client namespace connects to VIP:9000 every ~20 ms (50 ms connect timeout) and prints the
+monotonic time and the name it got. The figure per run is from the moment just before the
+fault is injected to the
 first exchange that returns the new primary's name. Faults: host death (the primary's switch
 port down; brought back and its sidecar restarted between runs), kill -9, SIGTERM. With
 keepalived installed, two VRRP instances (advert_int 1) are measured for host death and clean
@@ -29,8 +30,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
-from sidecar.localcluster import LocalEtcdCluster
-from sidecar.localnode import LocalSidecar
+from sidecar.lab.localcluster import LocalEtcdCluster
+from sidecar.lab.localnode import LocalSidecar
 
 from ..netns_lab import NetnsLab, free_subnet, read_line, require_netns, wait_for
 

@@ -34,8 +34,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from sidecar.localcluster import LocalEtcdCluster
-from sidecar.localnode import LocalSidecar, RoleRecorder
+from sidecar.lab.localcluster import LocalEtcdCluster
+from sidecar.lab.localnode import LocalSidecar, RoleRecorder
 
 # The goals of issue 2, and keepalived as measured there, for comparison.
 GOAL_MEDIAN_MS = {"crash": 2500.0, "handover": 100.0}

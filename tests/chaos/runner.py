@@ -75,10 +75,10 @@ from sidecar.api.session_pb2 import (
     Session,
 )
 from sidecar.api.session_pb2_grpc import SessionServiceStub
-from sidecar.localcluster import LocalEtcdCluster, find_etcd_binary
-from sidecar.localnode import LocalSidecar, RoleRecorder
-from sidecar.netlab import NetnsLab, free_subnet, netns_unavailable
-from sidecar.sessions import NOT_PRIMARY_METADATA_KEY, decode_session, encode_session
+from sidecar.lab.localcluster import LocalEtcdCluster, find_etcd_binary
+from sidecar.lab.localnode import LocalSidecar, RoleRecorder
+from sidecar.lab.netlab import NetnsLab, free_subnet, netns_unavailable
+from sidecar.sessions.record import NOT_PRIMARY_METADATA_KEY, decode_session, encode_session
 
 from ..vip_watch import Lifetimes, Probe, Sampler, held_spans, intersect, start_probe, start_sampler
 

@@ -1,0 +1,1 @@
+"""The node and its rules: roles, the state machine, decisions as pure functions."""

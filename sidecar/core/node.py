@@ -1,0 +1,681 @@
+"""The role state machine: it decides; the election, the resource IP and the mirror act.
+
+One straight line per lease: grant a lease, then keep it alive while following or holding the
+leadership, until the lease is lost (FENCED, then a new lease) or the process stops (STOPPING:
+hand over). Every decision is one log event saying what was decided and why.
+
+Rule 4 of DESIGN.md is enforced in one place, :meth:`Node._set_role`: any move away from PRIMARY
+runs the release actions synchronously, before anything else can run, and none of them may wait
+on etcd, a hook or an RPC. Rule 3 is enforced twice: a watchdog task wakes at the local deadline,
+and every reader of the role (:meth:`Node.status`, the write path) checks the deadline itself
+first, because after a process pause (SIGSTOP, a VM freeze) other callbacks may run before the
+watchdog does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from enum import Enum
+from typing import Any
+
+import structlog
+
+from .. import __version__, logs
+from ..config import Settings
+from ..etcd.client import Etcd, EtcdAccessDenied, EtcdError, EventType, LeaseGone, retry_policy
+from ..etcd.election import (
+    SWITCHOVER_TTL,
+    CampaignResult,
+    Election,
+    LeaderInfo,
+    Lease,
+    LeaseLost,
+    SwitchoverRequest,
+    decode_leader,
+)
+from ..etcd.switchover import SwitchoverRefused, choose_target, ineligibility, request_move
+from .reports import FileReport, ServerReport
+from .tasks import TaskEnded, supervise
+
+log = structlog.get_logger(__name__)
+
+# A standby re-reads the leader key this often even if its watch reports nothing: a watch alone
+# can miss a change (a member cut off from the quorum, a bug), a read cannot.
+LEADER_REREAD_SECONDS = 10.0
+MEMBERS_REFRESH_SECONDS = 1.0
+FAILBACK_POLL = 0.2
+ETCD_ERROR_PAUSE = 0.5
+# A leader key without a lease (no sidecar writes one) counts as held for this many TTLs after a
+# node first sees it unchanged, then that node deletes it: by then any node that held the key
+# has seen it change, or lost etcd for longer than its lease deadline and fenced itself.
+UNOWNED_LEADER_TTLS = 2
+ACCESS_NOTE = ("check etcd_user, the password file, the client certificate and the user's role "
+               "(it needs read and write on the cluster's prefix)")
+
+
+class Role(Enum):
+    STARTING = "ROLE_STARTING"
+    STANDBY = "ROLE_STANDBY"
+    PRIMARY = "ROLE_PRIMARY"
+    FENCED = "ROLE_FENCED"
+    STOPPING = "ROLE_STOPPING"
+
+
+@dataclass(frozen=True)
+class Status:
+    """What a node reports about itself; replaced whole on every change."""
+
+    node_id: str
+    cluster: str
+    role: Role = Role.STARTING
+    reason: str = "starting"
+    leader: LeaderInfo | None = None
+    epoch: int = 0
+    role_since: float = field(default_factory=time.time)
+    deadline: float | None = None  # monotonic; PRIMARY only
+    members: tuple[dict[str, Any], ...] = ()
+
+    def lease_time_left(self, now: float | None = None) -> float | None:
+        if self.role is not Role.PRIMARY or self.deadline is None:
+            return None
+        return max(0.0, self.deadline - (time.monotonic() if now is None else now))
+
+
+class NotPrimary(Exception):
+    """This node may not write: it is not PRIMARY (or no longer is)."""
+
+
+class HandOver(Exception):
+    """The primary is to hand over to ``target`` (rule 6)."""
+
+    def __init__(self, target: str, reason: str) -> None:
+        super().__init__(f"handing over to {target} ({reason})")
+        self.target = target
+        self.reason = reason
+
+
+class Deposed(Exception):
+    """The leader key is no longer ours although our lease is alive (deleted by someone)."""
+
+
+class Tampered(Deposed):
+    """Our leader key was overwritten in place (same create revision, so same epoch) by
+    someone else: it may no longer be on our lease or say who we are. We never write it twice,
+    so any put on it is foreign."""
+
+
+class Node:
+    """One sidecar's role, driven by :meth:`run` until the stop event is set."""
+
+    def __init__(self, settings: Settings, etcd: Etcd, election: Election | None = None) -> None:
+        self.settings = settings
+        self.etcd = etcd
+        self.election = election or Election(etcd, settings)
+        self._status = Status(settings.node_id, settings.cluster)
+        self._lease: Lease | None = None
+        self._subscribers: set[asyncio.Queue[Status]] = set()
+        self._member_dirty = asyncio.Event()
+        # Actions run synchronously whenever the node stops being PRIMARY (release the
+        # resource IP, refuse writes). They must be fast and must not wait on anything.
+        self.on_release: list[Callable[[str], None]] = []
+        # Awaited with the winning revision before the node turns PRIMARY (rule 5: the session
+        # copy must be current to it), within the lease's time left.
+        self.promotion_gates: list[Callable[[int], Awaitable[object]]] = []
+        # Run once the node is PRIMARY (claim and announce the resource IP). Each must check
+        # is_primary() again after any await of its own before it takes anything.
+        self.on_promote: list[Callable[[], Awaitable[None]]] = []
+        self.role_changes = 0
+        # Extra fields of the members/ record that others use to judge this node as a
+        # handover target (health, copy_current), and whether it may campaign at all.
+        self.member_fields: dict[str, Callable[[], object]] = {}
+        self.health: Callable[[], bool | None] = lambda: None
+        self.health_configured = False
+        # The ThinLinc side's reports (the sessions file's copy in etcd, the VSM server run in
+        # on-primary mode), shown by GetRole and /health; set by the service when configured.
+        self.file_report: Callable[[], FileReport] | None = None
+        self.server_report: Callable[[], ServerReport] | None = None
+        self.handovers = 0
+        self._unowned: tuple[int, float] | None = None  # (mod revision, first seen), see below
+
+    # -- reading the role ------------------------------------------------------------------
+
+    def status(self) -> Status:
+        """The current status, after enforcing the lease deadline."""
+        self.enforce_deadline()
+        return self._snapshot()
+
+    def _snapshot(self) -> Status:
+        lease = self._lease
+        if self._status.role is Role.PRIMARY and lease is not None:
+            return replace(self._status, deadline=lease.deadline - lease.margin)
+        return self._status
+
+    def is_primary(self) -> bool:
+        return self.status().role is Role.PRIMARY
+
+    async def switchover(self, target: str | None) -> tuple[str, int]:
+        """Move the leadership (an operator's request, served on any node)."""
+        return await request_move(self.election, self.etcd, self.settings.node_id, target)
+
+    def mark_member_dirty(self) -> None:
+        """Publish the members/ record again (a field others judge us by has changed)."""
+        self._member_dirty.set()
+
+    def primary_epoch(self) -> int:
+        """The epoch to guard a write with; raises NotPrimary unless this node is PRIMARY."""
+        status = self.status()
+        if status.role is not Role.PRIMARY:
+            raise NotPrimary(f"this node is {status.role.name}")
+        return status.epoch
+
+    def enforce_deadline(self) -> None:
+        """Give up the primary role now if the local lease deadline has passed (rule 3)."""
+        lease = self._lease
+        if self._status.role is Role.PRIMARY and (lease is None or lease.expired()):
+            self._set_role(Role.FENCED, "lease deadline passed without an answer from etcd")
+
+    async def watch(self) -> AsyncIterator[Status]:
+        """The current status, then every change."""
+        queue: asyncio.Queue[Status] = asyncio.Queue()
+        self._subscribers.add(queue)
+        try:
+            yield self.status()
+            while True:
+                yield await queue.get()
+        finally:
+            self._subscribers.discard(queue)
+
+    # -- changing the role ------------------------------------------------------------------
+
+    def _set_role(self, role: Role, reason: str, *, leader: LeaderInfo | None = None,
+                  epoch: int | None = None) -> None:
+        old = self._status
+        if old.role is Role.PRIMARY and role is not Role.PRIMARY:
+            self._release(reason)
+        if leader is None and role in (Role.FENCED, Role.STARTING, Role.STOPPING):
+            leader = old.leader
+        new_epoch = epoch if epoch is not None else (leader.epoch if leader else 0)
+        changed = (role, new_epoch, leader) != (old.role, old.epoch, old.leader)
+        if not changed:
+            return
+        since = time.time() if role is not old.role else old.role_since
+        self._status = replace(old, role=role, reason=reason, leader=leader, epoch=new_epoch,
+                               role_since=since)
+        logs.set_status(role=role.name, epoch=new_epoch)
+        if role is not old.role:
+            self.role_changes += 1
+            log.info("role_change", old=old.role.name, new=role.name, reason=reason,
+                     leader=leader.node_id if leader else None)
+        self._publish()
+
+    def _release(self, reason: str) -> None:
+        for action in self.on_release:
+            try:
+                action(reason)
+            except Exception:  # one failing action must not keep the others from running
+                log.exception("release_action_failed", action=getattr(action, "__name__", "?"))
+
+    def _publish(self) -> None:
+        self._member_dirty.set()
+        snapshot = self._snapshot()
+        for queue in self._subscribers:
+            queue.put_nowait(snapshot)
+
+    # -- the lifecycle ----------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Campaign and serve until ``stop`` is set, then hand over and return."""
+        logs.set_status(node=self.settings.node_id, role=Role.STARTING.name, epoch=0)
+        self._release("start-up: nothing may be held before the first election")
+        life = asyncio.create_task(self._lifecycle(), name="lifecycle")
+        stopped = asyncio.create_task(stop.wait(), name="stop")
+        try:
+            await asyncio.wait({life, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            ended_by_itself = life.done()
+        finally:
+            stopped.cancel()
+            await self._shutdown(life)
+        if not ended_by_itself:
+            return
+        # The lifecycle never ends by itself: only a bug, a fatal configuration error (access
+        # denied) or a cancellation by someone else gets here, and the caller must hear of it.
+        if life.cancelled():
+            raise TaskEnded("lifecycle", "was cancelled")
+        life.result()
+        raise TaskEnded("lifecycle", "returned")
+
+    async def _shutdown(self, life: asyncio.Task[None]) -> None:
+        """Rule 6: stop writes, release the IP (both in _set_role), then revoke the lease."""
+        self._set_role(Role.STOPPING, "shutting down")
+        life.cancel()
+        await asyncio.gather(life, return_exceptions=True)
+        lease, self._lease = self._lease, None
+        if lease is not None and not lease.expired():
+            try:
+                await self.election.resign(lease)
+            except EtcdError as exc:
+                log.warning("resign_failed", error=str(exc),
+                            note="the lease expires on its own within its TTL")
+
+    async def _lifecycle(self) -> None:
+        stale: Lease | None = None
+        while True:
+            lease = await self._resume(stale) if stale is not None else None
+            if lease is None:
+                lease = await self._acquire_lease()
+                if stale is not None:
+                    await self._revoke_stale(stale)
+            self._lease = lease
+            try:
+                await supervise(self._lease_tasks(lease))
+            except LeaseLost as exc:
+                self._set_role(Role.FENCED, f"lease lost: {exc}")
+                stale = lease
+            except LeaseGone as exc:
+                # A call used our lease after etcd had expired it (e.g. a campaign right
+                # after an etcd outage): the lease is lost, whatever the keepalive has seen.
+                self._set_role(Role.FENCED, f"lease lost: {exc}")
+                stale = None
+            except EtcdAccessDenied as exc:
+                # A configuration problem (user, password, role, certificate): say so once,
+                # plainly, and stop; retrying cannot mend it.
+                log.error("etcd_access_denied", error=str(exc), note=ACCESS_NOTE)
+                raise
+            except EtcdError as exc:
+                # Anything else etcd refuses in a way retrying did not mend: fence and start
+                # over with a new lease rather than end the process.
+                self._set_role(Role.FENCED, f"etcd error: {exc}")
+                stale = lease
+                log.error("etcd_error", error=str(exc), decision="fence, retry")
+                await asyncio.sleep(ETCD_ERROR_PAUSE)  # never spin against a refusing etcd
+
+    def _lease_tasks(self, lease: Lease) -> dict[str, Coroutine[Any, Any, None]]:
+        """What runs for the life of one lease; none of it ends while the lease lives."""
+        tasks = {"keepalive": self.election.keep_alive(lease),
+                 "member": self._publish_member(lease),
+                 "leadership": self._leadership(lease)}
+        if self.settings.preferred_primary and self.settings.failback:
+            tasks["failback"] = self._failback()
+        return tasks
+
+    async def _acquire_lease(self) -> Lease:
+        async for attempt in retry_policy("grant lease"):
+            with attempt:
+                try:
+                    return await self.election.grant()
+                except EtcdAccessDenied as exc:
+                    log.error("etcd_access_denied", error=str(exc), note=ACCESS_NOTE)
+                    raise
+                except EtcdError as exc:
+                    self._status = replace(self._status, reason=f"etcd unreachable: {exc}")
+                    raise
+        raise AssertionError("unreachable: the retry policy retries forever")
+
+    async def _resume(self, lease: Lease) -> Lease | None:
+        """After a fence, keep the old lease if etcd still holds it (it only stopped answering
+        for a while): then nobody else can hold our leader key, and the leadership resumes under
+        the same epoch instead of moving. Returns None when the lease is gone or etcd is mute."""
+        try:
+            await self.election.keepalive_once(lease)
+        except (EtcdError, LeaseLost) as exc:
+            log.info("lease_not_resumed", lease=hex(lease.id), error=str(exc))
+            return None
+        if lease.expired():
+            return None
+        log.info("lease_resumed", lease=hex(lease.id), time_left=round(lease.time_left(), 2))
+        return lease
+
+    async def _revoke_stale(self, lease: Lease) -> None:
+        """A fenced node's old lease may still be alive in etcd (its leader key with it): free
+        it now rather than make the cluster wait for its TTL. We hold nothing under it."""
+        try:
+            await self.election.resign(lease)
+        except EtcdError as exc:
+            log.info("stale_lease_not_revoked", error=str(exc))
+
+    async def _leadership(self, lease: Lease) -> None:
+        while True:
+            leader, request, revision = await self._read_state()
+            if leader is not None and leader.lease == lease.id:
+                if leader.overwritten:  # someone wrote over our key while we were fenced
+                    await self._step_down(leader.epoch, "our leader key was overwritten")
+                    continue
+                # Our own key under our live lease: a fence ended before etcd expired it.
+                await self._serve(lease, leader, revision)
+                continue
+            if leader is not None and leader.lease == 0:
+                await self._unowned_leader(leader, revision)
+                continue
+            if leader is None:
+                held_back = await self._held_back(request)
+                if held_back is not None:
+                    self._set_role(Role.STANDBY, held_back)
+                    await self._follow(revision, SWITCHOVER_TTL if request else 0.5)
+                    continue
+                result = await self._campaign(lease)
+                if result.won and result.leader is not None:
+                    if request is not None and request.target == self.settings.node_id:
+                        await self._clear_request()
+                    await self._serve(lease, result.leader, result.revision)
+                    continue
+                leader, revision = result.leader, result.revision
+                if leader is None:
+                    continue
+            self._set_role(Role.STANDBY, _following(leader), leader=leader)
+            await self._follow(revision)
+
+    async def _unowned_leader(self, leader: LeaderInfo, revision: int) -> None:
+        """A leader key without a lease would never expire and would block every election:
+        it counts as held (never two primaries) for UNOWNED_LEADER_TTLS after this node first
+        saw it, unchanged, and then is deleted, guarded on its mod revision."""
+        now, grace = time.monotonic(), UNOWNED_LEADER_TTLS * self.settings.ttl
+        if self._unowned is None or self._unowned[0] != leader.revision:
+            self._unowned = (leader.revision, now)
+            log.error("leader_key_unowned", problem=leader.problem, revision=leader.revision,
+                      decision=f"counted as held; removed after {grace} s unless it changes")
+        left = self._unowned[1] + grace - now
+        if left > 0:
+            reason = (f"the leader key is not a sidecar's ({leader.problem}): counted as held, "
+                      f"removed {grace} s after it appeared unless it changes")
+            self._set_role(Role.STANDBY, reason, leader=leader)
+            await self._follow(revision, left)
+            return
+        try:
+            removed = await self.election.remove_unowned_leader(leader.revision)
+        except EtcdError as exc:
+            log.warning("leader_key_not_removed", error=str(exc))
+            await asyncio.sleep(ETCD_ERROR_PAUSE)
+            return
+        log.error("leader_key_removed", revision=leader.revision, removed=removed,
+                  decision="campaign" if removed else "it changed: look again")
+
+    async def _held_back(self, request: SwitchoverRequest | None) -> str | None:
+        """Why this node must not campaign now, or None."""
+        if request is not None and request.target != self.settings.node_id:
+            # Only a live member is waited for: a request naming anyone else (a node long gone,
+            # a typo) must not keep the cluster without a primary.
+            known = self._member(request.target) is not None
+            if not known:
+                try:
+                    members = await self.election.read_members()
+                except EtcdError as exc:
+                    log.info("members_not_read", error=str(exc))
+                    known = True  # cannot tell: wait, as for a member
+                else:
+                    self._status = replace(self._status, members=tuple(members))
+                    known = self._member(request.target) is not None
+            if known:
+                return f"holding back: {request.target} takes over ({request.reason})"
+            log.warning("switchover_target_unknown", target=request.target,
+                        decision="not held back: it is no member")
+        if self.health_configured and self.health() is not True:
+            state = "unhealthy" if self.health() is False else "not yet known healthy"
+            return f"not campaigning: the local VSM server is {state}"
+        return None
+
+    async def _read_state(self) -> tuple[LeaderInfo | None, SwitchoverRequest | None, int]:
+        async for attempt in retry_policy("read leader", max_wait=0.5):
+            with attempt:
+                return await self.election.read_leader_and_request()
+        raise AssertionError("unreachable")
+
+    async def _clear_request(self) -> None:
+        try:
+            await self.election.clear_switchover()
+        except EtcdError as exc:  # it expires with its short lease anyway
+            log.info("switchover_not_cleared", error=str(exc))
+
+    async def _campaign(self, lease: Lease) -> CampaignResult:
+        async for attempt in retry_policy("campaign", max_wait=0.5):
+            with attempt:
+                return await self.election.campaign(lease)
+        raise AssertionError("unreachable")
+
+    async def _read_leader(self) -> tuple[LeaderInfo | None, int]:
+        async for attempt in retry_policy("read leader", max_wait=0.5):
+            with attempt:
+                return await self.election.read_leader()
+        raise AssertionError("unreachable")
+
+    async def _follow(self, revision: int, wait: float = LEADER_REREAD_SECONDS) -> None:
+        """Return as soon as the leader key changes, on a watch error, or after ``wait``.
+
+        A changed key is read again by the caller rather than taken from the event: only a
+        read shows its lease, which tells a sidecar's key from one written by hand."""
+        try:
+            async with asyncio.timeout(wait):
+                async with self.etcd.watch(self.election.keys.leader,
+                                           start_revision=revision + 1) as watch:
+                    async for batch in watch:
+                        for event in batch.events:
+                            if event.type is EventType.DELETE:
+                                log.info("leader_key_deleted", decision="campaign")
+                            return
+        except TimeoutError:
+            return
+        except EtcdError as exc:
+            log.info("leader_watch_ended", error=str(exc), decision="re-read the leader key")
+
+    async def _serve(self, lease: Lease, leader: LeaderInfo, revision: int) -> None:
+        """Hold the leadership until the lease is lost or the key is taken from us."""
+        await self._pass_gates(lease, revision)
+        await self.election.guard_takeover(lease, leader)  # etcd-io/etcd#15247, affected etcd
+        self._set_role(Role.PRIMARY, "won the election", leader=leader, epoch=leader.epoch)
+        for action in self.on_promote:
+            try:
+                await action()
+            except Exception:  # the role stands; the reconciler retries what failed
+                log.exception("promote_action_failed")
+        try:
+            await supervise({"deadline": self._watch_deadline(lease),
+                             "key-guard": self._guard_key(leader.epoch, revision),
+                             "handover": self._await_handover(revision)})
+        except Tampered as exc:
+            # Stop serving first (rule 4), then free the election: the key is still the one
+            # created at our epoch, so deleting it is ours to do, as in a handover (rule 6).
+            # Whoever wins next does so with a new epoch.
+            log.error("leader_key_overwritten", epoch=leader.epoch,
+                      decision="step down and delete the key; a new election follows")
+            await self._step_down(leader.epoch, str(exc))
+        except Deposed as exc:
+            self._set_role(Role.STANDBY, str(exc))
+        except HandOver as exc:
+            await self._hand_over(leader.epoch, exc)
+
+    async def _hand_over(self, epoch: int, handover: BaseException) -> None:
+        """Rule 6: stop writes and release the IP (in _set_role), then delete the leader key;
+        the request in etcd keeps everyone but the target from campaigning."""
+        self.handovers += 1
+        await self._step_down(epoch, str(handover))
+
+    async def _step_down(self, epoch: int, reason: str) -> None:
+        self._set_role(Role.STANDBY, reason)
+        try:
+            await self.election.step_down(epoch)
+        except EtcdError as exc:
+            log.warning("step_down_failed", error=str(exc),
+                        note="the key goes with our lease if the node stops")
+
+    async def _await_handover(self, revision: int) -> None:
+        """Raise HandOver for an eligible switchover request, or when this primary is
+        unhealthy and a standby can take over; otherwise keep serving."""
+        unhealthy_logged = False
+        while True:
+            _, request, revision = await self._read_state()
+            me = self.settings.node_id
+            if request is not None and request.target == me:
+                await self._clear_request()  # already ours (a failback that raced a failover)
+            elif request is not None and request.target != me:
+                members = await self.election.read_members()
+                self._status = replace(self._status, members=tuple(members))
+                reason = ineligibility(self._member(request.target), request.target)
+                if reason is None:
+                    raise HandOver(request.target, request.reason)
+                log.warning("switchover_ignored", target=request.target, reason=reason)
+                await self._clear_request()
+            elif self.health() is False:
+                try:
+                    target = choose_target(self._status.members, me, None)
+                except SwitchoverRefused as exc:
+                    if not unhealthy_logged:
+                        log.error("primary_unhealthy_keeps_role", reason=str(exc))
+                        unhealthy_logged = True
+                else:
+                    await self.election.request_switchover(
+                        SwitchoverRequest(target, me, "primary unhealthy"))
+                    raise HandOver(target, "primary unhealthy")
+            else:
+                unhealthy_logged = False
+            await self._wait_request(revision)
+
+    async def _wait_request(self, revision: int) -> None:
+        """Until the switchover key changes, or a second passes (health is polled)."""
+        try:
+            async with asyncio.timeout(1.0):
+                async with self.etcd.watch(self.election.keys.switchover,
+                                           start_revision=revision + 1) as watch:
+                    async for batch in watch:
+                        if batch.events:
+                            return
+        except (TimeoutError, EtcdError):
+            return
+
+    def _member(self, node_id: str) -> dict[str, Any] | None:
+        return next((m for m in self._status.members if m.get("node_id") == node_id), None)
+
+    async def _pass_gates(self, lease: Lease, revision: int) -> None:
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(max(lease.time_left(), 0)):
+                for gate in self.promotion_gates:
+                    await gate(revision)
+        except TimeoutError:
+            raise LeaseLost("won the election but could not catch up before the deadline"
+                            ) from None
+        if lease.expired():
+            raise LeaseLost("won the election after the local deadline")
+        log.info("promotion_gates_passed", revision=revision,
+                 seconds=round(time.monotonic() - started, 4))
+
+    async def _watch_deadline(self, lease: Lease) -> None:
+        """Rule 3: wake at the local deadline and give up the role without asking etcd."""
+        while True:
+            left = lease.time_left()
+            if left <= 0:
+                self.enforce_deadline()
+                raise LeaseLost("local deadline passed")
+            await asyncio.sleep(left)
+
+    async def _guard_key(self, epoch: int, revision: int) -> None:
+        """Raise :class:`Deposed` when the leader key stops being the one we created."""
+        while True:
+            try:
+                async with self.etcd.watch(self.election.keys.leader,
+                                           start_revision=revision + 1) as watch:
+                    async for batch in watch:
+                        for event in batch.events:
+                            if event.type is EventType.DELETE or event.create_revision != epoch:
+                                raise Deposed("the leader key was deleted or replaced")
+                            self._report_overwrite(event.value, event.mod_revision)
+                            raise Tampered("the leader key was overwritten by someone else")
+            except EtcdError as exc:
+                log.info("leader_guard_watch_ended", error=str(exc))
+            await asyncio.sleep(0.1)
+            leader, revision = await self._read_leader()
+            if leader is None or leader.epoch != epoch:
+                raise Deposed("the leader key was deleted or replaced")
+            if leader.overwritten:
+                if leader.valid:  # (garbage was reported by the read itself)
+                    self._report_overwrite(b"", leader.revision)
+                raise Tampered("the leader key was overwritten by someone else")
+
+    def _report_overwrite(self, value: bytes, revision: int) -> None:
+        """Count a put over our own leader key: whatever it holds, no sidecar wrote it."""
+        info = decode_leader(value, 0, 0) if value else None
+        problem = info.problem if info is not None and not info.valid else \
+            "a put over this node's key by someone else"
+        self.election.garbage.report("leader", self.election.keys.leader, revision, problem,
+                                     value)
+
+    def _failback_state(self) -> tuple[object, ...]:
+        st = self._status
+        current = self.member_fields.get("copy_current", lambda: True)()
+        # Garbage in the leader key is no leader to take the role back from.
+        leader = st.leader.node_id if st.leader is not None and st.leader.valid else None
+        return (st.role, leader, self.health(), current)
+
+    async def _failback(self) -> None:
+        """The preferred primary asks for the role back once it has been a healthy, caught-up
+        STANDBY of someone else for failback_delay; any change restarts the delay, so a
+        flapping node never causes repeated failbacks."""
+        me, delay = self.settings.node_id, self.settings.failback_delay
+        state, since = self._failback_state(), time.monotonic()
+        while True:
+            await asyncio.sleep(FAILBACK_POLL)
+            now, current = time.monotonic(), self._failback_state()
+            if current != state:
+                state, since = current, now
+                continue
+            role, leader, health, copy_current = state
+            # With a check configured, only a node known to be healthy asks for the role.
+            healthy = health is True or not self.health_configured
+            ready = (role is Role.STANDBY and leader not in (None, me) and healthy
+                     and copy_current is True)
+            if ready and now - since >= delay:
+                log.info("failback", decision="ask for the leadership back", leader=leader,
+                         stable_for=round(now - since, 1))
+                try:
+                    await self.election.request_switchover(
+                        SwitchoverRequest(me, me, "failback"))
+                except EtcdError as exc:
+                    log.warning("failback_request_failed", error=str(exc))
+                since = now + SWITCHOVER_TTL  # let this request run its course first
+
+    async def _publish_member(self, lease: Lease) -> None:
+        """Keep members/<node> current (on our lease) and refresh what we know of the others."""
+        published: dict[str, Any] | None = None
+        while True:
+            try:
+                record = self._member_record()
+                if self._member_dirty.is_set() or record != published:
+                    self._member_dirty.clear()
+                    await self.election.put_member(lease, record)
+                    published = record
+                members = await self.election.read_members()
+                self._status = replace(self._status, members=tuple(members))
+                if published is not None and published not in members:
+                    # Our record was overwritten or deleted by someone (or went with a lease
+                    # that just expired): put it back, or the others stop counting us as a
+                    # member (no switchover, no failback to us). Garbage is logged as such.
+                    log.info("member_record_restored", decision="publish it again")
+                    self._member_dirty.set()
+            except EtcdError as exc:
+                log.debug("member_update_failed", error=str(exc))
+                self._member_dirty.set()
+            try:
+                async with asyncio.timeout(MEMBERS_REFRESH_SECONDS):
+                    await self._member_dirty.wait()
+            except TimeoutError:
+                pass
+            if self._member_dirty.is_set():
+                await asyncio.sleep(0.01)  # coalesce a burst of changes into one put
+
+    def _member_record(self) -> dict[str, Any]:
+        s = self._status
+        extras = {name: read() for name, read in self.member_fields.items()}
+        return {**extras, "node_id": s.node_id, "address": self.settings.published_address,
+                "role": s.role.value, "epoch": s.epoch, "version": __version__,
+                "role_since": datetime.fromtimestamp(s.role_since, UTC).isoformat(
+                    timespec="milliseconds").replace("+00:00", "Z")}
+
+
+def _following(leader: LeaderInfo) -> str:
+    if leader.valid:
+        return "following the leader"
+    return (f"the leader key holds no leader record ({leader.problem}): counted as held until "
+            "its lease ends; nobody campaigns")
+

@@ -1,0 +1,1 @@
+"""What others talk to: gRPC role and sessions, HTTP, Prometheus metrics."""

@@ -1,0 +1,1 @@
+"""Everything that talks to etcd: the client, the election, switchover requests."""

@@ -1,0 +1,744 @@
+"""Lease, campaign, keepalive, local deadline and resign: the election, with no I/O but etcd.
+
+Safety rules 1, 3 and 6 of DESIGN.md live here:
+
+1. The leader key is only ever taken by ``create_revision(leader) == 0 -> put(leader, lease)``;
+   its create revision is the epoch, a fencing token that grows with every new leader.
+3. :class:`Lease` keeps a deadline on the monotonic clock: the *send* time of the last keepalive
+   that etcd answered plus the TTL it granted. etcd received that keepalive after we sent it, so
+   it cannot expire the lease before the deadline; a node that acts on its deadline (minus a
+   margin) never overlaps with a successor, whatever etcd or the network do.
+6. :meth:`Election.resign` revokes the lease, which deletes the leader key at once, so the
+   successor that watches the key campaigns without waiting for a TTL.
+
+On an etcd without the fix for etcd-io/etcd#15247 rule 3's premise fails: a stalled etcd leader
+that resumes after a new one was elected still revokes the leases that expired in its stale
+view, and the new leader applies the revoke, so a lease can end at any moment, long before
+"keepalive sent + TTL". See "etcd-io/etcd#15247" below for how both sides bound that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import structlog
+from etcd3 import etcdrpc
+
+from ..config import NAME_PATTERN, Settings
+from .client import (
+    Etcd,
+    EtcdError,
+    EtcdUnavailable,
+    Event,
+    EventType,
+    kv_call,
+    lease_ttl_elsewhere,
+    member_versions,
+    prefix_end,
+)
+
+log = structlog.get_logger(__name__)
+
+# After a failed keepalive, try again this soon (on another endpoint) rather than a whole
+# interval later: an etcd leader election costs 1-2 s and the deadline does not wait.
+KEEPALIVE_RETRY = 0.1
+
+
+# -- etcd-io/etcd#15247 ----------------------------------------------------------------------
+#
+# A primary whose lease was revoked early still believes its local deadline, which lies up to a
+# TTL ahead; only learning of the revoke ends that belief. So, on an affected etcd only:
+# (a) the primary learns through any member: a keepalive that fails, or whose answer is slow
+#     (a stalled member, or one that just resumed), has the lease checked through another
+#     member (TimeToLive, which a follower forwards to the raft leader); a slow answer never
+#     renews the deadline on its own, the check does. So the deposed primary steps down within
+#     one keepalive interval plus that slowness of the revoke (its watch often sooner);
+# (b) a node that wins the leader key after an involuntary loss (the key went with its
+#     holder's lease, not a handover) waits that long plus the safety margin before it turns
+#     PRIMARY, claims the resource IP and serves (takeover_wait).
+# Planned moves (the holder deleted its key while its lease lived, or a switchover request
+# names the winner) and etcd releases with the fix skip the wait.
+
+# First release of each series with the fix (etcd-io/etcd#16822 and its backports); 3.6.0 on.
+FIXED_15247 = {(3, 4): (3, 4, 31), (3, 5): (3, 5, 13)}
+# A keepalive answer later than this fraction of the interval is checked through another member.
+SLOW_KEEPALIVE = 0.5
+# Members' versions are asked again at a lease grant at most this often (rolling upgrades).
+VERSION_RECHECK = 300.0
+_RELEASE = re.compile(r"v?(\d+)\.(\d+)\.(\d+)")
+
+
+def _release(version: str) -> tuple[int, int, int] | None:
+    match = _RELEASE.match(version.strip())
+    if match is None:
+        return None
+    major, minor, patch = (int(part) for part in match.groups())
+    return major, minor, patch
+
+
+def affected_by_15247(version: str) -> bool:
+    """Whether this etcd release lacks the fix for etcd-io/etcd#15247 (a resumed stale leader
+    revokes leases early). Pre-release suffixes are ignored; an unreadable version counts as
+    affected (the guard costs a little failover time, its absence a double primary)."""
+    release = _release(version)
+    if release is None:
+        return True
+    if release >= (3, 6, 0):
+        return False
+    fixed = FIXED_15247.get((release[0], release[1]))
+    return fixed is None or release < fixed
+
+
+def upgrade_target(version: str) -> str:
+    """The first release with the fix in this version's series (3.5's for older ones)."""
+    release = _release(version)
+    if release is not None and release[:2] == (3, 4):
+        return "3.4.31"
+    return "3.5.13"
+
+
+def takeover_wait(settings: Settings) -> float:
+    """How long a new primary waits after an involuntary loss on an affected etcd: the deposed
+    primary's next keepalive (one interval), the slowness after which its answer is checked
+    through another member, and the safety margin for that check's round trip."""
+    return settings.keepalive_interval * (1 + SLOW_KEEPALIVE) + settings.margin
+
+
+class LeaseLost(Exception):
+    """The lease expired in etcd, or its local deadline passed without an answer."""
+
+
+class Keys:
+    """The etcd layout under ``/thinlinc-ha/<cluster>/`` (DESIGN.md)."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.leader = f"{prefix}leader".encode()
+        self.members = f"{prefix}members/".encode()
+        self.sessions = f"{prefix}sessions/".encode()
+        self.switchover = f"{prefix}switchover".encode()
+
+    def member(self, node_id: str) -> bytes:
+        return self.members + node_id.encode()
+
+
+def epoch_guard(leader_key: bytes, epoch: int) -> Any:
+    """The compare that guards every write of a primary (rule 2): the leader key is still the
+    one created at ``epoch``. A deposed primary's transaction fails it and changes nothing."""
+    return etcdrpc.Compare(key=leader_key, target=etcdrpc.Compare.CREATE,
+                           result=etcdrpc.Compare.EQUAL, create_revision=epoch)
+
+
+# -- values read from etcd, and what to do with garbage ------------------------------------------
+#
+# Anyone with write access to the prefix (an operator with etcdctl, a script, a bug) can put
+# anything under these keys. Every value is decoded defensively: garbage is logged and counted
+# (GarbageLog), and then treated in the way that keeps rule 1 and rule 4: a leader key counts as
+# held whatever it holds (never two primaries), a member record or a switchover request that
+# cannot be read is left out (it can only hold a move back, never cause one).
+
+GARBAGE_KINDS = ("leader", "member", "switchover")
+# Distinct bad values remembered so that each is logged and counted once, not on every re-read.
+GARBAGE_MEMORY = 1024
+LOG_VALUE_CHARS = 200
+MAX_TEXT = 1024  # characters of a free-text field (address, reason, version ...)
+MAX_EPOCH = 2**63 - 1  # etcd revisions are int64, and so is every epoch field of the API
+
+
+class GarbageLog:
+    """Values under the cluster prefix that cannot be used, logged and counted by kind.
+
+    A value is one (key, mod revision): a node that re-reads the same garbage every second logs
+    and counts it once. The counts are ``vsm_sidecar_etcd_garbage_total``.
+    """
+
+    def __init__(self) -> None:
+        self.counts = dict.fromkeys(GARBAGE_KINDS, 0)
+        self._seen: dict[bytes, int] = {}
+
+    def known(self, key: bytes, revision: int) -> bool:
+        """Whether this very value was already found to be garbage (no need to decode it)."""
+        return revision != 0 and self._seen.get(key) == revision
+
+    def report(self, kind: str, key: bytes, revision: int, problem: str, value: bytes) -> None:
+        if self.known(key, revision):
+            return
+        if len(self._seen) >= GARBAGE_MEMORY:
+            self._seen.clear()
+        self._seen[key] = revision
+        self.counts[kind] += 1
+        log.warning("etcd_garbage", kind=kind, key=key[:LOG_VALUE_CHARS].decode("latin-1"),
+                    revision=revision, problem=problem, size=len(value),
+                    value=value[:LOG_VALUE_CHARS].decode("latin-1"),
+                    decision=_GARBAGE_DECISIONS[kind])
+
+
+_GARBAGE_DECISIONS = {
+    "leader": "counted as held: nobody campaigns while it exists",
+    "member": "skipped: that record is no member",
+    "switchover": "ignored: no move is made, nobody is held back",
+}
+
+
+def load_json(value: bytes) -> Any:
+    """``json.loads`` that raises only ValueError (also for empty or too deeply nested input,
+    which would otherwise escape as RecursionError and end the task that read it)."""
+    if not value:
+        raise ValueError("empty value")
+    try:
+        return json.loads(value)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+
+
+def _text(data: dict[str, Any], name: str, default: str = "") -> str:
+    value = data.get(name, default)
+    if not isinstance(value, str) or len(value) > MAX_TEXT:
+        raise ValueError(f"{name} must be a string of at most {MAX_TEXT} characters")
+    return value
+
+
+def _node_name(data: dict[str, Any], name: str) -> str:
+    value = data.get(name)
+    if not isinstance(value, str) or not NAME_PATTERN.fullmatch(value):
+        raise ValueError(f"{name} must be a node name (1-63 letters, digits, '.', '_', '-')")
+    return value
+
+
+@dataclass(frozen=True)
+class LeaderInfo:
+    """The leader key as read from etcd. ``epoch`` is its create revision."""
+
+    node_id: str
+    address: str
+    since: str
+    epoch: int
+    lease: int
+    valid: bool = True  # False when the value is not a leader record (garbage written by someone)
+    # The key's mod revision: equal to the epoch until someone overwrites the key, as no
+    # sidecar ever does (it creates the key once and deletes it). 0 when unknown.
+    revision: int = 0
+    problem: str = ""  # why the value is garbage, for the log and the role reason
+
+    @property
+    def overwritten(self) -> bool:
+        return self.revision not in (0, self.epoch)
+
+
+def encode_leader(node_id: str, address: str) -> bytes:
+    since = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return json.dumps({"node_id": node_id, "address": address, "since": since},
+                      sort_keys=True).encode()
+
+
+def decode_leader(value: bytes, epoch: int, lease: int, revision: int = 0) -> LeaderInfo:
+    """Read a leader value. Garbage still counts as a leader (the key exists, so nobody may
+    take it) but is marked invalid, with the problem named. Logs nothing: see GarbageLog."""
+    try:
+        data = load_json(value)
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        return LeaderInfo(_node_name(data, "node_id"), _text(data, "address"),
+                          _text(data, "since"), epoch, lease, revision=revision)
+    except ValueError as exc:
+        return garbage_leader(epoch, lease, revision, str(exc))
+
+
+def garbage_leader(epoch: int, lease: int, revision: int, problem: str) -> LeaderInfo:
+    return LeaderInfo("", "", "", epoch, lease, valid=False, revision=revision, problem=problem)
+
+
+# A switchover request lives this long (on a lease of its own): a target that is gone by then
+# stops holding the others back from campaigning.
+SWITCHOVER_TTL = 5
+
+
+@dataclass(frozen=True)
+class SwitchoverRequest:
+    """``switchover`` in etcd: hand the leadership to ``target`` (rule 6, a planned move)."""
+
+    target: str
+    requested_by: str
+    reason: str  # "operator" or "failback"
+
+    def encode(self) -> bytes:
+        since = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        return json.dumps({"target": self.target, "requested_by": self.requested_by,
+                           "reason": self.reason, "requested_at": since,
+                           "ttl": SWITCHOVER_TTL}, sort_keys=True).encode()
+
+    @staticmethod
+    def decode(value: bytes, lease: int) -> SwitchoverRequest:
+        """The request; raises ValueError for garbage. A request without a lease is garbage
+        too: every sidecar writes one under a short lease, and one that never expired would
+        hold every other node back from campaigning for ever."""
+        data = load_json(value)
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        request = SwitchoverRequest(_node_name(data, "target"), _text(data, "requested_by"),
+                                    _text(data, "reason"))
+        if lease == 0:
+            raise ValueError("no lease: not written by a sidecar, and it would never expire")
+        return request
+
+
+# The fields of a members/ record that other nodes judge a node by, and their JSON types.
+# type() rather than isinstance(): JSON true must not pass for the integer 1, nor 1 for true.
+MEMBER_FIELDS: dict[str, type] = {
+    "address": str, "role": str, "epoch": int, "version": str, "role_since": str,
+    "health": str, "copy_current": bool, "preferred_primary": bool,
+}
+
+
+def decode_member(name: bytes, value: bytes, lease: int) -> dict[str, Any]:
+    """The record under ``members/<name>``; raises ValueError for garbage.
+
+    Its node_id must be the key's name (a record under another key could otherwise stand in
+    for a node), it must live on a lease (every sidecar's does; one without outlives its node),
+    and the fields in MEMBER_FIELDS must have their types. Unknown fields (a newer version's)
+    are kept.
+    """
+    data = load_json(value)
+    if not isinstance(data, dict):
+        raise ValueError("not a JSON object")
+    if _node_name(data, "node_id").encode() != name:
+        raise ValueError("node_id is not the name in the key")
+    for field_name, kind in MEMBER_FIELDS.items():
+        if field_name in data and type(data[field_name]) is not kind:
+            raise ValueError(f"{field_name} must be {kind.__name__}")
+        if kind is str and field_name in data:
+            _text(data, field_name)
+    if not 0 <= data.get("epoch", 0) <= MAX_EPOCH:
+        raise ValueError("epoch out of range")
+    if lease == 0:
+        raise ValueError("no lease: not written by a live sidecar")
+    return data
+
+
+@dataclass
+class Lease:
+    """A granted lease and its local deadline (monotonic seconds)."""
+
+    id: int
+    ttl: int
+    deadline: float
+    margin: float
+    renewed_at: float = field(default_factory=time.monotonic)
+
+    def renew(self, sent_at: float, granted_ttl: int) -> None:
+        # Only ever move forward: a late answer to an older keepalive must not shorten it.
+        self.deadline = max(self.deadline, sent_at + granted_ttl)
+        self.ttl = granted_ttl
+        self.renewed_at = time.monotonic()
+
+    def confirm(self, sent_at: float, remaining: int) -> None:
+        """A check through another member found the lease alive with ``remaining`` whole
+        seconds (etcd rounds down) as seen at or after ``sent_at``."""
+        self.deadline = max(self.deadline, sent_at + remaining)
+        self.renewed_at = time.monotonic()
+
+    def time_left(self, now: float | None = None) -> float:
+        """Seconds before this node must have given up what the lease protects."""
+        now = time.monotonic() if now is None else now
+        return self.deadline - self.margin - now
+
+    def expired(self, now: float | None = None) -> bool:
+        return self.time_left(now) <= 0
+
+
+@dataclass(frozen=True)
+class CampaignResult:
+    won: bool
+    leader: LeaderInfo | None
+    revision: int
+
+
+class Election:
+    """The etcd side of one node's candidacy."""
+
+    def __init__(self, etcd: Etcd, settings: Settings) -> None:
+        self.etcd = etcd
+        self.settings = settings
+        self.keys = Keys(settings.prefix)
+        self.keepalive_latency = 0.0
+        self.garbage = GarbageLog()
+        # etcd-io/etcd#15247: assumed until a member's version says otherwise (the safe side).
+        self.etcd_affected = True
+        self.etcd_versions: dict[str, str | None] = {}
+        self._versions_checked: float | None = None
+        self._last_leader: LeaderInfo | None = None  # the last leader key seen
+        self._handover_to_me = False  # a switchover request naming us, seen with no leader
+        # The last campaign won: its epoch, when, and the leader key seen before it.
+        self._won: tuple[int, float, LeaderInfo | None] | None = None
+        self._campaigning: int | None = None  # the lease of a campaign under way
+
+    async def grant(self) -> Lease:
+        sent = time.monotonic()
+        lease = await self.etcd.call(lambda c: c.lease(self.settings.ttl), "grant lease")
+        granted = Lease(lease.id, lease.ttl, sent + lease.ttl, self.settings.margin)
+        log.info("lease_granted", lease=hex(lease.id), ttl=lease.ttl)
+        checked = self._versions_checked
+        if checked is None or time.monotonic() - checked >= VERSION_RECHECK:
+            await self.check_etcd_version()
+        return granted
+
+    async def check_etcd_version(self) -> None:
+        """Ask every member its version; the #15247 guard is on if any answering member lacks
+        the fix (a mixed cluster is as weak as its weakest leader), and stays as it was if
+        none answers. Logs a warning naming the release to upgrade to."""
+        timeout = min(self.etcd.timeout, 1.0)
+        versions = await self.etcd.call(lambda c: member_versions(c, timeout),
+                                        "etcd version")
+        self._versions_checked = time.monotonic()
+        known = {member: v for member, v in versions.items() if v is not None}
+        if not known:
+            return
+        affected = sorted({v for v in known.values() if affected_by_15247(v)})
+        changed = versions != self.etcd_versions or self.etcd_affected != bool(affected)
+        self.etcd_versions, self.etcd_affected = versions, bool(affected)
+        if not changed:
+            return
+        if affected:
+            log.warning("etcd_lacks_lease_fix", versions=affected, issue="etcd-io/etcd#15247",
+                        upgrade_to=", ".join(sorted({upgrade_target(v) for v in affected})),
+                        guard=f"a takeover after a lost leader waits "
+                              f"{takeover_wait(self.settings):.2f} s; slow keepalives are "
+                              "checked through another member")
+        else:
+            log.info("etcd_version", versions=sorted(set(known.values())),
+                     issue="etcd-io/etcd#15247 fixed: no takeover wait")
+
+    async def keepalive_once(self, lease: Lease) -> None:
+        """One keepalive; renews the local deadline (rule 3) or raises LeaseLost/EtcdError."""
+        if self.etcd_affected:
+            await self.guarded_keepalive(lease)
+            return
+        sent = time.monotonic()
+        lease.renew(sent, await self._refresh(lease))
+
+    async def _refresh(self, lease: Lease) -> int:
+        """One keepalive; the TTL etcd granted. Raises LeaseLost when etcd says it is gone."""
+        sent = time.monotonic()
+        responses = await self.etcd.call(lambda c: list(c.refresh_lease(lease.id)), "keepalive")
+        self.keepalive_latency = time.monotonic() - sent
+        ttl = responses[0].TTL if responses else 0
+        if ttl <= 0:
+            raise LeaseLost(f"etcd says lease {lease.id:x} is gone")
+        return int(ttl)
+
+    async def guarded_keepalive(self, lease: Lease) -> None:
+        """A keepalive on an etcd with #15247 (rule (a) above): a prompt answer renews as
+        usual; a failed or slow one has the lease checked through another member, whose
+        answer alone renews the deadline. Raises LeaseLost when that check finds it gone."""
+        sent = time.monotonic()
+        refresh = asyncio.ensure_future(self._refresh(lease))
+        refresh.add_done_callback(_consume)  # it may be abandoned below
+        try:
+            done, _ = await asyncio.wait({refresh}, timeout=self.settings.keepalive_interval
+                                         * SLOW_KEEPALIVE)
+            if not done:
+                await self.confirm_elsewhere(lease)
+                await refresh  # renews the lease in etcd when it arrives; not trusted here
+                return
+        finally:
+            if not refresh.done():
+                refresh.cancel()
+        try:
+            ttl = refresh.result()
+        except EtcdError:
+            await self.confirm_elsewhere(lease)
+            raise
+        lease.renew(sent, ttl)
+
+    async def confirm_elsewhere(self, lease: Lease) -> None:
+        """Ask etcd's leader, through a member other than the one in use, whether the lease
+        lives; renew the deadline from its remaining TTL, or raise LeaseLost."""
+        sent = time.monotonic()
+        ttl, member = await self.etcd.call(
+            lambda c: lease_ttl_elsewhere(c, lease.id, self.etcd.timeout), "lease check")
+        if ttl <= 0:
+            log.warning("lease_ended_elsewhere", lease=hex(lease.id), member=member,
+                        decision="give up the role now")
+            raise LeaseLost(f"lease {lease.id:x} ended in etcd (asked through {member})")
+        lease.confirm(sent, ttl)
+
+    async def guard_takeover(self, lease: Lease, leader: LeaderInfo) -> None:
+        """Rule (b) above: after winning ``leader`` (our new key), wait on an affected etcd
+        until a deposed primary has certainly learned that its lease ended. Returns at once
+        on a fixed etcd, for our own key resumed after a fence, and after a planned move."""
+        won, self._won = self._won, None
+        if won is None or won[0] != leader.epoch or not self.etcd_affected:
+            return
+        why = await self._involuntary(won[2])
+        if why is None:
+            return
+        wait = won[1] + takeover_wait(self.settings) - time.monotonic()
+        log.info("takeover_delayed", seconds=round(max(wait, 0.0), 3), why=why,
+                 issue="etcd-io/etcd#15247",
+                 note="the deposed primary may still believe its lease; it learns within this")
+        if wait > 0:
+            await asyncio.sleep(wait)
+        if lease.expired():
+            raise LeaseLost("the local deadline passed while waiting to take over")
+
+    async def _involuntary(self, before: LeaderInfo | None) -> str | None:
+        """Why the last leader's key may have gone without its holder knowing, or None for a
+        planned move: a switchover request named us, or the key was deleted in a revision of
+        its own while its holder's member record (on the same lease) lived on. Only the
+        holder deletes its key and keeps its lease (handover, step-down, resign); a lease that
+        ends, early or not, takes both keys in one revision."""
+        if self._handover_to_me:
+            return None
+        if before is None:
+            return "no earlier leader seen: one may still believe it holds the role"
+        if before.node_id == self.settings.node_id or before.lease == 0 or not before.valid:
+            # Our own key (we know we gave it up; an earlier process of ours is gone), or no
+            # sidecar's (removed as unowned): nobody else can believe it holds the role.
+            return None
+        try:
+            if await self._deleted_alone(before):
+                return None
+        except EtcdError as exc:
+            return f"how {before.node_id}'s key went could not be read: {exc}"
+        return f"{before.node_id}'s key went with its lease (expiry or revoke)"
+
+    async def _deleted_alone(self, before: LeaderInfo) -> bool:
+        """Whether the leader key ``before`` was deleted while the same holder's member record
+        still existed (read from history: the deletion's revision, then the record at it)."""
+        first = asyncio.ensure_future(
+            self._first_event(self.keys.leader, (before.revision or before.epoch) + 1))
+        first.add_done_callback(_consume)
+        done, _ = await asyncio.wait({first}, timeout=self.etcd.timeout * 2)
+        if not done:
+            first.cancel()
+            raise EtcdUnavailable("the leader key's history did not arrive in time")
+        event = first.result()
+        if event.type is not EventType.DELETE:
+            return False
+        member = self.keys.member(before.node_id)
+
+        def read(client: Any) -> Any:
+            return kv_call(client, "Range", etcdrpc.RangeRequest(
+                key=member, revision=event.mod_revision))
+
+        kvs = (await self.etcd.call(read, "read member at the deletion")).kvs
+        return bool(kvs) and kvs[0].lease == before.lease
+
+    async def _first_event(self, key: bytes, start_revision: int) -> Event:
+        async with self.etcd.watch(key, start_revision=start_revision) as watch:
+            async for batch in watch:
+                if batch.events:
+                    return batch.events[0]
+        raise EtcdUnavailable("the watch ended before the first event")
+
+    async def keep_alive(self, lease: Lease) -> None:
+        """Renew until the lease is lost; raises :class:`LeaseLost` (never returns)."""
+        interval = self.settings.keepalive_interval
+        while True:
+            try:
+                await self.keepalive_once(lease)
+                wait = interval
+            except EtcdError as exc:
+                if lease.expired():
+                    raise LeaseLost(f"local deadline passed: {exc}") from exc
+                log.warning("keepalive_failed", error=str(exc),
+                            time_left=round(lease.time_left(), 2))
+                wait = KEEPALIVE_RETRY
+            if lease.expired():
+                raise LeaseLost("local deadline passed")
+            await asyncio.sleep(min(wait, max(lease.time_left(), 0.01)))
+
+    async def read_leader(self) -> tuple[LeaderInfo | None, int]:
+        """A linearizable read of the leader key and the revision it reflects."""
+        leader, _, revision = await self.read_leader_and_request()
+        return leader, revision
+
+    async def read_leader_and_request(
+            self) -> tuple[LeaderInfo | None, SwitchoverRequest | None, int]:
+        """The leader key and any switchover request, read together at one revision."""
+
+        def read(client: Any) -> Any:
+            get = [etcdrpc.RequestOp(request_range=etcdrpc.RangeRequest(key=key))
+                   for key in (self.keys.leader, self.keys.switchover)]
+            return kv_call(client, "Txn", etcdrpc.TxnRequest(success=get))
+
+        # Decoded here, on the event loop, where the garbage log lives (not in an etcd thread).
+        response = await self.etcd.call(read, "read leader")
+        leader_kvs = response.responses[0].response_range.kvs
+        request_kvs = response.responses[1].response_range.kvs
+        leader = self.leader_info(leader_kvs[0]) if leader_kvs else None
+        request = self.switchover_request(request_kvs[0]) if request_kvs else None
+        self._seen(leader, request)
+        return leader, request, response.header.revision
+
+    def _seen(self, leader: LeaderInfo | None, request: SwitchoverRequest | None) -> None:
+        """Remember what a takeover will be judged by (guard_takeover): the last leader key
+        (not the one a campaign of ours is creating), and whether a switchover request named
+        us while no key existed."""
+        if leader is not None:
+            if leader.lease != self._campaigning:
+                self._last_leader = leader
+            self._handover_to_me = False
+        else:
+            self._handover_to_me = request is not None and \
+                request.target == self.settings.node_id
+
+    def leader_info(self, kv: Any) -> LeaderInfo:
+        """The leader key from a KeyValue of a read (which, unlike a watch event, carries the
+        lease); garbage is reported. So is a key without a lease: no sidecar writes one (each
+        puts the key under its own lease), and it would never expire."""
+        info = decode_leader(kv.value, kv.create_revision, kv.lease, kv.mod_revision)
+        if info.valid and kv.lease == 0:
+            info = garbage_leader(kv.create_revision, 0, kv.mod_revision,
+                                  "no lease: not written by a sidecar, and it would never "
+                                  "expire")
+        if not info.valid:
+            self.garbage.report("leader", self.keys.leader, kv.mod_revision, info.problem,
+                                kv.value)
+        return info
+
+    def switchover_request(self, kv: Any) -> SwitchoverRequest | None:
+        """The request in a KeyValue of a read, or None for garbage (reported): garbage never
+        causes a move and never holds anyone back."""
+        if self.garbage.known(self.keys.switchover, kv.mod_revision):
+            return None
+        try:
+            return SwitchoverRequest.decode(kv.value, kv.lease)
+        except ValueError as exc:
+            self.garbage.report("switchover", self.keys.switchover, kv.mod_revision, str(exc),
+                                kv.value)
+            return None
+
+    async def request_switchover(self, request: SwitchoverRequest) -> None:
+        """Publish a switchover request on a short lease of its own."""
+
+        def put(client: Any) -> None:
+            lease = client.lease(SWITCHOVER_TTL)
+            client.put(self.keys.switchover, request.encode(), lease=lease.id)
+
+        await self.etcd.call(put, "request switchover")
+
+    async def clear_switchover(self) -> None:
+        await self.etcd.call(lambda c: c.delete(self.keys.switchover), "clear switchover")
+
+    async def remove_unowned_leader(self, revision: int) -> bool:
+        """Delete a leader key that has no lease, if it is still the value seen at ``revision``
+        (its mod revision): a newer value, or a real leader's key, is never touched."""
+
+        def txn(client: Any) -> bool:
+            delete = etcdrpc.RequestOp(request_delete_range=etcdrpc.DeleteRangeRequest(
+                key=self.keys.leader))
+            same = etcdrpc.Compare(key=self.keys.leader, target=etcdrpc.Compare.MOD,
+                                   result=etcdrpc.Compare.EQUAL, mod_revision=revision)
+            request = etcdrpc.TxnRequest(compare=[same], success=[delete])
+            return bool(kv_call(client, "Txn", request).succeeded)
+
+        return await self.etcd.call(txn, "remove unowned leader key")
+
+    async def step_down(self, epoch: int) -> bool:
+        """Delete the leader key if it is still the one we created (rule 6 handover)."""
+
+        def txn(client: Any) -> bool:
+            delete = etcdrpc.RequestOp(request_delete_range=etcdrpc.DeleteRangeRequest(
+                key=self.keys.leader))
+            request = etcdrpc.TxnRequest(compare=[epoch_guard(self.keys.leader, epoch)],
+                                         success=[delete])
+            return bool(kv_call(client, "Txn", request).succeeded)
+
+        return await self.etcd.call(txn, "step down")
+
+    async def campaign(self, lease: Lease) -> CampaignResult:
+        """Take the leader key if nobody holds it (rule 1)."""
+        value = encode_leader(self.settings.node_id, self.settings.published_address)
+        key = self.keys.leader
+
+        def txn(client: Any) -> tuple[bool, Any]:
+            get = etcdrpc.RequestOp(request_range=etcdrpc.RangeRequest(key=key))
+            put = etcdrpc.RequestOp(request_put=etcdrpc.PutRequest(key=key, value=value,
+                                                                   lease=lease.id))
+            absent = etcdrpc.Compare(key=key, target=etcdrpc.Compare.CREATE,
+                                     result=etcdrpc.Compare.EQUAL, create_revision=0)
+            response = kv_call(client, "Txn", etcdrpc.TxnRequest(
+                compare=[absent], success=[put, get], failure=[get]))
+            return response.succeeded, response
+
+        try:
+            won, response = await self.etcd.call(txn, "campaign")
+        except EtcdUnavailable:
+            # The outcome is unknown: the put may have been applied after we stopped waiting.
+            # The key tells: ours carries our lease.
+            self._campaigning = lease.id
+            try:
+                leader, revision = await self.read_leader()
+            finally:
+                self._campaigning = None
+            won = leader is not None and leader.lease == lease.id
+            if won and leader is not None:
+                self._note_won(leader)
+            return CampaignResult(won, leader, revision)
+        found = response.responses[-1].response_range.kvs
+        if not found:  # the key vanished between compare and get: impossible in one txn
+            return CampaignResult(False, None, 0)
+        info = self.leader_info(found[0])
+        # A retry after an ambiguous failure finds the key our first attempt created.
+        won = won or found[0].lease == lease.id
+        if won:
+            self._note_won(info)
+        else:
+            self._seen(info, None)
+        return CampaignResult(won, info, response.header.revision)
+
+    def _note_won(self, ours: LeaderInfo) -> None:
+        self._won = (ours.epoch, time.monotonic(), self._last_leader)
+        self._last_leader = ours
+
+    async def put_member(self, lease: Lease, record: dict[str, Any]) -> None:
+        value = json.dumps(record, sort_keys=True).encode()
+        key = self.keys.member(self.settings.node_id)
+        await self.etcd.call(lambda c: c.put(key, value, lease=lease.id), "put member")
+
+    async def read_members(self) -> list[dict[str, Any]]:
+        """The members' records; garbage under members/ is reported and left out."""
+        start = self.keys.members
+
+        def read(client: Any) -> Any:
+            return kv_call(client, "Range", etcdrpc.RangeRequest(key=start,
+                                                                 range_end=prefix_end(start)))
+
+        members = []
+        for kv in (await self.etcd.call(read, "read members")).kvs:
+            if self.garbage.known(kv.key, kv.mod_revision):
+                continue
+            try:
+                members.append(decode_member(kv.key[len(start):], kv.value, kv.lease))
+            except ValueError as exc:
+                self.garbage.report("member", kv.key, kv.mod_revision, str(exc), kv.value)
+        return members
+
+    async def resign(self, lease: Lease) -> None:
+        """Delete the leader key if it is on our lease, then revoke the lease, which takes our
+        member key (rule 6). The key goes in a revision of its own, before the member record:
+        that tells a successor this was a planned move, not a lost lease (guard_takeover)."""
+        key = self.keys.leader
+
+        def resign(client: Any) -> None:
+            ours = etcdrpc.Compare(key=key, target=etcdrpc.Compare.LEASE,
+                                   result=etcdrpc.Compare.EQUAL, lease=lease.id)
+            delete = etcdrpc.RequestOp(request_delete_range=etcdrpc.DeleteRangeRequest(key=key))
+            kv_call(client, "Txn", etcdrpc.TxnRequest(compare=[ours], success=[delete]))
+            client.revoke_lease(lease.id)
+
+        await self.etcd.call(resign, "revoke lease")
+        log.info("lease_revoked", lease=hex(lease.id))
+
+
+def _consume(task: asyncio.Future[Any]) -> None:
+    """Retrieve an abandoned call's outcome, so asyncio does not log it as never retrieved."""
+    if not task.cancelled():
+        task.exception()

@@ -1,0 +1,110 @@
+"""Planned moves of the leadership (rule 6): who may take it over, and asking for it.
+
+A move is asked for by writing a :class:`~sidecar.etcd.election.SwitchoverRequest` to etcd: by an
+operator (``Switchover`` over gRPC or ``vsm-sidecar switchover``), by the preferred primary when
+it wants the role back (failback), or by an unhealthy primary. The primary hands over when the
+target is eligible; every other node holds back from campaigning while a live request names
+someone else, so the target wins without anyone waiting for a TTL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from .client import Etcd, EventType
+from .election import SWITCHOVER_TTL, Election, SwitchoverRequest, decode_leader, load_json
+
+HEALTH_UNHEALTHY = "unhealthy"
+HEALTH_HEALTHY = "healthy"
+
+
+class SwitchoverRefused(Exception):
+    """The move cannot be made; ``str()`` says why, for FAILED_PRECONDITION."""
+
+
+def ineligibility(member: Mapping[str, Any] | None, node_id: str) -> str | None:
+    """Why ``member`` cannot take the leadership now, or None when it can."""
+    if member is None:
+        return f"{node_id} is not a member (it holds no lease in etcd)"
+    if member.get("role") != "ROLE_STANDBY":
+        return f"{node_id} is {str(member.get('role', '?')).removeprefix('ROLE_')}, not STANDBY"
+    health = member.get("health")
+    if health == HEALTH_UNHEALTHY:
+        return f"{node_id} is unhealthy (its VSM server check fails)"
+    if health not in (None, HEALTH_HEALTHY):  # a check is configured, no verdict yet
+        return f"{node_id} is not yet known healthy (its VSM server check is {health})"
+    if not member.get("copy_current", False):
+        return f"{node_id} has not caught up with the session records"
+    return None
+
+
+def choose_target(members: Iterable[Mapping[str, Any]], leader: str,
+                  target: str | None) -> str:
+    """The node to hand over to: ``target`` if eligible, else any eligible standby."""
+    by_id = {str(m.get("node_id")): m for m in members}
+    if target is not None:
+        reason = ineligibility(by_id.get(target), target)
+        if reason is not None:
+            raise SwitchoverRefused(reason)
+        return target
+    reasons = []
+    for node_id in sorted(by_id):
+        if node_id == leader:
+            continue
+        reason = ineligibility(by_id[node_id], node_id)
+        if reason is None:
+            return node_id
+        reasons.append(reason)
+    raise SwitchoverRefused("no standby can take over: " + ("; ".join(reasons) or "none is up"))
+
+
+class SwitchoverFailed(Exception):
+    """The request was made but the target did not take over in time."""
+
+
+async def request_move(election: Election, etcd: Etcd, requester: str,
+                       target: str | None) -> tuple[str, int]:
+    """Ask for a move to ``target`` (or any eligible standby) and wait until it holds the
+    leader key; return the new primary and its epoch."""
+    leader, _, revision = await election.read_leader_and_request()
+    if leader is None:
+        raise SwitchoverRefused("there is no primary to move from")
+    if not leader.valid:
+        raise SwitchoverRefused(f"the leader key holds no leader record ({leader.problem}); "
+                                "there is no primary to move from")
+    if target == leader.node_id:
+        return leader.node_id, leader.epoch  # already there: nothing to move
+    chosen = choose_target(await election.read_members(), leader.node_id, target)
+    # Done when the target serves: it holds the leader key and its members/ record says
+    # PRIMARY under that key's epoch. One watch over the cluster prefix sees both in order.
+    prefix = election.keys.prefix.encode()
+    member_key = election.keys.member(chosen)
+    async with etcd.watch(prefix, prefix=True, start_revision=revision + 1) as watch:
+        await election.request_switchover(SwitchoverRequest(chosen, requester, "operator"))
+        epoch = 0
+        try:
+            async with asyncio.timeout(SWITCHOVER_TTL + 1):
+                async for batch in watch:
+                    for event in batch.events:
+                        if event.type is not EventType.PUT:
+                            continue
+                        if event.key == election.keys.leader:
+                            new = decode_leader(event.value, event.create_revision, 0,
+                                                event.mod_revision)
+                            epoch = new.epoch if new.node_id == chosen else 0
+                        elif event.key == member_key and epoch and _serving(event.value, epoch):
+                            return chosen, epoch
+        except TimeoutError:
+            pass
+    raise SwitchoverFailed(f"{chosen} did not take over within {SWITCHOVER_TTL + 1} s")
+
+
+def _serving(record: bytes, epoch: int) -> bool:
+    try:
+        data = load_json(record)
+    except ValueError:
+        return False
+    return isinstance(data, dict) and data.get("role") == "ROLE_PRIMARY" and \
+        data.get("epoch") == epoch

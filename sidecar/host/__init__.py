@@ -1,0 +1,1 @@
+"""This host: role hooks, the VSM server's health check, systemd notification."""

@@ -1,0 +1,1 @@
+"""The resource IP: addresses, netlink, ARP/NA announcements, reconciliation."""

@@ -1,0 +1,1 @@
+"""Session records: the codec, the epoch-guarded writer, the follower, the copy."""

@@ -1,0 +1,437 @@
+"""Session records: epoch-guarded writes on the primary, a followed durable copy on every node.
+
+:class:`Follower` keeps the local copy (:class:`~sidecar.sessions.store.SessionStore`) current. It
+watches the whole cluster prefix, not only ``sessions/``: etcd delivers a watch's events in
+revision order, so once the follower has seen the event of *any* key at revision W, every
+session change up to W has been applied. That turns safety rule 5 (a node becomes PRIMARY only
+with a copy current to the revision at which it won) into :meth:`Follower.wait_current` of the
+leader key's own revision. When etcd has compacted past the copy, the follower re-reads the
+whole range at one revision and says so in the log: page by page, each page checked (in a
+worker thread) while etcd reads the next, into a
+:class:`~sidecar.sessions.store.Replacement` that the store swaps in whole at the end, so the
+copy never holds part of the new range and the process never holds the whole range as Python
+objects.
+
+:class:`Writer` is the primary's write path (rule 2): every write is a transaction guarded on
+``create_revision(leader) == epoch``; a write whose guard fails is refused, never retried.
+Concurrent writes are coalesced into one transaction (group commit) within etcd's limits on
+operations per transaction and request size, so throughput grows with concurrency. A write is
+acknowledged only after etcd committed it, with the revision it committed at.
+
+The transaction is built from etcd's own request messages rather than through the client's
+``transaction()``, which drops the response header and with it the commit revision.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import functools
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+from etcd3 import etcdrpc
+
+from ..api.session_pb2 import Session
+from ..core.node import NotPrimary
+from ..etcd.client import (
+    Compacted,
+    Etcd,
+    EtcdError,
+    Event,
+    EventType,
+    kv_call,
+    prefix_end,
+    retry_policy,
+)
+from ..etcd.election import Keys, epoch_guard
+from .record import (
+    SessionDecodeError,
+    check_record,
+    encode_session,
+    validate_session_id,
+)
+from .store import Replacement, SessionStore
+
+log = structlog.get_logger(__name__)
+
+# etcd's defaults: --max-txn-ops 128 and --max-request-bytes 1.5 MiB. Stay inside both.
+MAX_TXN_OPS = 128
+MAX_TXN_BYTES = 1024 * 1024
+# How long a write may wait for etcd (retrying transient errors) before it is failed, and the
+# deadline of each attempt. An attempt stuck on a dead or paused member, or a proposal etcd
+# dropped in a leader change, must not hold the writes for the data client's long timeout:
+# it fails after WRITE_ATTEMPT and the retry goes to another member (the guarded put is safe
+# to repeat).
+WRITE_DEADLINE = 3.0
+WRITE_ATTEMPT = 0.75
+# Records per page of a full re-read (~1.2 MB of ~450-byte records). etcd walks every key
+# left in the range to count them on each page, so small pages cost time (500: +1.3 s for
+# 100,000 records); big ones cost memory that the C allocator keeps after it was freed
+# (5000: +20 MB of resident memory, 2500: +5 MB).
+RESYNC_PAGE = 2500
+FLUSH_INTERVAL = 0.05
+
+
+class WriteUnavailable(Exception):
+    """etcd did not commit the write in time; it may or may not have been applied."""
+
+
+@dataclass(frozen=True)
+class Change:
+    """One change of the copy: a put (``raw`` set) or a delete, at a revision."""
+
+    session_id: str
+    raw: bytes | None
+    revision: int
+
+
+class Follower:
+    """Keeps the local copy of ``sessions/`` current and tells who waits for which revision."""
+
+    def __init__(self, etcd: Etcd, keys: Keys, store: SessionStore) -> None:
+        self.etcd = etcd
+        self.keys = keys
+        self.store = store
+        self.connected = False
+        self.garbage = 0
+        self.resyncs = 0
+        self._seen = asyncio.Condition()
+        self._subscribers: set[asyncio.Queue[Change]] = set()
+        self._flush_needed = asyncio.Event()
+
+    @property
+    def revision(self) -> int:
+        """Every change under the cluster prefix up to this revision has been applied."""
+        return self.store.applied_revision
+
+    async def run(self) -> None:
+        """Follow etcd forever: resume from the stored revision, re-read when compacted."""
+        flusher = asyncio.create_task(self._flush_loop(), name="store-flush")
+        try:
+            resync = self.store.applied_revision == 0
+            while True:
+                try:
+                    if resync:
+                        await self._resync()
+                        resync = False
+                    await self._watch()
+                except Compacted as exc:
+                    log.warning("mirror_compacted", applied=self.revision,
+                                compacted=exc.compact_revision, decision="full re-read")
+                    resync = True
+                except EtcdError as exc:
+                    self.connected = False
+                    log.info("mirror_watch_ended", error=str(exc), applied=self.revision)
+                    await asyncio.sleep(0.2)
+        finally:
+            self.connected = False
+            flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await flusher
+            await asyncio.to_thread(self.store.flush)
+
+    async def _resync(self) -> None:
+        started = time.monotonic()
+        with Replacement() as fresh:
+            revision = await self._read_all(fresh)
+            # ~0.5 s for 100,000 records: in a thread, or the node's deadline watchdog,
+            # keepalives and the gRPC server (all on this event loop) would stall behind it.
+            await asyncio.to_thread(self.store.replace, fresh, revision)
+            records = len(fresh)
+        _return_free_memory()
+        self.resyncs += 1
+        self._flush_needed.set()
+        log.info("mirror_resynced", records=records, revision=revision,
+                 seconds=round(time.monotonic() - started, 3))
+        await self._notify_seen()
+
+    async def _read_all(self, fresh: Replacement) -> int:
+        """Put every valid record under ``sessions/`` into ``fresh``, read page by page at one
+        revision, and return that revision. Each page is checked while the next is read."""
+        start, end = self.keys.sessions, prefix_end(self.keys.sessions)
+        page = await self._read_page(start, end, 0)
+        revision = int(page.header.revision)
+        while True:
+            following = None
+            if page.more and page.kvs:
+                following = asyncio.create_task(
+                    self._read_page(page.kvs[-1].key + b"\0", end, revision))
+            try:
+                # ~10 µs a record: in a thread, for the same reason as above.
+                await asyncio.to_thread(self._take_valid, page.kvs, fresh)
+            except BaseException:
+                if following is not None:
+                    following.cancel()
+                raise
+            if following is None:
+                return revision
+            page = await following
+
+    def _take_valid(self, kvs: Any, fresh: Replacement) -> None:
+        """Add the valid records of one page to ``fresh``; skip (and count) the others."""
+        for kv in kvs:
+            value = kv.value
+            session_id = self._valid_id_and_record(kv.key, value)
+            if session_id is not None:
+                fresh.add(session_id, value, kv.mod_revision)
+
+    async def _read_page(self, start: bytes, end: bytes, revision: int) -> Any:
+        def read(client: Any) -> Any:
+            request = etcdrpc.RangeRequest(key=start, range_end=end, limit=RESYNC_PAGE,
+                                           revision=revision)
+            return kv_call(client, "Range", request)
+
+        async for attempt in retry_policy("read sessions"):
+            with attempt:
+                return await self.etcd.call(read, "read sessions")
+        raise AssertionError("unreachable")
+
+    async def _watch(self) -> None:
+        prefix = self.keys.prefix.encode()
+        async with self.etcd.watch(prefix, prefix=True,
+                                   start_revision=self.revision + 1) as watch:
+            self.connected = True
+            async for batch in watch:
+                for event in batch.events:
+                    self._apply(event)
+                if batch.events:
+                    self._flush_needed.set()
+                    await self._notify_seen()
+
+    def _apply(self, event: Event) -> None:
+        if not event.key.startswith(self.keys.sessions):
+            self.store.advance(event.mod_revision)
+            return
+        if event.type is EventType.DELETE:
+            session_id = self._valid_id_and_record(event.key, None)
+            if session_id is None:
+                self.store.advance(event.mod_revision)
+                return
+            if self.store.apply_delete(session_id, event.mod_revision):
+                self._publish(Change(session_id, None, event.mod_revision))
+            return
+        session_id = self._valid_id_and_record(event.key, event.value)
+        if session_id is None:
+            # etcd holds no valid record under this key any more, so neither may the copy (a
+            # full re-read would not find one either).
+            dropped = self._id_of(event.key)
+            if dropped is None:
+                self.store.advance(event.mod_revision)
+            elif self.store.apply_delete(dropped, event.mod_revision):
+                self._publish(Change(dropped, None, event.mod_revision))
+            return
+        self.store.apply_put(session_id, event.value, event.mod_revision)
+        self._publish(Change(session_id, event.value, event.mod_revision))
+
+    def _valid_id_and_record(self, key: bytes, value: bytes | None) -> str | None:
+        """The session id of a key and a valid record, or None (logged and counted)."""
+        session_id = key[len(self.keys.sessions):].decode("utf-8", "replace")
+        try:
+            validate_session_id(session_id)
+            if value is not None:
+                check_record(value, session_id)
+            return session_id
+        except (ValueError, SessionDecodeError) as exc:
+            self.garbage += 1
+            log.warning("mirror_garbage_skipped", key=key[:200].decode("utf-8", "replace"),
+                        error=str(exc))
+            return None
+
+    def _id_of(self, key: bytes) -> str | None:
+        """The session id of a key under ``sessions/``, or None when it is not one."""
+        session_id = key[len(self.keys.sessions):].decode("utf-8", "replace")
+        try:
+            validate_session_id(session_id)
+        except ValueError:
+            return None
+        return session_id
+
+    async def _notify_seen(self) -> None:
+        async with self._seen:
+            self._seen.notify_all()
+
+    async def wait_current(self, revision: int) -> None:
+        """Return once every change up to ``revision`` has been applied (rule 5)."""
+        async with self._seen:
+            await self._seen.wait_for(lambda: self.revision >= revision)
+
+    async def _flush_loop(self) -> None:
+        """Make applied changes durable in a worker thread, coalescing bursts."""
+        while True:
+            await self._flush_needed.wait()
+            self._flush_needed.clear()
+            try:
+                await asyncio.to_thread(self.store.flush)
+            except Exception:  # a full disk must not stop the copy in memory
+                log.exception("store_flush_failed")
+            await asyncio.sleep(FLUSH_INTERVAL)
+
+    def _publish(self, change: Change) -> None:
+        for queue in self._subscribers:
+            queue.put_nowait(change)
+
+    @contextlib.asynccontextmanager
+    async def subscribe(self) -> AsyncIterator[asyncio.Queue[Change]]:
+        """A queue of every change applied from now on (take a snapshot inside the block)."""
+        queue: asyncio.Queue[Change] = asyncio.Queue()
+        self._subscribers.add(queue)
+        try:
+            yield queue
+        finally:
+            self._subscribers.discard(queue)
+
+    def age(self) -> float | None:
+        return self.store.age()
+
+    async def history(self, start_revision: int) -> AsyncIterator[Change]:
+        """Every session change from ``start_revision`` (inclusive), from etcd's history, for
+        a client resuming a watch behind the copy; raises Compacted when it is gone."""
+        async with self.etcd.watch(self.keys.sessions, prefix=True,
+                                   start_revision=start_revision) as watch:
+            async for batch in watch:
+                for event in batch.events:
+                    raw = None if event.type is EventType.DELETE else event.value
+                    session_id = self._valid_id_and_record(event.key, raw)
+                    if session_id is not None:
+                        yield Change(session_id, raw, event.mod_revision)
+                    elif (dropped := self._id_of(event.key)) is not None:
+                        yield Change(dropped, None, event.mod_revision)  # as _apply drops it
+
+
+def _return_free_memory() -> None:
+    """Give the memory the C allocator holds free back to the system (glibc only).
+
+    A re-read passes some 100 MB through short-lived buffers (gRPC messages, their protobuf
+    copies) in several threads; glibc keeps what they freed in per-thread heaps, ~5-10 MB more
+    resident memory for as long as the process lives. malloc_trim returns every free page.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).malloc_trim(0)
+
+
+@dataclass
+class _Op:
+    key: bytes
+    value: bytes | None  # None: delete
+    future: asyncio.Future[tuple[int, bool]] = field(repr=False)
+
+    @property
+    def size(self) -> int:
+        return len(self.key) + len(self.value or b"") + 16
+
+
+class Writer:
+    """The primary's guarded, group-committed write path."""
+
+    def __init__(self, etcd: Etcd, keys: Keys, epoch: Callable[[], int]) -> None:
+        """``epoch()`` returns the epoch this node holds as PRIMARY or raises NotPrimary."""
+        self.etcd = etcd
+        self.keys = keys
+        self.epoch = epoch
+        self._queue: asyncio.Queue[_Op] = asyncio.Queue()
+        self._carry: _Op | None = None
+        self.transactions = 0
+        self.writes = 0
+        self.last_revision = 0  # of the last write this node committed
+
+    async def put(self, session: Session) -> int:
+        """Validate, encode and write ``session``; the revision it committed at."""
+        return await self.put_encoded(session.session_id, encode_session(session))
+
+    async def put_encoded(self, session_id: str, raw: bytes) -> int:
+        """Write a record that :func:`~sidecar.sessions.record.encode_session` made."""
+        revision, _ = await self._submit(self.keys.sessions + session_id.encode(), raw)
+        return revision
+
+    async def delete(self, session_id: str) -> tuple[int, bool]:
+        return await self._submit(self.keys.sessions + session_id.encode(), None)
+
+    async def _submit(self, key: bytes, value: bytes | None) -> tuple[int, bool]:
+        self.epoch()  # refuse at once rather than queue behind others
+        future: asyncio.Future[tuple[int, bool]] = asyncio.get_running_loop().create_future()
+        await self._queue.put(_Op(key, value, future))
+        return await future
+
+    async def run(self) -> None:
+        """Commit queued writes, as many per transaction as etcd allows, one at a time."""
+        while True:
+            batch = await self._take_batch()
+            try:
+                results = await self._commit(batch)
+            except BaseException as exc:
+                for op in batch:
+                    if not op.future.done():
+                        op.future.set_exception(exc if isinstance(exc, Exception)
+                                                else WriteUnavailable("shutting down"))
+                if not isinstance(exc, Exception):
+                    raise
+                continue
+            for op, result in zip(batch, results, strict=True):
+                if not op.future.done():
+                    op.future.set_result(result)
+
+    async def _take_batch(self) -> list[_Op]:
+        first = self._carry or await self._queue.get()
+        self._carry = None
+        batch, keys, size = [first], {first.key}, first.size
+        while len(batch) < MAX_TXN_OPS and not self._queue.empty():
+            op = self._queue.get_nowait()
+            # etcd refuses a transaction that touches one key twice; and the second write of
+            # a key must land after the first, so it starts the next transaction.
+            if op.key in keys or size + op.size > MAX_TXN_BYTES:
+                self._carry = op
+                break
+            batch.append(op)
+            keys.add(op.key)
+            size += op.size
+        return [op for op in batch if not op.future.cancelled()] or batch
+
+    async def _commit(self, batch: list[_Op]) -> list[tuple[int, bool]]:
+        deadline = time.monotonic() + WRITE_DEADLINE
+        while True:
+            epoch = self.epoch()  # raises NotPrimary: never write as a node that is not
+            try:
+                succeeded, response = await self.etcd.call(
+                    functools.partial(_txn, leader=self.keys.leader, epoch=epoch, batch=batch,
+                                      timeout=WRITE_ATTEMPT),
+                    "write sessions")
+            except EtcdError as exc:
+                if not exc.transient or time.monotonic() >= deadline:
+                    raise WriteUnavailable(str(exc)) from exc
+                await asyncio.sleep(0.05)
+                continue
+            if not succeeded:
+                raise NotPrimary(f"the leader key is no longer ours (epoch {epoch})")
+            self.transactions += 1
+            self.writes += len(batch)
+            revision = response.header.revision
+            self.last_revision = max(self.last_revision, revision)
+            return [(revision, _deleted(r)) for r in response.responses]
+
+
+def _txn(client: Any, leader: bytes, epoch: int, batch: list[_Op],
+         timeout: float | None = None) -> tuple[bool, Any]:
+    compare = epoch_guard(leader, epoch)
+    ops = []
+    for op in batch:
+        if op.value is None:
+            ops.append(etcdrpc.RequestOp(request_delete_range=etcdrpc.DeleteRangeRequest(
+                key=op.key)))
+        else:
+            ops.append(etcdrpc.RequestOp(request_put=etcdrpc.PutRequest(key=op.key,
+                                                                        value=op.value)))
+    request = etcdrpc.TxnRequest(compare=[compare], success=ops)
+    response = kv_call(client, "Txn", request, timeout)
+    return response.succeeded, response
+
+
+def _deleted(response: Any) -> bool:
+    if response.WhichOneof("response") == "response_delete_range":
+        return bool(response.response_delete_range.deleted)
+    return True
+

@@ -1,0 +1,426 @@
+"""The file adapter for a stock ThinLinc VSM server: its session database file, mirrored.
+
+The VSM server keeps its sessions in one file (``/var/lib/vsm/sessions`` by default) whose
+format we treat as opaque bytes. Under ``vsmfile/`` etcd holds ``manifest`` and
+``chunk/<sha256>`` keys.
+
+* On the primary, every change of the file (inotify, with a periodic check as a backstop) is
+  uploaded in bounded transactions, each guarded by the epoch (rule 2): first the chunks etcd
+  does not hold yet, then the manifest alone, which is the commit point; then the chunks no
+  manifest names any more are deleted. A reader never sees a manifest before its chunks, a
+  deposed primary's manifest never lands, and an unchanged part of the file is never written
+  again. An upload that fails is retried and reported (GetRole, ``/health``, metrics,
+  ``check-host``) as the etcd copy being behind, and since when: never silent.
+* On every other node the mirror follows the manifest. In ``on-primary`` mode it writes etcd's
+  copy to the file atomically (temporary file, fsync, rename, the old file's mode and owner),
+  unless its own VSM server runs. In ``replicated`` mode ThinLinc's own HA sync owns the file:
+  the sidecar never writes it, it only knows which version etcd holds.
+* Promotion gate (rule 5): before a node turns PRIMARY, and so before the sidecar or a hook
+  starts its VSM server, the file on disk is made current from etcd (``on-primary``), and the
+  gate logs which version the node holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import structlog
+from etcd3 import etcdrpc
+
+from ..core.node import NotPrimary
+from ..core.reports import (
+    FILE_BEHIND,
+    FILE_CURRENT,
+    FILE_FOLLOWING,
+    FILE_UNKNOWN,
+    ON_PRIMARY,
+    REPLICATED,
+    FileReport,
+    utc,
+)
+from ..core.tasks import supervise
+from ..etcd.client import Etcd, EtcdError, kv_call, prefix_end, retry_policy
+from ..etcd.election import Keys, epoch_guard
+from .adapter import (
+    DEFAULT_CHUNK_SIZE,
+    MAX_FILE_SIZE,
+    TXN_OPS,
+    ChunkError,
+    FileState,
+    FileWatcher,
+    Manifest,
+    atomic_write,
+    batches,
+    chunk_hash,
+    join_chunks,
+    read_state,
+    split_chunks,
+)
+
+log = structlog.get_logger(__name__)
+
+# A failed upload is tried again after the check interval, doubling up to this.
+MAX_RETRY_SECONDS = 30.0
+# Reads of a copy whose chunks vanish under them (a newer upload's clean-up) start over this
+# many times before the copy counts as broken.
+READ_ATTEMPTS = 5
+GATE_POLL = 0.1
+
+
+@dataclass(frozen=True, slots=True)
+class Copy:
+    """The file as etcd holds it, verified."""
+
+    manifest: Manifest
+    data: bytes
+    revision: int  # the manifest's mod revision
+
+
+class EtcdCopy:
+    """Reading and writing the copy of the file under ``<prefix>vsmfile/``."""
+
+    def __init__(self, etcd: Etcd, keys: Keys) -> None:
+        self.etcd = etcd
+        self.leader_key = keys.leader
+        self.root = keys.prefix.encode() + b"vsmfile/"
+        self.manifest_key = self.root + b"manifest"
+
+    def chunk_key(self, name: str) -> bytes:
+        return self.root + b"chunk/" + name.encode()
+
+    # -- reading ----------------------------------------------------------------------------
+
+    async def manifest(self) -> tuple[Manifest | None, int]:
+        """The manifest and its mod revision; (None, 0) when there is none.
+
+        Raises ChunkError for a value that is no manifest."""
+        raw, revision = await self.etcd.call(self._get_manifest, "read file manifest")
+        return (None, 0) if raw is None else (Manifest.from_json(raw), revision)
+
+    def _get_manifest(self, client: Any) -> tuple[bytes | None, int]:
+        response = kv_call(client, "Range", etcdrpc.RangeRequest(key=self.manifest_key))
+        if not response.kvs:
+            return None, 0
+        return response.kvs[0].value, response.kvs[0].mod_revision
+
+    async def fetch(self, reuse: bytes | None = None) -> Copy | None:
+        """etcd's copy, verified; None when there is none. Chunks found in ``reuse`` (the
+        file on disk) are taken from it instead of etcd. Raises ChunkError for a broken copy.
+
+        Chunks are read one per call (each is far below gRPC's 4 MiB receive limit); one that
+        is gone was deleted by a newer upload, so the read starts over from its manifest."""
+        for _ in range(READ_ATTEMPTS):
+            manifest, revision = await self.manifest()
+            if manifest is None:
+                return None
+            local = {}
+            if reuse is not None:
+                local = {chunk_hash(c): c for c in split_chunks(reuse, manifest.chunk_size)}
+            pieces: list[bytes] = []
+            for name in manifest.chunks:
+                piece = local.get(name)
+                if piece is None:
+                    piece = await self.etcd.call(
+                        functools.partial(self._get, key=self.chunk_key(name)), "read chunk")
+                if piece is None:
+                    break
+                pieces.append(piece)
+            else:
+                return Copy(manifest, join_chunks(manifest, pieces), revision)
+        raise ChunkError(f"chunks named by the manifest are missing after {READ_ATTEMPTS} reads")
+
+    def _get(self, client: Any, *, key: bytes) -> bytes | None:
+        response = kv_call(client, "Range", etcdrpc.RangeRequest(key=key))
+        return response.kvs[0].value if response.kvs else None
+
+    # -- writing (primary only; every transaction guarded by the epoch) ---------------------
+
+    async def store(self, epoch: int, data: bytes, chunk_size: int) -> tuple[Manifest, int] | None:
+        """Upload ``data``; return its manifest and commit revision, or None when the epoch
+        guard failed (this node is no longer the leader) and nothing was committed."""
+        manifest = Manifest.describe(data, chunk_size)
+        stored = await self.etcd.call(self._keys, "list file chunks")
+        missing: dict[bytes, bytes] = {}
+        for name, piece in zip(manifest.chunks, split_chunks(data, chunk_size), strict=True):
+            key = self.chunk_key(name)
+            if key not in stored:
+                missing[key] = piece
+        puts = list(missing.items())
+        for run in batches([len(value) for _, value in puts]):
+            if await self._txn(epoch, puts=[puts[i] for i in run]) is None:
+                return None
+        revision = await self._txn(epoch, puts=[(self.manifest_key, manifest.to_json())])
+        if revision is None:
+            return None
+        wanted = {self.chunk_key(name) for name in manifest.chunks} | {self.manifest_key}
+        await self._clean(epoch, sorted(stored - wanted))
+        return manifest, revision
+
+    async def _clean(self, epoch: int, orphans: list[bytes]) -> None:
+        """Delete chunks no manifest names (an old version's, an interrupted upload's). A
+        failure leaves them for the clean-up after the next upload."""
+        for run in batches([0] * len(orphans), max_ops=TXN_OPS):
+            try:
+                await self._txn(epoch, deletes=[orphans[i] for i in run])
+            except EtcdError as exc:
+                log.info("vsm_file_cleanup_failed", error=str(exc), orphans=len(orphans))
+                return
+
+    def _keys(self, client: Any) -> set[bytes]:
+        response = kv_call(client, "Range", etcdrpc.RangeRequest(
+            key=self.root, range_end=prefix_end(self.root), keys_only=True))
+        return {kv.key for kv in response.kvs}
+
+    async def _txn(self, epoch: int, *, puts: Sequence[tuple[bytes, bytes]] = (),
+                   deletes: Sequence[bytes] = ()) -> int | None:
+        ops = [etcdrpc.RequestOp(request_put=etcdrpc.PutRequest(key=k, value=v))
+               for k, v in puts]
+        ops += [etcdrpc.RequestOp(request_delete_range=etcdrpc.DeleteRangeRequest(key=k))
+                for k in deletes]
+        request = etcdrpc.TxnRequest(compare=[epoch_guard(self.leader_key, epoch)], success=ops)
+        response = await self.etcd.call(
+            lambda client: kv_call(client, "Txn", request), "upload file")
+        return int(response.header.revision) if response.succeeded else None
+
+
+class FileMirror:
+    """Mirrors one file through etcd; ``epoch()`` is the node's write guard.
+
+    ``may_write()`` says why the file must not be written now (its VSM server runs), or None.
+    """
+
+    def __init__(self, etcd: Etcd, keys: Keys, path: Path, epoch: Callable[[], int], *,
+                 mode: str = REPLICATED, interval: float = 2.0,
+                 chunk_size: int = DEFAULT_CHUNK_SIZE, max_size: int = MAX_FILE_SIZE,
+                 may_write: Callable[[], str | None] = lambda: None) -> None:
+        if mode not in (REPLICATED, ON_PRIMARY):
+            raise ValueError(f"unknown mode {mode!r}")
+        self.copy = EtcdCopy(etcd, keys)
+        self.path = path
+        self.epoch = epoch
+        self.mode = mode
+        self.interval = interval
+        self.chunk_size = chunk_size
+        self.max_size = max_size
+        self.may_write = may_write
+        self.uploads = 0
+        self.downloads = 0
+        self.upload_failures = 0
+        self._etcd: tuple[str, int] | None = None  # etcd's copy as far as we know: sha, revision
+        self._local: FileState | None = None  # the file as last seen
+        self._pending_since: float | None = None  # wall clock: local differs from etcd since
+        self._behind = False  # an upload of the local content failed
+        self._error = ""
+        self._failures_in_row = 0
+        self._changed = asyncio.Event()
+        self._synced = asyncio.Event()
+        self._sync_lock = asyncio.Lock()
+
+    @property
+    def known_sha(self) -> str | None:
+        return self._etcd[0] if self._etcd else None
+
+    async def run(self) -> None:
+        """Upload local changes while primary; follow etcd's copy otherwise. Forever."""
+        await supervise({"file-watch": self._watch_local(), "file-upload": self._upload_loop(),
+                         "file-follow": self._follow()})
+
+    # -- what this node knows ---------------------------------------------------------------
+
+    def is_primary(self) -> bool:
+        try:
+            self.epoch()
+        except NotPrimary:
+            return False
+        return True
+
+    def report(self) -> FileReport:
+        etcd_sha, revision = self._etcd if self._etcd is not None else ("", 0)
+        known = FileReport(FILE_UNKNOWN, local_sha256=self._local.sha256 or "" if self._local
+                           else "", etcd_sha256=etcd_sha, etcd_revision=revision,
+                           upload_failures=self.upload_failures)
+        if not self._synced.is_set():
+            return known
+        if not self.is_primary():
+            return replace(known, state=FILE_FOLLOWING, error=self._error)
+        if self._behind:
+            return replace(known, state=FILE_BEHIND, behind_since=self._pending_since,
+                           error=self._error)
+        return replace(known, state=FILE_CURRENT)
+
+    def behind_seconds(self) -> float:
+        """How long the etcd copy has lagged behind the primary's file (0 when it does not)."""
+        if not self._behind or self._pending_since is None or not self.is_primary():
+            return 0.0
+        return max(0.0, time.time() - self._pending_since)
+
+    # -- primary: the file into etcd --------------------------------------------------------
+
+    async def _watch_local(self) -> None:
+        async with FileWatcher(self.path, interval=self.interval) as watcher:
+            async for state in watcher:
+                self._note_local(state)
+                self._changed.set()
+
+    def _note_local(self, state: FileState) -> None:
+        if self._local is None or state.sha256 != self._local.sha256:
+            self._pending_since = time.time()
+            self._behind, self._failures_in_row = False, 0
+        self._local = state
+
+    async def _upload_loop(self) -> None:
+        await self._synced.wait()  # know etcd's copy before replacing it
+        while True:
+            try:
+                async with asyncio.timeout(self._retry_in()):
+                    await self._changed.wait()
+            except TimeoutError:
+                pass  # also how a fresh primary notices a file its standby days left behind
+            self._changed.clear()
+            if self._local is not None:
+                await self._upload(self._local)
+
+    def _retry_in(self) -> float:
+        if not self._behind:
+            return self.interval
+        return min(self.interval * 2.0 ** min(self._failures_in_row, 8), MAX_RETRY_SECONDS)
+
+    async def _upload(self, state: FileState) -> None:
+        if state.content is None or state.sha256 == self.known_sha:
+            self._behind = False
+            return
+        try:
+            epoch = self.epoch()
+        except NotPrimary:
+            return  # a standby's file is followed, not uploaded
+        if len(state.content) > self.max_size:
+            self._failed(f"the file is {len(state.content)} bytes, over the limit of "
+                         f"{self.max_size} bytes that is mirrored")
+            return
+        try:
+            stored = await self.copy.store(epoch, state.content, self.chunk_size)
+        except EtcdError as exc:
+            self._failed(str(exc))
+            return
+        if stored is None:
+            log.warning("vsm_file_upload_refused", reason="the leader key is no longer ours")
+            return
+        manifest, revision = stored
+        if self._behind:
+            log.warning("vsm_file_caught_up", behind_since=utc(self._pending_since),
+                        failures=self._failures_in_row)
+        self._etcd = (manifest.sha256, revision)
+        self._behind, self._error, self._failures_in_row = False, "", 0
+        self.uploads += 1
+        log.info("vsm_file_uploaded", path=str(self.path), size=manifest.size,
+                 chunks=len(manifest.chunks), sha256=manifest.short, revision=revision)
+
+    def _failed(self, error: str) -> None:
+        self.upload_failures += 1
+        self._failures_in_row += 1
+        first = not self._behind
+        self._behind, self._error = True, error
+        # One error when the copy falls behind, then quieter lines while retrying: the state
+        # is on GetRole, /health and the metrics all along.
+        (log.error if first else log.warning)(
+            "vsm_file_upload_failed", path=str(self.path), error=error,
+            behind_since=utc(self._pending_since), retry_in=round(self._retry_in(), 1))
+
+    # -- every node: etcd's copy onto the disk -----------------------------------------------
+
+    async def _follow(self) -> None:
+        while True:
+            try:
+                await self.sync()
+                revision = self._etcd[1] if self._etcd else 0
+                async with self.copy.etcd.watch(self.copy.manifest_key,
+                                                start_revision=revision + 1) as watch:
+                    async for batch in watch:
+                        if batch.events:
+                            await self.sync()
+            except EtcdError as exc:
+                log.info("vsm_file_watch_ended", error=str(exc))
+                await asyncio.sleep(0.2)
+
+    def current(self) -> bool:
+        """Whether this node could take over with its file as it is: in on-primary mode the
+        file must equal etcd's copy (the VSM server starts on it); in replicated mode ThinLinc
+        keeps it, so always."""
+        if self.mode == REPLICATED:
+            return True
+        if not self._synced.is_set() or self._local is None:
+            return False
+        return self._etcd is None or self._local.sha256 == self._etcd[0]
+
+    async def gate(self, revision: int) -> None:
+        """Promotion gate (rule 5): in on-primary mode, wait until the file equals etcd's
+        copy, however long (the node's lease deadline bounds it: a node whose file cannot be
+        written, say because its VSM server will not stop, never becomes PRIMARY); log the
+        version this node takes over with."""
+        await self.sync(revision)
+        while not self.current():
+            await asyncio.sleep(GATE_POLL)
+            await self.sync(revision)
+        report = self.report()
+        log.info("vsm_file_gate", mode=self.mode, etcd_sha256=report.etcd_sha256[:12],
+                 etcd_revision=report.etcd_revision, local_sha256=report.local_sha256[:12],
+                 same=report.etcd_sha256 == report.local_sha256, note=report.error or None)
+
+    async def sync(self, _revision: int = 0) -> None:
+        """Learn etcd's copy and, in ``on-primary`` mode, make the file equal to it.
+
+        On the primary this writes only right after promotion, when the disk differs from
+        etcd: then etcd's copy is the one to keep."""
+        async with self._sync_lock:
+            async for attempt in retry_policy("read file"):
+                with attempt:
+                    await self._sync()
+            self._synced.set()
+
+    async def _sync(self) -> None:
+        try:
+            manifest, revision = await self.copy.manifest()
+        except ChunkError as exc:  # garbage in etcd: keep the file we have
+            log.warning("vsm_file_copy_invalid", error=str(exc))
+            return
+        if manifest is None:
+            return
+        self._etcd = (manifest.sha256, revision)
+        current = await asyncio.to_thread(read_state, self.path)
+        if current is not None:
+            self._note_local(current)
+        if self.mode == REPLICATED or current is None or current.sha256 == manifest.sha256:
+            self._error = ""
+            return
+        if self.is_primary():
+            # The primary's file is the VSM server's, newer than any upload of it: a manifest
+            # event of our own upload must never write an older version over it.
+            return
+        held = self.may_write()
+        if held is not None:
+            self._error = f"file not written: {held}"
+            log.warning("vsm_file_not_written", reason=held, etcd_sha256=manifest.short)
+            return
+        try:
+            copy = await self.copy.fetch(reuse=current.content)
+        except ChunkError as exc:
+            log.warning("vsm_file_copy_invalid", error=str(exc))
+            return
+        if copy is None:
+            return
+        await asyncio.to_thread(self._write, copy.data)
+        self._etcd = (copy.manifest.sha256, copy.revision)
+        self._error = ""
+        self.downloads += 1
+        log.info("vsm_file_written", path=str(self.path), size=copy.manifest.size,
+                 revision=copy.revision, sha256=copy.manifest.short)
+
+    def _write(self, data: bytes) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.path, data)

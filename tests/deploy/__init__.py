@@ -1,0 +1,1 @@
+"""What ships: packages, the install script, the image and compose, etcd, units."""

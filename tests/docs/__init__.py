@@ -1,0 +1,1 @@
+"""The guides' commands and links, run as written."""

@@ -1,0 +1,1 @@
+"""The etcd room against a real etcd cluster: elections, garbage, security."""

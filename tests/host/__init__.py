@@ -1,0 +1,1 @@
+"""Hooks, health checks, systemd."""

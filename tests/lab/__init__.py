@@ -1,0 +1,1 @@
+"""The local cluster, the stand-in VSM server and the demo."""

@@ -1,0 +1,1 @@
+"""Two real sidecar processes on a real etcd cluster: election, failover, failback."""

@@ -1,0 +1,1 @@
+"""The resource IP, in network namespaces."""

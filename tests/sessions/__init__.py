@@ -1,0 +1,1 @@
+"""Session records, the durable copy, the mirror."""

@@ -1,0 +1,1 @@
+"""The file adapter and its mirror."""
