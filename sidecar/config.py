@@ -426,12 +426,16 @@ def to_toml(settings: Settings) -> str:
     """The settings as a TOML file that :func:`read_file` takes back to the same settings.
 
     One key per setting, in ``--help`` order; a setting that is not set stays commented out
-    with the empty string that means "not set", as in deploy/sidecar.example.toml."""
+    with the empty string that means "not set", as in deploy/sidecar.example.toml. A setting
+    that is on by default and turned off (``grpc_socket``) is written as that empty string, so
+    that it stays off when read back."""
+    defaults = Settings.__dataclass_fields__
     lines = []
     for name in SETTING_NAMES:
         value = getattr(settings, name)
         if value is None:
-            lines.append(f'#{name} = ""  # not set\n')
+            off = defaults[name].default not in (None, dataclasses.MISSING)
+            lines.append(f'{name} = ""  # off\n' if off else f'#{name} = ""  # not set\n')
             continue
         if isinstance(value, Path):
             value = str(value)

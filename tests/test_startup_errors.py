@@ -312,7 +312,7 @@ def test_check_config_prints_toml_that_config_takes_back(tmp_path: Path, pki: Pk
         "--settings-only", f"--config={source}", "--node-id", "a", "--etcd-endpoints",
         "https://10.0.0.1:2379,https://10.0.0.2:2379", "--etcd-ca", str(pki.ca),
         "--etcd-cert", str(pki.client.cert), "--etcd-key", str(pki.client.key),
-        "--etcd-timeout", "0.25", "--session-writers", "local", "--data-dir",
+        "--etcd-timeout", "0.25", "--data-dir",
         str(tmp_path / "data dir"), "--health-check", "exec:true --flag='x y'"]
     first = subprocess.run([sys.executable, "-m", "sidecar", "check-config", *flags],
                            capture_output=True, text=True, timeout=60, env=env)
