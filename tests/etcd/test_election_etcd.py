@@ -110,6 +110,10 @@ def test_keepalive_deadline_is_send_time_plus_granted_ttl(
     async def body(make: Callable[[str], Election]) -> None:
         election = make("a")
         lease = await election.grant()
+        # The plain keepalive, as on an etcd with the #15247 fix: on the bundled 3.5.1 a slow
+        # answer is checked through another member instead, whose deadline is earlier still
+        # (tests/etcd/test_etcd_15247.py).
+        election.etcd_affected = False
         real_call = election.etcd.call
 
         async def late_answer(fn: Callable[[Any], T], what: str) -> T:
