@@ -34,8 +34,9 @@ from .host.hooks import HookRunner
 from .host.systemd import Notifier
 from .host.vsmserver import VsmServerControl
 from .resource.controller import ResourceController
-from .sessions.mirror import Follower, Writer
+from .sessions.follower import Follower
 from .sessions.store import SessionStore, StoreError
+from .sessions.writer import Writer
 from .vsmfile.mirror import FileMirror
 
 log = structlog.get_logger(__name__)

@@ -24,7 +24,7 @@ from ..api import session_pb2, session_pb2_grpc
 from ..api.session_pb2 import Session, SessionEvent
 from ..core.node import Node, NotPrimary, Role
 from ..etcd.client import Compacted, EtcdError
-from ..sessions.mirror import Change, Follower, Writer, WriteUnavailable
+from ..sessions.follower import Change, Follower
 from ..sessions.record import (
     NOT_PRIMARY_METADATA_KEY,
     SessionDecodeError,
@@ -33,7 +33,8 @@ from ..sessions.record import (
     encode_session,
     validate_session_id,
 )
-from ..sessions.store import StoredRecord
+from ..sessions.table import StoredRecord
+from ..sessions.writer import Writer, WriteUnavailable
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")

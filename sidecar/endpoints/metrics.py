@@ -29,7 +29,8 @@ from ..host.health import HealthCheck
 from ..host.hooks import HookRunner
 from ..host.vsmserver import VsmServerControl
 from ..resource.controller import ResourceController
-from ..sessions.mirror import Follower, Writer
+from ..sessions.follower import Follower
+from ..sessions.writer import Writer
 from ..vsmfile.mirror import FileMirror
 
 PREFIX = "vsm_sidecar_"

@@ -4,8 +4,8 @@ On the primary, FileWatcher notices when the file changes and hands over its con
 mirror stores in etcd as content-addressed chunks (``split_chunks``, named by their SHA-256) and a
 manifest listing them (``Manifest``); ``batches`` cuts the chunks into transactions that stay
 within etcd's default request limit. On the standby, ``join_chunks`` reassembles and verifies the
-content and ``atomic_write`` puts it on disk so that the VSM server, started on takeover, reads
-either the old or the new file and never a mix.
+content and :func:`sidecar.atomicfile.atomic_write` puts it on disk so that the VSM server,
+started on takeover, reads either the old or the new file and never a mix.
 
 Nothing here touches etcd or the network.
 """
@@ -17,14 +17,12 @@ import contextlib
 import hashlib
 import json
 import os
-import stat
-import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import BinaryIO, Final, Self, TypeVar
+from typing import Final, Self, TypeVar
 
 from asyncinotify import Event, Inotify, Mask, Watch
 
@@ -47,77 +45,6 @@ MANIFEST_VERSION: Final = 2
 _HEX64 = frozenset("0123456789abcdef")
 
 _T = TypeVar("_T")
-
-# -- atomic writes --------------------------------------------------------------------------------
-
-
-def atomic_write(
-    path: Path,
-    data: bytes | Iterable[bytes],
-    like: os.stat_result | None = None,
-    *,
-    mode: int = 0o600,
-) -> None:
-    """Replace ``path`` with ``data`` so that a reader sees the old file or the new, never a mix.
-
-    The new file takes the mode and owner of ``like`` when given, else of the file it replaces,
-    else ``mode`` and the caller's owner. ``data`` may be an iterable of pieces, written as they
-    come, so a large file never has to be held in memory whole. Raises OSError (the temporary
-    file is removed); ``PermissionError`` if the owner cannot be given to the new file.
-    """
-    path = Path(path)
-    target = like if like is not None else _stat_or_none(path)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with open(fd, "wb", buffering=1024 * 1024) as f:
-            _write_all(f, data)
-            f.flush()
-            _copy_owner_and_mode(fd, target, mode)
-            # The data must be on disk before the rename makes it visible under the real name,
-            # or a crash could leave an empty file where the old one was.
-            os.fsync(fd)
-        os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
-        raise
-    fsync_dir(path.parent)
-
-
-def fsync_dir(directory: Path) -> None:
-    """Make a rename (or create, or unlink) in ``directory`` survive a crash."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _stat_or_none(path: Path) -> os.stat_result | None:
-    try:
-        return os.stat(path)
-    except FileNotFoundError:
-        return None
-
-
-def _write_all(f: BinaryIO, data: bytes | Iterable[bytes]) -> None:
-    if isinstance(data, bytes):
-        f.write(data)
-        return
-    for piece in data:
-        f.write(piece)
-
-
-def _copy_owner_and_mode(fd: int, target: os.stat_result | None, default_mode: int) -> None:
-    if target is None:
-        os.fchmod(fd, default_mode)
-        return
-    current = os.fstat(fd)
-    if (current.st_uid, current.st_gid) != (target.st_uid, target.st_gid):
-        os.fchown(fd, target.st_uid, target.st_gid)
-    # After fchown: changing the owner clears the set-user-id and set-group-id bits.
-    os.fchmod(fd, stat.S_IMODE(target.st_mode))
-
 
 # -- chunks and manifest --------------------------------------------------------------------------
 

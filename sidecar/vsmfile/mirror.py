@@ -33,6 +33,7 @@ from typing import Any
 import structlog
 from etcd3 import etcdrpc
 
+from ..atomicfile import atomic_write
 from ..core.node import NotPrimary
 from ..core.reports import (
     FILE_BEHIND,
@@ -55,7 +56,6 @@ from .adapter import (
     FileState,
     FileWatcher,
     Manifest,
-    atomic_write,
     batches,
     chunk_hash,
     join_chunks,

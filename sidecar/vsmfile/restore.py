@@ -15,11 +15,12 @@ import stat
 import sys
 from pathlib import Path
 
+from ..atomicfile import atomic_write
 from ..config import Settings
 from ..etcd.client import Etcd, EtcdError
 from ..etcd.election import Keys
 from ..host.health import ProbeFailed, parse_target
-from .adapter import ChunkError, atomic_write
+from .adapter import ChunkError
 from .mirror import Copy, EtcdCopy
 
 EXIT_REFUSED = 1

@@ -24,8 +24,9 @@ from sidecar.etcd.client import Etcd
 from sidecar.etcd.election import Keys
 from sidecar.lab.localcluster import LocalEtcdCluster
 from sidecar.resource.controller import ResourceController
-from sidecar.sessions.mirror import Follower, Writer
+from sidecar.sessions.follower import Follower
 from sidecar.sessions.store import SessionStore
+from sidecar.sessions.writer import Writer
 
 from ..aio import running
 

@@ -16,12 +16,12 @@ from typing import Any
 import pytest
 
 from sidecar import config
+from sidecar.atomicfile import atomic_write
 from sidecar.etcd.client import Etcd
 from sidecar.host import checkhost, hiveconf
 from sidecar.host.checkhost import FAIL, OK, WARN, Check
 from sidecar.lab.localcluster import LocalEtcdCluster
 from sidecar.lab.netlab import wait_for
-from sidecar.vsmfile.adapter import atomic_write
 
 from ..sidecars import Pair
 

@@ -20,10 +20,11 @@ from sidecar.core.node import Node, NotPrimary, Role
 from sidecar.etcd.client import Etcd
 from sidecar.etcd.election import Election, Keys
 from sidecar.lab.localcluster import LocalEtcdCluster
-from sidecar.sessions import mirror
-from sidecar.sessions.mirror import Follower, Writer
+from sidecar.sessions import follower as follower_module
+from sidecar.sessions.follower import Follower
 from sidecar.sessions.record import encode_session
 from sidecar.sessions.store import SessionStore
+from sidecar.sessions.writer import Writer
 
 from ..aio import running
 
@@ -366,7 +367,7 @@ def test_full_re_read_over_many_pages_skips_garbage_and_switches_at_once(
     skips and counts the garbage on every page, and the copy moves from its old content to the
     new in one step: while the range is being read it still holds only the old records at the
     old revision, never part of the new ones."""
-    monkeypatch.setattr(mirror, "RESYNC_PAGE", 7)
+    monkeypatch.setattr(follower_module, "RESYNC_PAGE", 7)
     s = settings(etcd_cluster, cluster_name)
     keys = Keys(s.prefix)
     for i in range(60):
@@ -376,13 +377,13 @@ def test_full_re_read_over_many_pages_skips_garbage_and_switches_at_once(
     store.load()
     store.replace_all([("old", encode_session(record("old")), 1)], 1)
     seen: list[tuple[int, list[str]]] = []
-    take_valid = mirror.Follower._take_valid
+    take_valid = Follower._take_valid
 
     def observed(follower: Follower, kvs: Any, fresh: Any) -> None:
         seen.append((store.applied_revision, [r for r, _ in store.records()]))
         take_valid(follower, kvs, fresh)
 
-    monkeypatch.setattr(mirror.Follower, "_take_valid", observed)
+    monkeypatch.setattr(Follower, "_take_valid", observed)
 
     async def body() -> None:
         async with opened(s) as etcd:

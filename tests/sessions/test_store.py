@@ -13,16 +13,13 @@ from pathlib import Path
 import pytest
 
 from sidecar.api.session_pb2 import Session
-from sidecar.sessions import store as store_module
+from sidecar.sessions import replacement as replacement_module
+from sidecar.sessions.journal import JOURNAL_NAME
 from sidecar.sessions.record import encode_session
-from sidecar.sessions.store import (
-    JOURNAL_NAME,
-    SNAPSHOT_NAME,
-    Replacement,
-    SessionStore,
-    StoredRecord,
-    StoreError,
-)
+from sidecar.sessions.replacement import Replacement
+from sidecar.sessions.snapshot import SNAPSHOT_NAME
+from sidecar.sessions.store import SessionStore, StoreError
+from sidecar.sessions.table import RecordTable, StoredRecord
 
 
 def record(session_id: str, user: str = "alice") -> bytes:
@@ -231,7 +228,7 @@ def test_replacement_spans_several_memory_maps(
     data_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Records spread over many spill chunks, and one larger than a chunk, all come back."""
-    monkeypatch.setattr(store_module, "_SPILL_CHUNK", 1024)
+    monkeypatch.setattr(replacement_module, "_SPILL_CHUNK", 1024)
     big = encode_session(Session(session_id="big", username="u" * 200,
                                  attributes={f"k{i}": "v" * 100 for i in range(20)}))
     assert len(big) > 1024
@@ -251,7 +248,7 @@ def test_replacement_packed_in_steps_and_threads_holds_every_record_once(
     """However the buckets are split into steps and between the compressing threads, each
     record lands in its own bucket, the last taken of an id wins, and the buckets are those
     that packing each one alone gives."""
-    monkeypatch.setattr(store_module, "_BUILD_STEP", step)
+    monkeypatch.setattr(replacement_module, "_BUILD_STEP", step)
     taken = [(f"s{n % 150}", record(f"s{n % 150}", f"user{n}"), n + 1) for n in range(200)]
     with open_store(data_dir, buckets=16) as store, Replacement() as fresh:
         for session_id, raw, revision in taken:
@@ -261,7 +258,7 @@ def test_replacement_packed_in_steps_and_threads_holds_every_record_once(
         assert contents(store) == expected
         assert len(store) == 150
         table = fresh.build(16)
-    alone = store_module._RecordTable.empty(16)
+    alone = RecordTable.empty(16)
     alone.update({session_id: StoredRecord(revision, raw) for session_id, raw, revision in taken})
     assert table.bucket_list() == alone.bucket_list()
 

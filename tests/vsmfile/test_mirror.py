@@ -20,9 +20,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar import client
+from sidecar.atomicfile import atomic_write
 from sidecar.lab.localcluster import LocalEtcdCluster
 from sidecar.lab.localnode import LocalSidecar
-from sidecar.vsmfile.adapter import DEFAULT_CHUNK_SIZE, atomic_write
+from sidecar.vsmfile.adapter import DEFAULT_CHUNK_SIZE
 
 from ..netns_lab import wait_for
 from ..sidecars import Pair, make_pair

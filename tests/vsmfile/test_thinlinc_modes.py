@@ -22,9 +22,9 @@ from pathlib import Path
 
 import pytest
 
+from sidecar.atomicfile import atomic_write
 from sidecar.lab.localcluster import LocalEtcdCluster
 from sidecar.lab.localnode import LocalSidecar
-from sidecar.vsmfile.adapter import atomic_write
 
 from ..netns_lab import NetnsLab, free_subnet, require_netns, wait_for
 

@@ -1,0 +1,183 @@
+"""The in-memory copy of the session records: packed into compressed buckets, and the ids in
+order for paging.
+
+Records are packed into ``buckets`` (default 16,384) chosen by a CRC of the session id;
+each bucket is one bytes object, its records deflate-compressed together with a preset
+dictionary (a template of the record's JSON), and unpacked only to read or change one of them.
+One bytes object per record, keyed by a str, would cost ~300 bytes a record even compressed
+(the key, the dict entry and the object headers), ~30 MB for 100,000; the sidecar's libraries
+alone take ~53 MB of the 80 MB budget. A bucket of ~6 records compresses better too, since
+records in one cluster share agent names, addresses and attribute keys. The price is a
+re-pack of one bucket (~6 records) per change, ~80 µs. The snapshot
+(:mod:`sidecar.sessions.snapshot`) stores the buckets as they are, so a load decompresses
+nothing. (Figures: see :class:`~sidecar.sessions.store.SessionStore`.)
+
+Not thread safe: :class:`~sidecar.sessions.store.SessionStore` guards its table with a lock.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import struct
+import zlib
+from array import array
+from collections import defaultdict
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Final
+
+DEFAULT_BUCKETS: Final = 16384  # ~6 records a bucket at 100,000; a power of two
+
+COUNT: Final = struct.Struct("<I")  # records in a bucket, ahead of its compressed entries
+ENTRY: Final = struct.Struct("<HIq")  # id length, JSON length, mod revision
+
+# Raw deflate, 32 KiB window, with a preset dictionary that gives the first record of a bucket
+# something to match. Part of the file format: changing it needs a new FORMAT_VERSION.
+_WBITS: Final = -15
+_DICTIONARY: Final = (
+    b'example.com","connected","disconnected","1280x1024","2560x1440","3840x2160",'
+    b'{"v":1,"session_id":"","username":"","agent_hostname":"","agent_address":"",'
+    b'"display":1,"status":"running","connection_status":"connected",'
+    b'"created_at":"2025-01-01T00:00:00Z","last_connection_at":"2025-01-01T00:00:00.000Z",'
+    b'"last_client_address":"","terminal_id":"","framebuffer_size":"1920x1080",'
+    b'"session_pid":1,"subcluster":"","attributes":{}}'
+)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredRecord:
+    """One record as etcd held it: its mod revision and the JSON value."""
+
+    revision: int
+    raw: bytes
+
+
+# Numbers the tables, so that a cached order of ids names the table it was made from.
+_TABLE_SERIALS = itertools.count()
+
+
+class RecordTable:
+    """Records packed into a fixed number of compressed buckets, chosen by a CRC of the id."""
+
+    def __init__(self, buckets: list[bytes]) -> None:
+        self._buckets = buckets
+        self._mask = len(buckets) - 1
+        self._size = sum(_bucket_size(blob) for blob in buckets)
+        # Which set of ids this table holds: (its own serial, a count of changes to the set).
+        self.serial = next(_TABLE_SERIALS)
+        self.id_changes = 0
+
+    @classmethod
+    def empty(cls, buckets: int) -> RecordTable:
+        if buckets <= 0 or buckets & (buckets - 1):
+            raise ValueError(f"the bucket count must be a power of two, got {buckets}")
+        return cls([b""] * buckets)
+
+    def __len__(self) -> int:
+        return self._size
+
+    def bucket_list(self) -> list[bytes]:
+        """A copy of the buckets (immutable bytes): a consistent image for a snapshot."""
+        return list(self._buckets)
+
+    def get(self, session_id: str) -> StoredRecord | None:
+        return _unpack(self._buckets[self._index(session_id)]).get(session_id)
+
+    def update(self, changes: Mapping[str, StoredRecord | None]) -> int:
+        """Put records and delete ids (None), re-packing each touched bucket once.
+
+        Returns how many of the deleted ids were held.
+        """
+        by_bucket: defaultdict[int, list[str]] = defaultdict(list)
+        for session_id in changes:
+            by_bucket[self._index(session_id)].append(session_id)
+        deleted = 0
+        for index, ids in by_bucket.items():
+            records = _unpack(self._buckets[index])
+            before = len(records)
+            for session_id in ids:
+                record = changes[session_id]
+                if record is not None:
+                    if session_id not in records:
+                        self.id_changes += 1
+                    records[session_id] = record
+                elif records.pop(session_id, None) is not None:
+                    deleted += 1
+                    self.id_changes += 1
+            self._buckets[index] = _pack(records)
+            self._size += len(records) - before
+        return deleted
+
+    def items(self) -> Iterator[tuple[str, StoredRecord]]:
+        """Every record, bucket by bucket (no particular order)."""
+        for blob in self._buckets:
+            yield from _unpack(blob).items()
+
+    def _index(self, session_id: str) -> int:
+        # CRC-32, not hash(): the bucket must not change between runs (PYTHONHASHSEED).
+        return zlib.crc32(session_id.encode()) & self._mask
+
+
+class IdOrder:
+    """Every id of a table in order, packed (~15 bytes an id): a page is found by bisection
+    instead of by unpacking every record. Ids are ASCII, so their bytes sort as they do."""
+
+    def __init__(self, ids: Iterable[bytes]) -> None:
+        ordered = sorted(ids)
+        self._blob = b"".join(ordered)
+        self._ends = array("I", itertools.accumulate(map(len, ordered)))
+
+    def __len__(self) -> int:
+        return len(self._ends)
+
+    def _id(self, number: int) -> bytes:
+        start = self._ends[number - 1] if number else 0
+        return self._blob[start : self._ends[number]]
+
+    def after(self, key: bytes, limit: int) -> list[str]:
+        """Up to ``limit`` ids that sort after ``key``, in order."""
+        first = bisect.bisect_right(range(len(self)), key, key=self._id)
+        return [self._id(n).decode() for n in range(first, min(first + limit, len(self)))]
+
+
+def _pack(records: dict[str, StoredRecord]) -> bytes:
+    return _compress([pack_entry(session_id.encode(), record.raw, record.revision)
+                      for session_id, record in records.items()])
+
+
+def pack_entry(key: bytes, raw: bytes, revision: int) -> bytes:
+    return ENTRY.pack(len(key), len(raw), revision) + key + raw
+
+
+def _compress(entries: list[bytes]) -> bytes:
+    """A bucket of these packed entries (each id distinct)."""
+    if not entries:
+        return b""
+    return COUNT.pack(len(entries)) + deflate(b"".join(entries))
+
+
+def deflate(data: bytes) -> bytes:
+    deflate = zlib.compressobj(6, zlib.DEFLATED, _WBITS, 8, zlib.Z_DEFAULT_STRATEGY, _DICTIONARY)
+    return deflate.compress(data) + deflate.flush()
+
+
+def _unpack(blob: bytes) -> dict[str, StoredRecord]:
+    if not blob:
+        return {}
+    inflate = zlib.decompressobj(_WBITS, _DICTIONARY)
+    data = inflate.decompress(memoryview(blob)[COUNT.size :]) + inflate.flush()
+    records = {}
+    offset = 0
+    while offset < len(data):
+        id_length, raw_length, revision = ENTRY.unpack_from(data, offset)
+        offset += ENTRY.size
+        session_id = data[offset : offset + id_length].decode()
+        offset += id_length
+        records[session_id] = StoredRecord(revision, data[offset : offset + raw_length])
+        offset += raw_length
+    return records
+
+
+def _bucket_size(blob: bytes) -> int:
+    return COUNT.unpack_from(blob)[0] if blob else 0
