@@ -1,8 +1,9 @@
 """The resource IP actuator (sidecar/vip.py): pure helpers, then real hosts in namespaces.
 
 The network tests run ResourceIP inside a host namespace through a small driver process (this
-module run with ``python -m tests.test_vip``) that takes one JSON command per line. Nothing is
-mocked: addresses, ARP, neighbour discovery and the client's caches are the kernel's own.
+module run with ``python -m tests.resource.test_vip``) that takes one JSON command per line.
+Nothing is mocked: addresses, ARP, neighbour discovery and the client's caches are the kernel's
+own.
 """
 
 from __future__ import annotations
@@ -343,7 +344,7 @@ class VipDriver:
             self.process = lab.popen(
                 host,
                 *prefix,
-                *(sys.executable, "-m", "tests.test_vip"),
+                *(sys.executable, "-m", "tests.resource.test_vip"),
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=log_file,
