@@ -551,7 +551,7 @@ def _validate_hooks_and_health(s: Settings) -> None:
 
 
 def _validate_vip(s: Settings) -> None:
-    from .resource import vip
+    from .resource import address as vip
 
     for text in s.vip:
         try:

@@ -1,8 +1,9 @@
-"""The resource IP as the node's role demands it: glue between node.py (decides) and vip.py (acts).
+"""The resource IP as the node's role demands it: glue between core/node.py (decides)
+and actuator.py (acts).
 
 * start-up and every move away from PRIMARY: :meth:`ResourceController.release` — synchronous,
   netlink only, no hook, etcd call or RPC (rules 3 and 4). It also stops any announcement burst.
-* promotion: probe for a stale holder (logged and counted by vip.py), claim, announce: a burst
+* promotion: probe for a stale holder (logged and counted by probe.py), claim, announce: a burst
   now, another after ``garp_delay``, then every ``garp_refresh`` if set.
 * all the time: reconcile — on the primary a missing address comes back and is announced, on a
   non-primary a present one goes, both within a second, woken by netlink events.
@@ -17,8 +18,11 @@ from collections.abc import Callable
 import structlog
 
 from ..config import ConfigError, Settings
-from .vip import AnnounceSettings, ResourceIP, VipError, VipPermissionError, check_privileges
-from .vip import parse_vip as parse_vip
+from .actuator import ResourceIP
+from .address import parse_vip as parse_vip
+from .announce import AnnounceSettings
+from .errors import VipError, VipPermissionError
+from .privileges import check_privileges
 
 log = structlog.get_logger(__name__)
 

@@ -1,8 +1,9 @@
-"""The resource IP actuator (sidecar/vip.py): pure helpers, then real hosts in namespaces.
+"""The resource IP actuator (sidecar/resource/): pure helpers, then real hosts in namespaces.
 
 The network tests run ResourceIP inside a host namespace through a small driver process (this
-module run with ``python -m tests.test_vip``) that takes one JSON command per line. Nothing is
-mocked: addresses, ARP, neighbour discovery and the client's caches are the kernel's own.
+module run with ``python -m tests.resource.test_vip``) that takes one JSON command per line.
+Nothing is mocked: addresses, ARP, neighbour discovery and the client's caches are the kernel's
+own.
 """
 
 from __future__ import annotations
@@ -24,16 +25,20 @@ from typing import Any
 import pytest
 import structlog
 
-from sidecar.resource import vip
-from sidecar.resource.vip import (
-    AnnounceSettings,
-    ResourceIP,
-    VipError,
-    VipPermissionError,
-    check_privileges,
-    kernel_label,
-    parse_vip,
+from sidecar.resource.actuator import ResourceIP
+from sidecar.resource.address import VipAddress, parse_vip
+from sidecar.resource.announce import AnnounceSettings
+from sidecar.resource.errors import VipError, VipPermissionError
+from sidecar.resource.frames import (
+    ETH_P_ARP,
+    dad_solicitation,
+    gratuitous_arps,
+    internet_checksum,
+    parse_na,
+    unsolicited_na,
 )
+from sidecar.resource.netlink import OWNER_PROTO, kernel_label
+from sidecar.resource.privileges import check_privileges
 
 from .. import netns_lab as lab_module
 from ..netns_conftest import netns_lab  # noqa: F401 - the fixture, until conftest imports it
@@ -73,7 +78,7 @@ ROOT_AS_FOUND_AND_AS_DOCKER_HOST = pytest.mark.parametrize(
         ("192.0.2.4/32", ipaddress.IPv4Interface("192.0.2.4/32")),
     ],
 )
-def test_parse_vip_accepts_address_with_prefix(text: str, expected: vip.VipAddress) -> None:
+def test_parse_vip_accepts_address_with_prefix(text: str, expected: VipAddress) -> None:
     """A host address with a prefix length parses to an interface of its family."""
     assert parse_vip(text) == expected
 
@@ -146,7 +151,7 @@ def test_check_privileges_passes_with_both_capabilities(tmp_path: Path) -> None:
 def test_gratuitous_arps_have_both_forms() -> None:
     """Request: target MAC zero. Reply: target MAC = sender MAC. Both broadcast, IP = IP."""
     mac = bytes.fromhex("020000000042")
-    request, reply = vip.gratuitous_arps(mac, ipaddress.IPv4Address(VIP4_IP))
+    request, reply = gratuitous_arps(mac, ipaddress.IPv4Address(VIP4_IP))
     for frame, op, target_mac in ((request, 1, bytes(6)), (reply, 2, mac)):
         fields = _arp_fields(frame)
         assert len(frame) == 60
@@ -160,8 +165,8 @@ def test_neighbour_frames_carry_valid_icmpv6_checksums() -> None:
     """Unsolicited NA and DAD solicitation: hop limit 255, right groups, checksum verifies."""
     mac = bytes.fromhex("020000000042")
     target = ipaddress.IPv6Address("2001:db8::1234:5678")
-    advert = vip.unsolicited_na(mac, target)
-    solicit = vip.dad_solicitation(mac, target)
+    advert = unsolicited_na(mac, target)
+    solicit = dad_solicitation(mac, target)
     assert _ipv6_fields(advert)["dst"] == "ff02::1"
     assert _ipv6_fields(solicit)["dst"] == "ff02::1:ff34:5678"
     assert advert[:6] == bytes.fromhex("333300000001")
@@ -170,10 +175,10 @@ def test_neighbour_frames_carry_valid_icmpv6_checksums() -> None:
         fields = _ipv6_fields(frame)
         assert fields["hop_limit"] == 255
         pseudo = fields["src_raw"] + fields["dst_raw"] + struct.pack("!I3xB", len(frame) - 54, 58)
-        assert vip.internet_checksum(pseudo + frame[54:]) == 0
+        assert internet_checksum(pseudo + frame[54:]) == 0
     flags = struct.unpack_from("!I", advert, 58)[0]
     assert flags == 0x20000000  # override only: not a router, not solicited
-    assert vip.parse_na(advert) == (target, mac)
+    assert parse_na(advert) == (target, mac)
 
 
 def test_require_netns_skips_locally_but_fails_under_ci(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -188,7 +193,7 @@ def test_require_netns_skips_locally_but_fails_under_ci(monkeypatch: pytest.Monk
 
 
 def _arp_fields(frame: bytes) -> dict[str, Any]:
-    """Decoded independently of sidecar.resource.vip, so a wrong builder cannot agree with
+    """Decoded independently of sidecar.resource.frames, so a wrong builder cannot agree with
     itself."""
     eth_dst, eth_src, ethertype = struct.unpack_from("!6s6sH", frame)
     _, _, _, _, op, sha, spa, tha, tpa = struct.unpack_from("!HHBBH6s4s6s4s", frame, 14)
@@ -343,7 +348,7 @@ class VipDriver:
             self.process = lab.popen(
                 host,
                 *prefix,
-                *(sys.executable, "-m", "tests.test_vip"),
+                *(sys.executable, "-m", "tests.resource.test_vip"),
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=log_file,
@@ -434,7 +439,7 @@ def test_claim_adds_labelled_addresses_and_is_idempotent(
     assert {VIP4, VIP6} <= netns_lab.addresses("a")
     assert _details(netns_lab, "a", VIP4_IP)["label"] == "eth0:vsm"
     protocols = _protocols(netns_lab, "a")
-    assert (protocols[VIP4_IP], protocols[VIP6_IP]) == (vip.OWNER_PROTO, vip.OWNER_PROTO)
+    assert (protocols[VIP4_IP], protocols[VIP6_IP]) == (OWNER_PROTO, OWNER_PROTO)
     assert protocols[netns_lab.hosts["a"].ipv4] is None  # the host's own address is not ours
     assert a.call("held") is True
 
@@ -529,7 +534,7 @@ def test_both_gratuitous_arp_forms_reach_the_client(
 ) -> None:
     """Captured at the client: `repeat` GARP requests and `repeat` GARP replies from b."""
     capture = drivers.start("client")
-    capture.call("capture_start", ethertype=vip.ETH_P_ARP)
+    capture.call("capture_start", ethertype=ETH_P_ARP)
     b = drivers.start("b", [VIP4], announce={"repeat": 3, "interval": 0.01, "delay": 0.0})
     b.call("claim")
     assert b.call("announce") == 6
