@@ -24,9 +24,11 @@ from sidecar.sessions.store import (
     StoreError,
 )
 
+from .. import builders
+
 
 def record(session_id: str, user: str = "alice") -> bytes:
-    return encode_session(Session(session_id=session_id, username=user, display=10))
+    return encode_session(builders.session(session_id, placed=False, username=user))
 
 
 def open_store(data_dir: Path, **options: int) -> SessionStore:
