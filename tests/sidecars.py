@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from sidecar import client
 from sidecar.lab.localcluster import LocalEtcdCluster
 from sidecar.lab.localnode import LocalSidecar, RoleRecorder
 
@@ -47,23 +50,13 @@ class Pair:
 
     def wait_split(self, timeout: float = 15.0) -> tuple[LocalSidecar, LocalSidecar]:
         """Wait for exactly one PRIMARY and one STANDBY that agree on leader and epoch."""
-        deadline = time.monotonic() + timeout
-        last = []
-        while time.monotonic() < deadline:
-            try:
-                last = [n.role(timeout=0.5) for n in self.nodes]
-            except Exception:
-                time.sleep(0.05)
-                continue
-            roles = [s["role"] for s in last]
-            if sorted(roles) == ["ROLE_PRIMARY", "ROLE_STANDBY"] and \
-                    len({(s.get("leader_id"), s.get("epoch")) for s in last}) == 1:
-                primary = self.nodes[roles.index("ROLE_PRIMARY")]
-                standby = self.nodes[roles.index("ROLE_STANDBY")]
-                return primary, standby
-            time.sleep(0.05)
-        logs = "\n".join(f"--- {n.node_id}\n{n.log_tail()}" for n in self.nodes)
-        raise TimeoutError(f"no PRIMARY/STANDBY split within {timeout}s: {last}\n{logs}")
+        primary, standby, _ = wait_split(self.nodes, timeout)
+        return primary, standby
+
+    def wait_member_record(self, node: LocalSidecar, timeout: float = 10.0,
+                           **expected: Any) -> dict[str, Any]:
+        """Wait until ``node``'s members/ record in etcd holds the ``expected`` fields."""
+        return wait_member_record(self.etcd, self.cluster, node.node_id, timeout, **expected)
 
     def recorder(self, node: LocalSidecar) -> RoleRecorder:
         recorder = RoleRecorder(node.address)
@@ -79,6 +72,55 @@ class Pair:
 
     def logs(self) -> str:
         return "\n".join(f"--- sidecar {n.node_id}\n{n.log_tail(60)}" for n in self.nodes)
+
+
+class NoSplit(TimeoutError):
+    """No PRIMARY/STANDBY split in time; the message has the last answers and the logs."""
+
+
+def wait_split(nodes: Sequence[LocalSidecar], timeout: float,
+               ) -> tuple[LocalSidecar, LocalSidecar, int]:
+    """Wait for exactly one PRIMARY and one STANDBY among ``nodes`` that agree on leader and
+    epoch, asked afresh: (primary, standby, epoch). A node that does not answer is asked again."""
+    deadline = time.monotonic() + timeout
+    last: list[dict[str, Any]] = []
+    while True:
+        try:
+            last = [n.role(timeout=0.5) for n in nodes]
+        except client.Unreachable:
+            pass
+        else:
+            roles = [s.get("role") for s in last]
+            if sorted(map(str, roles)) == ["ROLE_PRIMARY", "ROLE_STANDBY"] and \
+                    len({(s.get("leader_id"), s.get("epoch")) for s in last}) == 1:
+                primary = roles.index("ROLE_PRIMARY")
+                standby = roles.index("ROLE_STANDBY")
+                return nodes[primary], nodes[standby], int(last[primary].get("epoch", 0))
+        if time.monotonic() >= deadline:
+            logs = "\n".join(f"--- {n.node_id}\n{n.log_tail()}" for n in nodes)
+            raise NoSplit(f"no PRIMARY/STANDBY split within {timeout}s: {last}\n{logs}")
+        time.sleep(0.05)
+
+
+def wait_member_record(etcd: LocalEtcdCluster, cluster: str, node_id: str, timeout: float,
+                       **expected: Any) -> dict[str, Any]:
+    """Wait until members/<node_id> (DESIGN.md's key layout) holds the ``expected`` fields,
+    e.g. role="ROLE_STANDBY", copy_current=True: what a switchover asks of its target."""
+    key = f"/thinlinc-ha/{cluster}/members/{node_id}"
+    deadline = time.monotonic() + timeout
+    record: Any = None
+    with etcd.client() as etcd_client:
+        while True:
+            raw, _ = etcd_client.get(key)
+            try:
+                record = json.loads(raw) if raw is not None else None
+            except ValueError:
+                record = raw
+            if isinstance(record, dict) and all(record.get(k) == v for k, v in expected.items()):
+                return record
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"{key} is not {expected} after {timeout}s: {record}")
+            time.sleep(0.05)
 
 
 def make_pair(etcd: LocalEtcdCluster, cluster: str, tmp_path: Path,

@@ -37,6 +37,8 @@ from pathlib import Path
 from sidecar.lab.localcluster import LocalEtcdCluster
 from sidecar.lab.localnode import LocalSidecar, RoleRecorder
 
+from ..sidecars import NoSplit, wait_split
+
 # The goals of issue 2, and keepalived as measured there, for comparison.
 GOAL_MEDIAN_MS = {"crash": 2500.0, "handover": 100.0}
 KEEPALIVED_MS = {"crash": "3000-3600 ms (host death)", "handover": "~600 ms (clean stop)"}
@@ -90,17 +92,11 @@ class Lab:
 
     def split(self, timeout: float = RESTART_TIMEOUT_S) -> tuple[LocalSidecar, LocalSidecar]:
         """Wait for one PRIMARY and one STANDBY that agree on the epoch: (primary, standby)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            statuses = [node.role(timeout=1.0) if node.running else {} for node in self.nodes]
-            roles = [status.get("role") for status in statuses]
-            epochs = {status.get("epoch") for status in statuses}
-            if sorted(map(str, roles)) == ["ROLE_PRIMARY", "ROLE_STANDBY"] and len(epochs) == 1:
-                primary = roles.index("ROLE_PRIMARY")
-                return self.nodes[primary], self.nodes[1 - primary]
-            if time.monotonic() >= deadline:
-                raise BenchError(f"no PRIMARY/STANDBY pair within {timeout:.0f} s: {roles}")
-            time.sleep(0.05)
+        try:
+            primary, standby, _ = wait_split(self.nodes, timeout)
+        except NoSplit as exc:
+            raise BenchError(f"no PRIMARY/STANDBY pair within {timeout:.0f} s") from exc
+        return primary, standby
 
     def promoted_after(self, node: LocalSidecar, fault_at: float) -> float:
         """Seconds from ``fault_at`` to ``node`` reporting PRIMARY."""

@@ -29,6 +29,8 @@ from sidecar.etcd.client import Etcd, EventType
 from sidecar.lab.localcluster import LocalEtcdCluster
 from sidecar.lab.localnode import LocalSidecar
 
+from ..sidecars import wait_member_record
+
 CLUSTER = "bench"
 
 
@@ -114,7 +116,9 @@ def run(runs: int, ttl: int, delay: float) -> dict[str, list[float]]:
             a.start().wait_role("PRIMARY")
             b.start().wait_role("STANDBY")
             for i in range(1, runs + 1):
-                time.sleep(1.2)  # b's members/ record is current again
+                # b is a switchover target again once its members/ record says so.
+                wait_member_record(etcd, CLUSTER, "b", 15.0, role="ROLE_STANDBY",
+                                   copy_current=True)
                 waiter = _background(timeline.wait_move, "b")
                 started = time.monotonic()
                 client.switchover(a.control_address, "b")

@@ -80,6 +80,8 @@ from sidecar.lab.localnode import LocalSidecar, RoleRecorder
 from sidecar.lab.netlab import NetnsLab, free_subnet, netns_unavailable
 from sidecar.sessions.record import NOT_PRIMARY_METADATA_KEY, decode_session, encode_session
 
+from .. import builders
+from ..sidecars import NoSplit, wait_split
 from ..vip_watch import Lifetimes, Probe, Sampler, held_spans, intersect, start_probe, start_sampler
 
 TTL = 2
@@ -271,10 +273,8 @@ class Writer:
         else:
             session_id = f"chaos-{self._number:06d}"
             self._live.append(session_id)
-        session = Session(session_id=session_id, username="alice",
-                          agent_hostname="agent1.example.com", agent_address="192.0.2.10",
-                          display=10 + self._number % 50, status="running",
-                          attributes={"n": str(self._number)})
+        session = builders.session(session_id, display=10 + self._number % 50,
+                                   attributes={"n": str(self._number)})
         return Op("put", session_id, session)
 
     def _run(self) -> None:
@@ -443,22 +443,10 @@ class Lab:
 
     def split(self, timeout: float) -> tuple[LocalSidecar, LocalSidecar, int] | None:
         """Exactly one PRIMARY and one STANDBY agreeing on leader and epoch, asked afresh."""
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                statuses = {n: node.role(timeout=0.5) for n, node in self.nodes.items()}
-            except client.Unreachable:
-                statuses = {}
-            roles = {n: client.role_name(s) for n, s in statuses.items()}
-            if sorted(roles.values()) == ["PRIMARY", "STANDBY"] and len(
-                    {(s.get("leader_id"), s.get("epoch")) for s in statuses.values()}) == 1:
-                primary = next(n for n, r in roles.items() if r == "PRIMARY")
-                standby = next(n for n in roles if n != primary)
-                return (self.nodes[primary], self.nodes[standby],
-                        int(statuses[primary].get("epoch", 0)))
-            if time.monotonic() >= deadline:
-                return None
-            time.sleep(0.05)
+        try:
+            return wait_split(list(self.nodes.values()), timeout)
+        except NoSplit:
+            return None
 
     def reports(self) -> list[Report]:
         found: list[Report] = []

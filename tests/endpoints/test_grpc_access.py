@@ -18,7 +18,6 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,6 +32,8 @@ from sidecar import client
 from sidecar.api import role_pb2, role_pb2_grpc, session_pb2, session_pb2_grpc
 from sidecar.lab.localcluster import LocalEtcdCluster
 from sidecar.lab.localnode import LocalSidecar
+
+from ..sidecars import wait_member_record
 
 pytestmark = [pytest.mark.etcd]
 
@@ -82,6 +83,8 @@ class Lab:
     b: LocalSidecar  # root
     python: str
     env: dict[str, str]
+    etcd: LocalEtcdCluster
+    cluster: str
 
     def make_primary(self, node: LocalSidecar) -> None:
         """Move the role to ``node`` (as root, on a's socket) unless it has it."""
@@ -90,7 +93,9 @@ class Lab:
         node.wait_role("PRIMARY")
         other = self.b if node is self.a else self.a
         other.wait_role("STANDBY")
-        time.sleep(1.2)  # a node just deposed may not be picked as a target again at once
+        # A node just deposed is no switchover target until its members/ record says so.
+        wait_member_record(self.etcd, self.cluster, other.node_id, 10.0,
+                           role="ROLE_STANDBY", copy_current=True)
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +117,7 @@ def lab(etcd_cluster: LocalEtcdCluster) -> Iterator[Lab]:
     try:
         a.start().wait_role("PRIMARY")
         b.start().wait_role("STANDBY")
-        yield Lab(a, b, python, env)
+        yield Lab(a, b, python, env, etcd_cluster, cluster)
     finally:
         a.close()
         b.close()

@@ -26,11 +26,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from sidecar import client
 from sidecar.api import role_pb2, role_pb2_grpc, session_pb2, session_pb2_grpc
-from sidecar.api.session_pb2 import Session
 from sidecar.endpoints.grpc_access import READS, AccessPolicy, is_change, on_unix_socket
 from sidecar.lab.localcluster import LocalEtcdCluster
 from sidecar.lab.localnode import LocalSidecar
 
+from .. import builders
 from ..tlsgen import Pki, make_pki
 from .test_grpc_role import grpcurl
 
@@ -89,17 +89,12 @@ def _refused(address: str, **tls: Any) -> str:
     return str(caught.value)
 
 
-def _session(session_id: str) -> Session:
-    return Session(session_id=session_id, username="alice", agent_hostname="agent1.example.com",
-                   agent_address="192.0.2.10", display=10, status="running")
-
-
 def _stub(channel: grpc.Channel) -> session_pb2_grpc.SessionServiceStub:
     return session_pb2_grpc.SessionServiceStub(channel)
 
 
 def _put(channel: grpc.Channel, session_id: str) -> int:
-    request = session_pb2.PutSessionRequest(session=_session(session_id))
+    request = session_pb2.PutSessionRequest(session=builders.session(session_id))
     return int(_stub(channel).PutSession(request, timeout=RPC_TIMEOUT).revision)
 
 

@@ -32,6 +32,7 @@ from sidecar.endpoints.grpc_sessions import PAGE_BYTES
 from sidecar.lab.localnode import LocalSidecar
 from sidecar.sessions.record import NOT_PRIMARY_METADATA_KEY, encode_session
 
+from .. import builders
 from ..sidecars import Pair
 
 pytestmark = [pytest.mark.etcd]
@@ -51,16 +52,7 @@ PROGRESS = session_pb2.SESSION_EVENT_TYPE_PROGRESS
 # -- helpers shared with test_mirror.py ---------------------------------------------------------
 
 
-def record(session_id: str, **fields: Any) -> Session:
-    return Session(
-        session_id=session_id,
-        username=fields.pop("username", "alice"),
-        agent_hostname="agent1.example.com",
-        agent_address="192.0.2.10",
-        display=fields.pop("display", 10),
-        status="running",
-        **fields,
-    )
+record = builders.session  # alice's session on agent1, display 10, running
 
 
 class Client:

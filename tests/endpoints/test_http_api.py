@@ -15,7 +15,6 @@ from typing import Any, TypeVar
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from sidecar import config
 from sidecar.config import Settings
 from sidecar.core.node import Node, Role
 from sidecar.endpoints.http_api import HttpServer
@@ -28,6 +27,7 @@ from sidecar.sessions.follower import Follower
 from sidecar.sessions.store import SessionStore
 from sidecar.sessions.writer import Writer
 
+from .. import builders
 from ..aio import running
 
 T = TypeVar("T")
@@ -52,9 +52,8 @@ def run(body: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(body)
 
 
-def settings(name: str, endpoints: str = "http://127.0.0.1:1", **extra: Any) -> Settings:
-    return config.build({"node_id": "a", "cluster": name, "ttl": 2,
-                         "etcd_endpoints": endpoints, **extra})
+# A cluster's settings whose etcd nobody answers at, unless a test names one.
+NO_ETCD = "http://127.0.0.1:1"
 
 
 def _fetch(port: int, path: str, method: str) -> tuple[int, dict[str, str], bytes]:
@@ -136,7 +135,7 @@ def test_endpoints_of_a_primary_node(
     /metrics reports role PRIMARY = 1 (others 0), the node's epoch and a lease time left; an
     unknown path is 404, POST is 405 with Allow, a garbage request line is 400 and the server
     answers normally afterwards. Once the node has handed over (STOPPING), /health is 503."""
-    s = settings(cluster_name, etcd_cluster.endpoints_arg)
+    s = builders.settings(cluster=cluster_name, etcd=etcd_cluster)
 
     async def body() -> None:
         async with parts(s, tmp_path) as (node, follower, writer, collector):
@@ -198,7 +197,8 @@ def test_a_starting_node_is_healthy_but_neither_primary_nor_standby(
     /primary and /standby 503, and no resource IP metrics when none is configured."""
 
     async def body() -> None:
-        async with parts(settings(cluster_name), tmp_path) as (node, _, _, collector), \
+        async with parts(builders.settings(cluster=cluster_name, etcd=NO_ETCD),
+                         tmp_path) as (node, _, _, collector), \
                 serving(node, collector) as server:
             for path, expected in (("/health", 200), ("/primary", 503), ("/standby", 503)):
                 code, _, text = await fetch(server.port, path)
@@ -216,7 +216,8 @@ def test_resource_ip_metrics_appear_when_one_is_configured(
 ) -> None:
     """With a resource IP configured (on lo, where a TEST-NET address is never held) the four
     resource IP metrics are reported, held = 0 and the counters at their current values."""
-    s = settings(cluster_name, vip="192.0.2.77/32", vip_interface="lo")
+    s = builders.settings(cluster=cluster_name, etcd=NO_ETCD, vip="192.0.2.77/32",
+                          vip_interface="lo")
 
     async def body() -> None:
         async with parts(s, tmp_path) as (node, follower, writer, base):
@@ -242,7 +243,8 @@ def test_bad_clients_get_an_error_and_never_block_others(
     and a header line without a colon get 400; after all of it the server still answers."""
 
     async def body() -> None:
-        async with parts(settings(cluster_name), tmp_path) as (node, _, _, collector), \
+        async with parts(builders.settings(cluster=cluster_name, etcd=NO_ETCD),
+                         tmp_path) as (node, _, _, collector), \
                 serving(node, collector, read_timeout=1.0) as server:
             port = server.port
             silent = asyncio.create_task(raw(port, b"GET /health HTTP/1.1\r\n"))

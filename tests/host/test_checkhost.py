@@ -11,11 +11,9 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from sidecar import config
 from sidecar.atomicfile import atomic_write
 from sidecar.etcd.client import Etcd
 from sidecar.host import checkhost, hiveconf
@@ -23,16 +21,13 @@ from sidecar.host.checkhost import FAIL, OK, WARN, Check
 from sidecar.lab.localcluster import LocalEtcdCluster
 from sidecar.lab.netlab import wait_for
 
+from ..builders import settings
 from ..sidecars import Pair
 
 FIXTURES = Path(__file__).parent.parent / "fixtures" / "hiveconf"
 VIP = "192.0.2.50"
 NAMES = {"tl.example.com": {VIP}, "tl-a.example.com": {"198.51.100.1"},
          "tl-b.example.com": {"198.51.100.2"}, "elsewhere.example.com": {"203.0.113.9"}}
-
-
-def settings(**values: Any) -> config.Settings:
-    return config.build({"node_id": "a", **values})
 
 
 def hive(**changes: str) -> hiveconf.Hive:

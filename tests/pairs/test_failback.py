@@ -15,6 +15,7 @@ from sidecar.api import session_pb2, session_pb2_grpc
 from sidecar.core import node
 from sidecar.lab.localcluster import LocalEtcdCluster
 
+from .. import builders
 from ..sidecars import Pair
 
 pytestmark = [pytest.mark.etcd]
@@ -33,7 +34,7 @@ def preferred_pair(pair: Pair, *, failback: bool = True) -> None:
 def put(address: str, session_id: str) -> int:
     with grpc.insecure_channel(address) as channel:
         stub = session_pb2_grpc.SessionServiceStub(channel)
-        session = session_pb2.Session(session_id=session_id, username="alice", display=10)
+        session = builders.session(session_id, placed=False)
         return stub.PutSession(session_pb2.PutSessionRequest(session=session),
                                timeout=5).revision
 
@@ -86,13 +87,13 @@ def test_switchover_both_ways_with_a_new_epoch_each_time(pair: Pair) -> None:
     epoch once it holds the leader key, and takes well under a second."""
     pair.start(ttl=2)
     primary, standby = pair.wait_split()
-    time.sleep(1.2)  # the standby's member record says its copy is current
+    pair.wait_member_record(standby, role="ROLE_STANDBY", copy_current=True)
     epoch = int(primary.role()["epoch"])
     new, epoch2, took = client.switchover(primary.control_address, standby.node_id)
     assert (new, client.role_name(standby.role())) == (standby.node_id, "PRIMARY")
     assert epoch2 > epoch
     assert took < 0.5
-    time.sleep(1.2)
+    pair.wait_member_record(primary, role="ROLE_STANDBY", copy_current=True)
     # Asked on any node: the standby's socket.
     new, epoch3, took = client.switchover(standby.control_address, primary.node_id)
     assert new == primary.node_id
@@ -137,7 +138,7 @@ def test_switchover_cli(pair: Pair) -> None:
     """`vsm-sidecar switchover --to NODE` moves the role and says so; a refusal exits 1."""
     pair.start(ttl=2)
     primary, standby = pair.wait_split()
-    time.sleep(1.2)
+    pair.wait_member_record(standby, role="ROLE_STANDBY", copy_current=True)
     ok = subprocess.run([sys.executable, "-m", "sidecar", "switchover", "--grpc",
                          primary.control_address, "--to", standby.node_id],
                         capture_output=True, text=True, timeout=30)

@@ -16,6 +16,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar import client
+from sidecar.core.node import MEMBERS_REFRESH_SECONDS
 from sidecar.lab.localcluster import free_port
 from sidecar.lab.localnode import LocalSidecar
 
@@ -73,7 +74,9 @@ def test_unhealthy_primary_hands_over_to_the_healthy_standby(
     a = pair.start_one("a", extra_args=health_args(services["a"]))
     b = pair.start_one("b", extra_args=health_args(services["b"]))
     pair.wait_split()
-    time.sleep(1.2)  # b's member record says healthy and caught up
+    pair.wait_member_record(b, role="ROLE_STANDBY", health="healthy", copy_current=True)
+    # a picks the handover target from its own view of the members, refreshed this often:
+    time.sleep(MEMBERS_REFRESH_SECONDS)
     assert a.role()["health"] == "healthy"
     recorder = pair.recorder(b)
     stopped = time.monotonic()
@@ -153,7 +156,7 @@ def test_http_endpoints_follow_a_role_change(pair: Pair) -> None:
     assert [http(primary, "/primary")[0], http(primary, "/standby")[0]] == [200, 503]
     assert [http(standby, "/primary")[0], http(standby, "/standby")[0]] == [503, 200]
     assert http(standby, "/health")[0] == 200
-    time.sleep(1.2)
+    pair.wait_member_record(standby, role="ROLE_STANDBY", copy_current=True)
     _, epoch, _ = client.switchover(primary.control_address, standby.node_id)
     assert [http(standby, "/primary")[0], http(primary, "/primary")[0]] == [200, 503]
     families = {f.name: f for f in text_string_to_metric_families(http(standby, "/metrics")[1])}
@@ -187,7 +190,7 @@ def test_switchover_cli_keeps_the_exit_code_convention(pair: Pair) -> None:
     bad = cli("switchover", "--to", "no such id!", "--grpc", primary.address)
     assert (bad.returncode, bad.stdout, len(bad.stderr.splitlines())) == (2, "", 1), bad
     assert bad.stderr.startswith("vsm-sidecar: error: --to:"), bad.stderr
-    time.sleep(1.2)  # the standby's member record says its copy is current
+    pair.wait_member_record(standby, role="ROLE_STANDBY", copy_current=True)
     moved = cli("switchover", "--to", standby.node_id, "--grpc", primary.address)
     assert (moved.returncode, moved.stderr) == (0, ""), moved.stderr
     assert moved.stdout.startswith(f"{standby.node_id} is PRIMARY (epoch "), moved.stdout

@@ -13,7 +13,6 @@ from typing import Any, TypeVar
 import pytest
 import structlog
 
-from sidecar import config
 from sidecar.api.session_pb2 import Session
 from sidecar.config import Settings
 from sidecar.core.node import Node, NotPrimary, Role
@@ -26,6 +25,7 @@ from sidecar.sessions.record import encode_session
 from sidecar.sessions.store import SessionStore
 from sidecar.sessions.writer import Writer
 
+from .. import builders
 from ..aio import running
 
 pytestmark = [pytest.mark.etcd]
@@ -34,20 +34,8 @@ T = TypeVar("T")
 WAIT = 10.0  # generous: the machine is shared, and nothing here should take more than ~1 s
 
 
-def settings(cluster: LocalEtcdCluster, name: str, node_id: str = "a") -> Settings:
-    return config.build(
-        {"node_id": node_id, "cluster": name, "ttl": 2, "etcd_endpoints": cluster.endpoints_arg}
-    )
-
-
 def record(session_id: str, **fields: Any) -> Session:
-    return Session(
-        session_id=session_id,
-        username=fields.pop("username", "alice"),
-        agent_hostname="agent1.example.com",
-        display=10,
-        **fields,
-    )
+    return builders.session(session_id, placed=False, agent_hostname=builders.AGENT, **fields)
 
 
 def etcd_sessions(client: Any, keys: Keys) -> dict[str, tuple[bytes, int]]:
@@ -115,7 +103,7 @@ def test_writer_guarded_with_a_replaced_epoch_is_refused_and_writes_nothing(
     """Rule 2: A campaigns, resigns, B campaigns. A writer still guarded with A's epoch gets
     NotPrimary for puts, deletes and a concurrent burst, and nothing it sent lands under
     sessions/; the same writes guarded with B's epoch do land."""
-    sa, sb = settings(etcd_cluster, cluster_name, "a"), settings(etcd_cluster, cluster_name, "b")
+    sa, sb = (builders.settings(n, cluster=cluster_name, etcd=etcd_cluster) for n in "ab")
     keys = Keys(sa.prefix)
 
     async def body() -> None:
@@ -160,7 +148,7 @@ def test_concurrent_puts_are_group_committed_at_one_revision_in_order(
     """64 concurrent puts take far fewer than 64 transactions, and each put is acknowledged
     with the revision of the transaction that committed it; two writes of one key in the same
     burst land in order, so the later value wins."""
-    s = settings(etcd_cluster, cluster_name)
+    s = builders.settings(cluster=cluster_name, etcd=etcd_cluster)
     keys = Keys(s.prefix)
 
     async def body() -> None:
@@ -193,7 +181,7 @@ def test_delete_reports_whether_a_record_was_deleted(
 ) -> None:
     """delete() answers deleted=True for a held record (at the revision of the delete) and
     deleted=False for a missing one, also when both are in one transaction."""
-    s = settings(etcd_cluster, cluster_name)
+    s = builders.settings(cluster=cluster_name, etcd=etcd_cluster)
     keys = Keys(s.prefix)
 
     async def body() -> None:
@@ -219,7 +207,7 @@ def test_follower_applies_changes_and_skips_garbage(
     """The follower applies puts and deletes made in etcd; values under sessions/ that are
     not records (not JSON, a wrong id, an id that is not one) are skipped and counted, and the
     follower carries on; wait_current(rev) returns only once the copy has reached rev."""
-    s = settings(etcd_cluster, cluster_name)
+    s = builders.settings(cluster=cluster_name, etcd=etcd_cluster)
     keys = Keys(s.prefix)
 
     def put(session_id: str, value: bytes) -> None:
@@ -260,7 +248,7 @@ def test_record_overwritten_with_garbage_leaves_the_copy(
 ) -> None:
     """A record that someone overwrites with garbage is no longer in the copy, exactly as a
     full re-read would find it, so a copy never holds a record etcd does not hold."""
-    s = settings(etcd_cluster, cluster_name)
+    s = builders.settings(cluster=cluster_name, etcd=etcd_cluster)
     keys = Keys(s.prefix)
     key = keys.sessions + b"victim"
 
@@ -286,7 +274,7 @@ def test_restarted_follower_resumes_from_its_stored_revision(
     """A follower re-created on the same data dir resumes its watch from the stored revision
     (no full re-read) and then catches up with the puts, replacements and deletes made while
     it was down; its copy equals etcd's sessions/ range."""
-    s = settings(etcd_cluster, cluster_name)
+    s = builders.settings(cluster=cluster_name, etcd=etcd_cluster)
     keys = Keys(s.prefix)
 
     def put(session_id: str, **fields: Any) -> None:
@@ -322,7 +310,7 @@ def test_follower_behind_a_compaction_re_reads_everything(
     """Changes made while the follower was down, then a compaction past its revision: the
     restarted follower is told Compacted, logs mirror_compacted, re-reads the range once, and
     its copy equals etcd's sessions/ range exactly."""
-    s = settings(fresh_etcd_cluster, cluster_name)
+    s = builders.settings(cluster=cluster_name, etcd=fresh_etcd_cluster)
     keys = Keys(s.prefix)
 
     async def body(client: Any) -> list[MutableMapping[str, Any]]:
@@ -368,7 +356,7 @@ def test_full_re_read_over_many_pages_skips_garbage_and_switches_at_once(
     new in one step: while the range is being read it still holds only the old records at the
     old revision, never part of the new ones."""
     monkeypatch.setattr(follower_module, "RESYNC_PAGE", 7)
-    s = settings(etcd_cluster, cluster_name)
+    s = builders.settings(cluster=cluster_name, etcd=etcd_cluster)
     keys = Keys(s.prefix)
     for i in range(60):
         value = b"not json" if i % 13 == 5 else encode_session(record(f"p-{i:02d}"))
@@ -411,7 +399,7 @@ def test_node_becomes_primary_only_once_its_copy_is_current(
     """Rule 5: a node that wins while its follower is not running does not turn PRIMARY
     (though it holds the leader key); once the follower runs it does, and at that moment the
     copy is current to at least the epoch it won with."""
-    s = settings(etcd_cluster, cluster_name)
+    s = builders.settings(cluster=cluster_name, etcd=etcd_cluster)
     keys = Keys(s.prefix)
     etcd_client.put(keys.sessions + b"before", encode_session(record("before")))
 

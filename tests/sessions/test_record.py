@@ -33,18 +33,14 @@ from sidecar.sessions.record import (
     validate_session_id,
 )
 
+from .. import builders
+
 PREFIX = "/thinlinc-ha/prod/"
 
 
 def make_session(**fields: object) -> Session:
     """A complete, valid session; keyword arguments replace fields."""
-    session = Session(
-        session_id="agent1.example.com:10",
-        username="alice",
-        agent_hostname="agent1.example.com",
-        agent_address="192.0.2.10",
-        display=10,
-        status="running",
+    session = builders.session(
         connection_status="connected",
         last_client_address="198.51.100.7",
         terminal_id="00:16:3e:12:34:56",

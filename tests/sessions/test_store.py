@@ -21,9 +21,11 @@ from sidecar.sessions.snapshot import SNAPSHOT_NAME
 from sidecar.sessions.store import SessionStore, StoreError
 from sidecar.sessions.table import RecordTable, StoredRecord
 
+from .. import builders
+
 
 def record(session_id: str, user: str = "alice") -> bytes:
-    return encode_session(Session(session_id=session_id, username=user, display=10))
+    return encode_session(builders.session(session_id, placed=False, username=user))
 
 
 def open_store(data_dir: Path, **options: int) -> SessionStore:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from sidecar.api.session_pb2 import Session
 from sidecar.sessions.record import encode_session
 from sidecar.sessions.store import SessionStore
 
+from .. import builders
+
 
 def record(session_id: str) -> bytes:
-    return encode_session(Session(session_id=session_id, username="alice", display=10))
+    return encode_session(builders.session(session_id, placed=False))
 
 
 def filled(tmp_path: Path, ids: list[str]) -> SessionStore:
