@@ -177,21 +177,22 @@ def test_switchover_cli_keeps_the_exit_code_convention(pair: Pair) -> None:
     node id is a usage error, exit 2, before any call; a move exits 0 and says it moved."""
     pair.start(ttl=2)
     primary, standby = pair.wait_split()
+    # Switchover changes state: it goes to each sidecar's own socket (grpc_socket).
     epoch = primary.role()["epoch"]
-    same = cli("switchover", "--to", primary.node_id, "--grpc", standby.address)
+    same = cli("switchover", "--to", primary.node_id, "--grpc", standby.control_address)
     assert (same.returncode, same.stderr) == (0, ""), same.stderr
     assert same.stdout == f"{primary.node_id} is already the primary (epoch {epoch}): " \
                           "nothing to move\n"
     assert primary.role()["epoch"] == epoch
-    refused = cli("switchover", "--to", "ghost", "--grpc", primary.address)
+    refused = cli("switchover", "--to", "ghost", "--grpc", primary.control_address)
     assert (refused.returncode, refused.stdout) == (1, ""), refused
     assert refused.stderr.startswith("vsm-sidecar: switchover refused: ghost is not a member")
     assert len(refused.stderr.splitlines()) == 1, refused.stderr
-    bad = cli("switchover", "--to", "no such id!", "--grpc", primary.address)
+    bad = cli("switchover", "--to", "no such id!", "--grpc", primary.control_address)
     assert (bad.returncode, bad.stdout, len(bad.stderr.splitlines())) == (2, "", 1), bad
     assert bad.stderr.startswith("vsm-sidecar: error: --to:"), bad.stderr
     pair.wait_member_record(standby, role="ROLE_STANDBY", copy_current=True)
-    moved = cli("switchover", "--to", standby.node_id, "--grpc", primary.address)
+    moved = cli("switchover", "--to", standby.node_id, "--grpc", primary.control_address)
     assert (moved.returncode, moved.stderr) == (0, ""), moved.stderr
     assert moved.stdout.startswith(f"{standby.node_id} is PRIMARY (epoch "), moved.stdout
     assert "moved in" in moved.stdout
