@@ -18,7 +18,7 @@ from pathlib import Path
 from ..config import Settings
 from ..etcd.client import Etcd, EtcdError
 from ..etcd.election import Keys
-from ..host.health import ProbeFailed, parse_target
+from ..host.targets import ProbeFailed, parse_target
 from .adapter import ChunkError, atomic_write
 from .mirror import Copy, EtcdCopy
 
