@@ -29,9 +29,10 @@ from .etcd.client import Etcd, EtcdError
 from .etcd.election import Keys
 from .host import datalock, preflight
 from .host.checkhost import watch_etcd_version
-from .host.health import HealthCheck, parse_target
+from .host.health import HealthCheck
 from .host.hooks import HookRunner
 from .host.systemd import Notifier
+from .host.targets import parse_target
 from .host.vsmserver import VsmServerControl
 from .resource.controller import ResourceController
 from .sessions.follower import Follower

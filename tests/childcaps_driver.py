@@ -14,8 +14,9 @@ import sys
 from pathlib import Path
 
 from sidecar.core.node import Role
-from sidecar.host.health import CommandTarget, HealthCheck
+from sidecar.host.health import HealthCheck
 from sidecar.host.hooks import HookRunner
+from sidecar.host.targets import CommandTarget
 
 # What a child copies: its own status, as the kernel gave it after execve.
 COPY_STATUS = 'exec cat /proc/self/status > "$0"'

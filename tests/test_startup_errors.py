@@ -154,7 +154,7 @@ def test_a_failure_after_the_grpc_server_started_stops_it_first(tmp_path: Path,
     """Without the address checks (an address taken between check and bind), the failure to
     start the HTTP server comes after the gRPC server started: it is stopped before the event
     loop closes, so the error is still the last line, with no traceback after it."""
-    script = ("import sys; from sidecar import cli, preflight; "
+    script = ("import sys; from sidecar import cli; from sidecar.host import preflight; "
               "preflight.check_listen = lambda setting, address: None; "
               "sys.exit(cli.main(sys.argv[1:]))")
     result = subprocess.run(

@@ -21,7 +21,6 @@ is guarded the day it is added, and a new read is opened with one line here.
 
 from __future__ import annotations
 
-import grp
 import inspect
 import os
 import pwd
@@ -44,6 +43,7 @@ import grpc
 import structlog
 
 from ..config import ConfigError, Settings
+from ..host.accounts import group_id
 
 log = structlog.get_logger(__name__)
 
@@ -74,14 +74,6 @@ def peer_common_names(auth: Mapping[str, Iterable[bytes]]) -> list[str]:
     """The verified client certificate's common name(s) from a gRPC auth context (empty
     without mutual TLS: gRPC only fills them in for a certificate it verified)."""
     return [value.decode("utf-8", "replace") for value in auth.get("x509_common_name", ())]
-
-
-def group_id(group: str) -> int:
-    """A group given by name or number (a number needs no name); KeyError for an unknown
-    name."""
-    if group.isascii() and group.isdigit():
-        return int(group)
-    return grp.getgrnam(group).gr_gid
 
 
 def _user_name() -> str:

@@ -16,7 +16,6 @@ environment: ``VSM_SIDECAR_OLD_ROLE``, ``VSM_SIDECAR_NEW_ROLE`` (``PRIMARY``, ``
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 import tempfile
@@ -29,8 +28,9 @@ from typing import IO, TYPE_CHECKING, Protocol
 import structlog
 
 from .childcaps import without_capabilities
+from .processes import signal_group, stop_process_group
 
-if TYPE_CHECKING:  # node.py imports config.py, which may check a hook program: no cycle
+if TYPE_CHECKING:  # only for annotations: hooks must not pull the node in at run time
     from ..core.node import Role, Status
 
 log = structlog.get_logger(__name__)
@@ -50,36 +50,6 @@ class RoleChange:
 
 class Watchable(Protocol):
     def watch(self) -> AsyncIterator[Status]: ...
-
-
-def check_program(path: Path | str) -> None:
-    """Raise ValueError with a one-line reason unless ``path`` is an executable file."""
-    program = Path(path)
-    if not program.exists():
-        raise ValueError(f"no such file: {program}")
-    if not program.is_file():
-        raise ValueError(f"not a regular file: {program}")
-    if not os.access(program, os.X_OK):
-        raise ValueError(f"not executable: {program}")
-
-
-async def stop_process_group(proc: asyncio.subprocess.Process, grace: float) -> None:
-    """SIGTERM the process group of ``proc`` (a session leader), SIGKILL it after ``grace``.
-
-    The SIGKILL goes to the group even when the leader exits in time: a child that ignores
-    SIGTERM must not outlive the timed-out call.
-    """
-    _signal_group(proc.pid, signal.SIGTERM)
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(grace):
-            await proc.wait()
-    _signal_group(proc.pid, signal.SIGKILL)
-    await proc.wait()
-
-
-def _signal_group(pgid: int, signum: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, signum)
 
 
 class HookRunner:
@@ -175,7 +145,7 @@ class HookRunner:
             await stop_process_group(proc, KILL_GRACE)
             return True
         except asyncio.CancelledError:  # shutting down: leave no hook behind
-            _signal_group(proc.pid, signal.SIGKILL)
+            signal_group(proc.pid, signal.SIGKILL)
             await asyncio.shield(proc.wait())
             raise
 

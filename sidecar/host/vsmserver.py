@@ -29,7 +29,8 @@ import structlog
 from ..core.node import Node, Role
 from ..core.reports import ServerReport
 from ..core.tasks import supervise
-from .hooks import KILL_GRACE, stop_process_group
+from .hooks import KILL_GRACE
+from .processes import stop_process_group
 
 log = structlog.get_logger(__name__)
 

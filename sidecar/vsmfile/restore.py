@@ -19,7 +19,7 @@ from ..atomicfile import atomic_write
 from ..config import Settings
 from ..etcd.client import Etcd, EtcdError
 from ..etcd.election import Keys
-from ..host.health import ProbeFailed, parse_target
+from ..host.targets import ProbeFailed, parse_target
 from .adapter import ChunkError
 from .mirror import Copy, EtcdCopy
 

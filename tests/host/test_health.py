@@ -10,7 +10,8 @@ from typing import TypeVar
 
 import pytest
 
-from sidecar.host.health import CommandTarget, HealthCheck, TcpTarget, parse_target
+from sidecar.host.health import HealthCheck
+from sidecar.host.targets import CommandTarget, TcpTarget, parse_target
 
 T = TypeVar("T")
 

@@ -14,7 +14,8 @@ import structlog
 
 from sidecar.core.node import Role, Status
 from sidecar.etcd.election import LeaderInfo
-from sidecar.host.hooks import HookRunner, check_program
+from sidecar.host.hooks import HookRunner
+from sidecar.host.processes import check_program
 
 T = TypeVar("T")
 
