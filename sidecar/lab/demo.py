@@ -40,14 +40,11 @@ from .. import client
 from ..api import session_pb2, session_pb2_grpc
 from ..config import MAX_TTL, MIN_TTL
 from . import netlab
-from .localcluster import (
-    EtcdClusterError,
-    EtcdMember,
-    EtcdMemberUnavailable,
-    LocalEtcdCluster,
-    free_port,
-)
+from .etcderrors import EtcdClusterError, EtcdMemberUnavailable
+from .etcdmember import EtcdMember
+from .localcluster import LocalEtcdCluster
 from .localnode import LocalSidecar, Observation, RoleRecorder
+from .ports import free_port
 
 CLUSTER = "demo"
 NODE_IDS = ("vsm-a", "vsm-b")

@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 
 from sidecar import config
-from sidecar.lab.localcluster import free_ports
+from sidecar.lab.ports import free_ports
 
 from .. import dockerhost
 from ..dockerhost import DockerEngine, compose_binary, inspect, require_docker, timed

@@ -16,8 +16,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar import client
-from sidecar.lab.localcluster import free_port
 from sidecar.lab.localnode import LocalSidecar
+from sidecar.lab.ports import free_port
 
 from ..sidecars import Pair
 from ..tlsgen import make_pki
