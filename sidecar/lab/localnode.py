@@ -22,7 +22,7 @@ from typing import Any
 import grpc
 
 from .. import client
-from .localcluster import free_port
+from .ports import free_port
 
 
 @dataclass(frozen=True)

@@ -66,7 +66,8 @@ from sidecar.api.session_pb2 import (
     WatchSessionsRequest,
 )
 from sidecar.etcd.client import Etcd
-from sidecar.lab.localcluster import LocalEtcdCluster, find_etcd_binary
+from sidecar.lab.etcdbinary import find_etcd_binary
+from sidecar.lab.localcluster import LocalEtcdCluster
 from sidecar.lab.localnode import LocalSidecar
 from sidecar.sessions.record import encode_session
 

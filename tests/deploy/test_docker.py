@@ -26,7 +26,8 @@ from typing import Any
 import pytest
 
 from sidecar import config
-from sidecar.lab.localcluster import free_ports
+from sidecar.etcd.election import takeover_wait
+from sidecar.lab.ports import free_ports
 
 from .. import dockerhost
 from ..dockerhost import DockerEngine, compose_binary, inspect, require_docker, timed
@@ -46,6 +47,7 @@ CAP_NET_ADMIN, CAP_NET_RAW = 12, 13
 # The sidecars run with the defaults (the compose file sets neither).
 DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(config.Settings)}
 TTL = float(DEFAULTS["ttl"])
+GUARD = takeover_wait(config.build({"node_id": "a", "ttl": int(TTL)}))
 FAILBACK_DELAY = float(DEFAULTS["failback_delay"])
 STEADY = 12.0  # seconds of steady state before the first handover (issue: at least 12)
 
@@ -228,9 +230,10 @@ def test_compose_pair_fails_over_and_back_on_a_real_docker_engine() -> None:
     """docker compose up --wait with local images; then, with real tools: vsm-a PRIMARY and
     vsm-b STANDBY; the stand-in behind the resource IP answers from the host; after 12 s of
     steady state a stop of sidecar-a hands over to vsm-b and a start fails back after
-    failback_delay; a kill of the primary sidecar-b gives vsm-a the role within TTL + 1 s and
-    leaves no other ARP owner of the resource IP; the sidecars run as non-root with only
-    NET_ADMIN and NET_RAW; down -v leaves nothing, and the host is as it was found."""
+    failback_delay; a kill of the primary sidecar-b gives vsm-a the role within TTL + 1 s
+    (plus the #15247 guard on the bundled etcd) and leaves no other ARP owner of the resource
+    IP; the sidecars run as non-root with only NET_ADMIN and NET_RAW; down -v leaves nothing,
+    and the host is as it was found."""
     require_docker()
     overlapping = host_routes_overlapping(SUBNET)
     assert not overlapping, f"the host already routes {overlapping}: the compose network clashes"
@@ -307,7 +310,9 @@ def _run_scenario(cluster: Cluster, figures: dict[str, float]) -> None:
     status = cluster.status("a")
     assert status is not None
     figures["takeover_after_kill"] = round(_timestamp(status["role_since"]) - died, 2)
-    assert 0 < figures["takeover_after_kill"] <= TTL + 1
+    # The bundled etcd (3.5.1) lacks the etcd-io/etcd#15247 fix: a takeover after a lost lease
+    # waits the sidecar's guard on top (tests/etcd/test_etcd_15247.py).
+    assert 0 < figures["takeover_after_kill"] <= TTL + 1 + GUARD
     cluster.restart_standin("vsm-a")
     wait_until("vsm-a's stand-in after the kill",
                lambda: standin_behind_vip() == "vsm-a", timeout=5)

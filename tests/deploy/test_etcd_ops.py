@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.lab.localcluster import find_etcd_binary, free_ports
+from sidecar.lab.etcdbinary import find_etcd_binary
+from sidecar.lab.ports import free_ports
 
 from .. import opsdoc
 from ..tlsgen import Pki, make_pki

@@ -28,7 +28,8 @@ from sidecar.etcd.election import (
     takeover_wait,
     upgrade_target,
 )
-from sidecar.lab.localcluster import EtcdMember, LocalEtcdCluster
+from sidecar.lab.etcdmember import EtcdMember
+from sidecar.lab.localcluster import LocalEtcdCluster
 from sidecar.lab.localnode import LocalSidecar, RoleRecorder
 
 from ..chaos.runner import overlapping_claims, watch_reports

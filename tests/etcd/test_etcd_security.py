@@ -18,8 +18,9 @@ import etcd3.exceptions
 import grpc
 import pytest
 
-from sidecar.lab.localcluster import LocalEtcdCluster, TlsFiles
+from sidecar.lab.localcluster import LocalEtcdCluster
 from sidecar.lab.localnode import LocalSidecar
+from sidecar.lab.tlsfiles import TlsFiles
 
 from ..tlsgen import Pki, make_pki
 

@@ -12,13 +12,9 @@ import etcd3.exceptions
 import pytest
 
 from sidecar.lab import localcluster
-from sidecar.lab.localcluster import (
-    EtcdBinaryNotFound,
-    EtcdMemberUnavailable,
-    EtcdStartError,
-    LocalEtcdCluster,
-    find_etcd_binary,
-)
+from sidecar.lab.etcdbinary import EtcdBinaryNotFound, find_etcd_binary
+from sidecar.lab.etcderrors import EtcdMemberUnavailable, EtcdStartError
+from sidecar.lab.localcluster import LocalEtcdCluster
 
 _FAILOVER_ERRORS = (
     etcd3.exceptions.ConnectionFailedError,

@@ -20,8 +20,8 @@ import pytest
 from sidecar import client
 from sidecar.api.session_pb2 import GetSessionRequest, Session
 from sidecar.api.session_pb2_grpc import SessionServiceStub
-from sidecar.lab.localcluster import free_port
 from sidecar.lab.localnode import LocalSidecar
+from sidecar.lab.ports import free_port
 from sidecar.lab.standin import LOAD_PAGE
 from sidecar.sessions.record import encode_session
 

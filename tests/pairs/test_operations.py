@@ -17,8 +17,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar import client
 from sidecar.core.node import MEMBERS_REFRESH_SECONDS
-from sidecar.lab.localcluster import free_port
 from sidecar.lab.localnode import LocalSidecar
+from sidecar.lab.ports import free_port
 
 from ..sidecars import Pair
 from ..tlsgen import make_pki

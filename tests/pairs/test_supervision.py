@@ -24,7 +24,8 @@ import sidecar
 from sidecar import config, service
 from sidecar.core.node import Role
 from sidecar.core.tasks import TaskEnded, supervise
-from sidecar.lab.localcluster import LocalEtcdCluster, free_port
+from sidecar.lab.localcluster import LocalEtcdCluster
+from sidecar.lab.ports import free_port
 
 PACKAGE = Path(sidecar.__file__).parent
 
