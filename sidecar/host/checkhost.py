@@ -33,8 +33,10 @@ import structlog
 
 from ..config import Settings
 from ..core.reports import FILE_BEHIND, ON_PRIMARY, REPLICATED
-from ..etcd.client import Etcd, EtcdError
-from ..etcd.election import Keys, load_json
+from ..etcd.client import Etcd
+from ..etcd.errors import EtcdError
+from ..etcd.keys import Keys
+from ..etcd.records import load_json
 from . import hiveconf
 
 log = structlog.get_logger(__name__)

@@ -38,17 +38,11 @@ from etcd3 import etcdrpc
 
 from ..api.session_pb2 import Session
 from ..core.node import NotPrimary
-from ..etcd.client import (
-    Compacted,
-    Etcd,
-    EtcdError,
-    Event,
-    EventType,
-    kv_call,
-    prefix_end,
-    retry_policy,
-)
-from ..etcd.election import Keys, epoch_guard
+from ..etcd.client import Etcd, kv_call
+from ..etcd.errors import Compacted, EtcdError
+from ..etcd.keys import Keys, epoch_guard, prefix_end
+from ..etcd.retry import retry_policy
+from ..etcd.watch import Event, EventType
 from .record import (
     SessionDecodeError,
     check_record,

@@ -45,8 +45,10 @@ from ..core.reports import (
     utc,
 )
 from ..core.tasks import supervise
-from ..etcd.client import Etcd, EtcdError, kv_call, prefix_end, retry_policy
-from ..etcd.election import Keys, epoch_guard
+from ..etcd.client import Etcd, kv_call
+from ..etcd.errors import EtcdError
+from ..etcd.keys import Keys, epoch_guard, prefix_end
+from ..etcd.retry import retry_policy
 from .adapter import (
     DEFAULT_CHUNK_SIZE,
     MAX_FILE_SIZE,

@@ -16,8 +16,9 @@ import sys
 from pathlib import Path
 
 from ..config import Settings
-from ..etcd.client import Etcd, EtcdError
-from ..etcd.election import Keys
+from ..etcd.client import Etcd
+from ..etcd.errors import EtcdError
+from ..etcd.keys import Keys
 from ..host.health import ProbeFailed, parse_target
 from .adapter import ChunkError, atomic_write
 from .mirror import Copy, EtcdCopy
