@@ -41,7 +41,7 @@ from ..core.node import NotPrimary
 from ..etcd.client import Etcd, kv_call
 from ..etcd.errors import Compacted, EtcdError
 from ..etcd.keys import Keys, epoch_guard, prefix_end
-from ..etcd.retry import retry_policy
+from ..etcd.retry import reconnect_policy, retry_policy
 from ..etcd.watch import Event, EventType
 from .record import (
     SessionDecodeError,
@@ -63,6 +63,7 @@ MAX_TXN_BYTES = 1024 * 1024
 # to repeat).
 WRITE_DEADLINE = 3.0
 WRITE_ATTEMPT = 0.75
+WRITE_RETRY = 0.05  # the pause before the next attempt: short, the write's client waits
 # Records per page of a full re-read (~1.2 MB of ~450-byte records). etcd walks every key
 # left in the range to count them on each page, so small pages cost time (500: +1.3 s for
 # 100,000 records); big ones cost memory that the C allocator keeps after it was freed
@@ -108,26 +109,28 @@ class Follower:
         flusher = asyncio.create_task(self._flush_loop(), name="store-flush")
         try:
             resync = self.store.applied_revision == 0
-            while True:
-                try:
-                    if resync:
-                        await self._resync()
-                        resync = False
-                    await self._watch()
-                except Compacted as exc:
-                    log.warning("mirror_compacted", applied=self.revision,
-                                compacted=exc.compact_revision, decision="full re-read")
-                    resync = True
-                except EtcdError as exc:
-                    self.connected = False
-                    log.info("mirror_watch_ended", error=str(exc), applied=self.revision)
-                    await asyncio.sleep(0.2)
+            async for attempt in reconnect_policy("follow sessions", on_retry=self._ended):
+                with attempt:
+                    while True:  # left only by an error: a Watch reports every end
+                        try:
+                            if resync:
+                                await self._resync()
+                                resync = False
+                            await self._watch()
+                        except Compacted as exc:
+                            log.warning("mirror_compacted", applied=self.revision,
+                                        compacted=exc.compact_revision, decision="full re-read")
+                            resync = True
         finally:
             self.connected = False
             flusher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await flusher
             await asyncio.to_thread(self.store.flush)
+
+    def _ended(self, exc: BaseException) -> None:
+        self.connected = False
+        log.info("mirror_watch_ended", error=str(exc), applied=self.revision)
 
     async def _resync(self) -> None:
         started = time.monotonic()
@@ -386,26 +389,33 @@ class Writer:
         return [op for op in batch if not op.future.cancelled()] or batch
 
     async def _commit(self, batch: list[_Op]) -> list[tuple[int, bool]]:
-        deadline = time.monotonic() + WRITE_DEADLINE
-        while True:
-            epoch = self.epoch()  # raises NotPrimary: never write as a node that is not
-            try:
-                succeeded, response = await self.etcd.call(
-                    functools.partial(_txn, leader=self.keys.leader, epoch=epoch, batch=batch,
-                                      timeout=WRITE_ATTEMPT),
-                    "write sessions")
-            except EtcdError as exc:
-                if not exc.transient or time.monotonic() >= deadline:
-                    raise WriteUnavailable(str(exc)) from exc
-                await asyncio.sleep(0.05)
-                continue
-            if not succeeded:
-                raise NotPrimary(f"the leader key is no longer ours (epoch {epoch})")
-            self.transactions += 1
-            self.writes += len(batch)
-            revision = response.header.revision
-            self.last_revision = max(self.last_revision, revision)
-            return [(revision, _deleted(r)) for r in response.responses]
+        failed: list[BaseException] = []
+        try:
+            async with asyncio.timeout(WRITE_DEADLINE):
+                async for attempt in retry_policy("write sessions", first_wait=WRITE_RETRY,
+                                                  max_wait=WRITE_RETRY, jitter=0.0,
+                                                  on_retry=failed.append):
+                    with attempt:
+                        epoch = self.epoch()  # raises NotPrimary: never write as a non-primary
+                        succeeded, response = await self.etcd.call(
+                            functools.partial(_txn, leader=self.keys.leader, epoch=epoch,
+                                              batch=batch, timeout=WRITE_ATTEMPT),
+                            "write sessions")
+        except EtcdError as exc:  # not transient: retrying cannot help
+            raise WriteUnavailable(str(exc)) from exc
+        except TimeoutError:
+            # As before the deadline: the last error says why (the attempt cut short by the
+            # deadline, if any, is left unsaid).
+            raise WriteUnavailable(str(failed[-1]) if failed else
+                                   f"write sessions: no answer within {WRITE_DEADLINE} s"
+                                   ) from None
+        if not succeeded:
+            raise NotPrimary(f"the leader key is no longer ours (epoch {epoch})")
+        self.transactions += 1
+        self.writes += len(batch)
+        revision = response.header.revision
+        self.last_revision = max(self.last_revision, revision)
+        return [(revision, _deleted(r)) for r in response.responses]
 
 
 def _txn(client: Any, leader: bytes, epoch: int, batch: list[_Op],
