@@ -139,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from . import service
-    from .etcd.client import EtcdError
+    from .etcd.errors import EtcdError
 
     settings = config.load(vars(args))
     logs.configure(settings.log_format, settings.log_level)

@@ -25,8 +25,9 @@ from .endpoints.grpc_sessions import SERVICE_NAME as SESSION_SERVICE
 from .endpoints.grpc_sessions import SessionServicer
 from .endpoints.http_api import HttpServer
 from .endpoints.metrics import SidecarCollector, ThinLincCollector, create_registry
-from .etcd.client import Etcd, EtcdError
-from .etcd.election import Keys
+from .etcd.client import Etcd
+from .etcd.errors import EtcdError
+from .etcd.keys import Keys
 from .host import datalock, preflight
 from .host.checkhost import watch_etcd_version
 from .host.health import HealthCheck

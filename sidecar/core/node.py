@@ -26,18 +26,14 @@ import structlog
 
 from .. import __version__, logs
 from ..config import Settings
-from ..etcd.client import Etcd, EtcdAccessDenied, EtcdError, EventType, LeaseGone, retry_policy
-from ..etcd.election import (
-    SWITCHOVER_TTL,
-    CampaignResult,
-    Election,
-    LeaderInfo,
-    Lease,
-    LeaseLost,
-    SwitchoverRequest,
-    decode_leader,
-)
+from ..etcd.client import Etcd
+from ..etcd.election import CampaignResult, Election
+from ..etcd.errors import EtcdAccessDenied, EtcdError, LeaseGone
+from ..etcd.lease import Lease, LeaseLost
+from ..etcd.records import SWITCHOVER_TTL, LeaderInfo, SwitchoverRequest, decode_leader
+from ..etcd.retry import retry_policy
 from ..etcd.switchover import SwitchoverRefused, choose_target, ineligibility, request_move
+from ..etcd.watch import EventType
 from .reports import FileReport, ServerReport
 from .tasks import TaskEnded, supervise
 

@@ -34,7 +34,7 @@ from grpc_reflection.v1alpha import reflection
 from ..api import role_pb2, role_pb2_grpc
 from ..config import NAME_PATTERN, ConfigError
 from ..core.node import Node, Role, Status
-from ..etcd.client import EtcdError
+from ..etcd.errors import EtcdError
 from ..etcd.switchover import SwitchoverFailed, SwitchoverRefused
 from .grpc_access import AccessGuard, AccessPolicy, prepare_socket, secure_socket, unix_path
 

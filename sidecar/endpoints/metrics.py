@@ -24,7 +24,8 @@ from prometheus_client.core import (
 from .. import __version__
 from ..core.node import Node, Role
 from ..etcd.client import Etcd
-from ..etcd.election import Election, GarbageLog
+from ..etcd.election import Election
+from ..etcd.records import GarbageLog
 from ..host.health import HealthCheck
 from ..host.hooks import HookRunner
 from ..host.vsmserver import VsmServerControl

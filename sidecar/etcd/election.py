@@ -1,355 +1,61 @@
-"""Lease, campaign, keepalive, local deadline and resign: the election, with no I/O but etcd.
+"""Campaign, keepalive, the #15247 guard, reading the leader, step-down and resign: the
+election, with no I/O but etcd.
 
 Safety rules 1, 3 and 6 of DESIGN.md live here:
 
 1. The leader key is only ever taken by ``create_revision(leader) == 0 -> put(leader, lease)``;
    its create revision is the epoch, a fencing token that grows with every new leader.
-3. :class:`Lease` keeps a deadline on the monotonic clock: the *send* time of the last keepalive
-   that etcd answered plus the TTL it granted. etcd received that keepalive after we sent it, so
-   it cannot expire the lease before the deadline; a node that acts on its deadline (minus a
-   margin) never overlaps with a successor, whatever etcd or the network do.
+3. :class:`~sidecar.etcd.lease.Lease` keeps a deadline on the monotonic clock, renewed here by
+   every keepalive that etcd answers (see :mod:`sidecar.etcd.lease` for why it is safe).
 6. :meth:`Election.resign` revokes the lease, which deletes the leader key at once, so the
    successor that watches the key campaigns without waiting for a TTL.
 
 On an etcd without the fix for etcd-io/etcd#15247 rule 3's premise fails: a stalled etcd leader
 that resumes after a new one was elected still revokes the leases that expired in its stale
 view, and the new leader applies the revoke, so a lease can end at any moment, long before
-"keepalive sent + TTL". See "etcd-io/etcd#15247" below for how both sides bound that.
+"keepalive sent + TTL". See :mod:`sidecar.etcd.versions` for how both sides bound that.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import re
 import time
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
 from etcd3 import etcdrpc
 
-from ..config import NAME_PATTERN, Settings
-from .client import (
-    Etcd,
-    EtcdError,
-    EtcdUnavailable,
-    Event,
-    EventType,
-    kv_call,
-    lease_ttl_elsewhere,
-    member_versions,
-    prefix_end,
+from ..config import Settings
+from .client import Etcd, kv_call, lease_ttl_elsewhere, member_versions
+from .errors import EtcdError, EtcdUnavailable
+from .keys import Keys, epoch_guard, prefix_end
+from .lease import Lease, LeaseLost
+from .records import (
+    SWITCHOVER_TTL,
+    GarbageLog,
+    LeaderInfo,
+    SwitchoverRequest,
+    decode_leader,
+    decode_member,
+    encode_leader,
+    garbage_leader,
 )
+from .versions import (
+    SLOW_KEEPALIVE,
+    VERSION_RECHECK,
+    affected_by_15247,
+    takeover_wait,
+    upgrade_target,
+)
+from .watch import Event, EventType
 
 log = structlog.get_logger(__name__)
 
 # After a failed keepalive, try again this soon (on another endpoint) rather than a whole
 # interval later: an etcd leader election costs 1-2 s and the deadline does not wait.
 KEEPALIVE_RETRY = 0.1
-
-
-# -- etcd-io/etcd#15247 ----------------------------------------------------------------------
-#
-# A primary whose lease was revoked early still believes its local deadline, which lies up to a
-# TTL ahead; only learning of the revoke ends that belief. So, on an affected etcd only:
-# (a) the primary learns through any member: a keepalive that fails, or whose answer is slow
-#     (a stalled member, or one that just resumed), has the lease checked through another
-#     member (TimeToLive, which a follower forwards to the raft leader); a slow answer never
-#     renews the deadline on its own, the check does. So the deposed primary steps down within
-#     one keepalive interval plus that slowness of the revoke (its watch often sooner);
-# (b) a node that wins the leader key after an involuntary loss (the key went with its
-#     holder's lease, not a handover) waits that long plus the safety margin before it turns
-#     PRIMARY, claims the resource IP and serves (takeover_wait).
-# Planned moves (the holder deleted its key while its lease lived, or a switchover request
-# names the winner) and etcd releases with the fix skip the wait.
-
-# First release of each series with the fix (etcd-io/etcd#16822 and its backports); 3.6.0 on.
-FIXED_15247 = {(3, 4): (3, 4, 31), (3, 5): (3, 5, 13)}
-# A keepalive answer later than this fraction of the interval is checked through another member.
-SLOW_KEEPALIVE = 0.5
-# Members' versions are asked again at a lease grant at most this often (rolling upgrades).
-VERSION_RECHECK = 300.0
-_RELEASE = re.compile(r"v?(\d+)\.(\d+)\.(\d+)")
-
-
-def _release(version: str) -> tuple[int, int, int] | None:
-    match = _RELEASE.match(version.strip())
-    if match is None:
-        return None
-    major, minor, patch = (int(part) for part in match.groups())
-    return major, minor, patch
-
-
-def affected_by_15247(version: str) -> bool:
-    """Whether this etcd release lacks the fix for etcd-io/etcd#15247 (a resumed stale leader
-    revokes leases early). Pre-release suffixes are ignored; an unreadable version counts as
-    affected (the guard costs a little failover time, its absence a double primary)."""
-    release = _release(version)
-    if release is None:
-        return True
-    if release >= (3, 6, 0):
-        return False
-    fixed = FIXED_15247.get((release[0], release[1]))
-    return fixed is None or release < fixed
-
-
-def upgrade_target(version: str) -> str:
-    """The first release with the fix in this version's series (3.5's for older ones)."""
-    release = _release(version)
-    if release is not None and release[:2] == (3, 4):
-        return "3.4.31"
-    return "3.5.13"
-
-
-def takeover_wait(settings: Settings) -> float:
-    """How long a new primary waits after an involuntary loss on an affected etcd: the deposed
-    primary's next keepalive (one interval), the slowness after which its answer is checked
-    through another member, and the safety margin for that check's round trip."""
-    return settings.keepalive_interval * (1 + SLOW_KEEPALIVE) + settings.margin
-
-
-class LeaseLost(Exception):
-    """The lease expired in etcd, or its local deadline passed without an answer."""
-
-
-class Keys:
-    """The etcd layout under ``/thinlinc-ha/<cluster>/`` (DESIGN.md)."""
-
-    def __init__(self, prefix: str) -> None:
-        self.prefix = prefix
-        self.leader = f"{prefix}leader".encode()
-        self.members = f"{prefix}members/".encode()
-        self.sessions = f"{prefix}sessions/".encode()
-        self.switchover = f"{prefix}switchover".encode()
-
-    def member(self, node_id: str) -> bytes:
-        return self.members + node_id.encode()
-
-
-def epoch_guard(leader_key: bytes, epoch: int) -> Any:
-    """The compare that guards every write of a primary (rule 2): the leader key is still the
-    one created at ``epoch``. A deposed primary's transaction fails it and changes nothing."""
-    return etcdrpc.Compare(key=leader_key, target=etcdrpc.Compare.CREATE,
-                           result=etcdrpc.Compare.EQUAL, create_revision=epoch)
-
-
-# -- values read from etcd, and what to do with garbage ------------------------------------------
-#
-# Anyone with write access to the prefix (an operator with etcdctl, a script, a bug) can put
-# anything under these keys. Every value is decoded defensively: garbage is logged and counted
-# (GarbageLog), and then treated in the way that keeps rule 1 and rule 4: a leader key counts as
-# held whatever it holds (never two primaries), a member record or a switchover request that
-# cannot be read is left out (it can only hold a move back, never cause one).
-
-GARBAGE_KINDS = ("leader", "member", "switchover")
-# Distinct bad values remembered so that each is logged and counted once, not on every re-read.
-GARBAGE_MEMORY = 1024
-LOG_VALUE_CHARS = 200
-MAX_TEXT = 1024  # characters of a free-text field (address, reason, version ...)
-MAX_EPOCH = 2**63 - 1  # etcd revisions are int64, and so is every epoch field of the API
-
-
-class GarbageLog:
-    """Values under the cluster prefix that cannot be used, logged and counted by kind.
-
-    A value is one (key, mod revision): a node that re-reads the same garbage every second logs
-    and counts it once. The counts are ``vsm_sidecar_etcd_garbage_total``.
-    """
-
-    def __init__(self) -> None:
-        self.counts = dict.fromkeys(GARBAGE_KINDS, 0)
-        self._seen: dict[bytes, int] = {}
-
-    def known(self, key: bytes, revision: int) -> bool:
-        """Whether this very value was already found to be garbage (no need to decode it)."""
-        return revision != 0 and self._seen.get(key) == revision
-
-    def report(self, kind: str, key: bytes, revision: int, problem: str, value: bytes) -> None:
-        if self.known(key, revision):
-            return
-        if len(self._seen) >= GARBAGE_MEMORY:
-            self._seen.clear()
-        self._seen[key] = revision
-        self.counts[kind] += 1
-        log.warning("etcd_garbage", kind=kind, key=key[:LOG_VALUE_CHARS].decode("latin-1"),
-                    revision=revision, problem=problem, size=len(value),
-                    value=value[:LOG_VALUE_CHARS].decode("latin-1"),
-                    decision=_GARBAGE_DECISIONS[kind])
-
-
-_GARBAGE_DECISIONS = {
-    "leader": "counted as held: nobody campaigns while it exists",
-    "member": "skipped: that record is no member",
-    "switchover": "ignored: no move is made, nobody is held back",
-}
-
-
-def load_json(value: bytes) -> Any:
-    """``json.loads`` that raises only ValueError (also for empty or too deeply nested input,
-    which would otherwise escape as RecursionError and end the task that read it)."""
-    if not value:
-        raise ValueError("empty value")
-    try:
-        return json.loads(value)
-    except RecursionError:
-        raise ValueError("JSON nested too deeply") from None
-
-
-def _text(data: dict[str, Any], name: str, default: str = "") -> str:
-    value = data.get(name, default)
-    if not isinstance(value, str) or len(value) > MAX_TEXT:
-        raise ValueError(f"{name} must be a string of at most {MAX_TEXT} characters")
-    return value
-
-
-def _node_name(data: dict[str, Any], name: str) -> str:
-    value = data.get(name)
-    if not isinstance(value, str) or not NAME_PATTERN.fullmatch(value):
-        raise ValueError(f"{name} must be a node name (1-63 letters, digits, '.', '_', '-')")
-    return value
-
-
-@dataclass(frozen=True)
-class LeaderInfo:
-    """The leader key as read from etcd. ``epoch`` is its create revision."""
-
-    node_id: str
-    address: str
-    since: str
-    epoch: int
-    lease: int
-    valid: bool = True  # False when the value is not a leader record (garbage written by someone)
-    # The key's mod revision: equal to the epoch until someone overwrites the key, as no
-    # sidecar ever does (it creates the key once and deletes it). 0 when unknown.
-    revision: int = 0
-    problem: str = ""  # why the value is garbage, for the log and the role reason
-
-    @property
-    def overwritten(self) -> bool:
-        return self.revision not in (0, self.epoch)
-
-
-def encode_leader(node_id: str, address: str) -> bytes:
-    since = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-    return json.dumps({"node_id": node_id, "address": address, "since": since},
-                      sort_keys=True).encode()
-
-
-def decode_leader(value: bytes, epoch: int, lease: int, revision: int = 0) -> LeaderInfo:
-    """Read a leader value. Garbage still counts as a leader (the key exists, so nobody may
-    take it) but is marked invalid, with the problem named. Logs nothing: see GarbageLog."""
-    try:
-        data = load_json(value)
-        if not isinstance(data, dict):
-            raise ValueError("not a JSON object")
-        return LeaderInfo(_node_name(data, "node_id"), _text(data, "address"),
-                          _text(data, "since"), epoch, lease, revision=revision)
-    except ValueError as exc:
-        return garbage_leader(epoch, lease, revision, str(exc))
-
-
-def garbage_leader(epoch: int, lease: int, revision: int, problem: str) -> LeaderInfo:
-    return LeaderInfo("", "", "", epoch, lease, valid=False, revision=revision, problem=problem)
-
-
-# A switchover request lives this long (on a lease of its own): a target that is gone by then
-# stops holding the others back from campaigning.
-SWITCHOVER_TTL = 5
-
-
-@dataclass(frozen=True)
-class SwitchoverRequest:
-    """``switchover`` in etcd: hand the leadership to ``target`` (rule 6, a planned move)."""
-
-    target: str
-    requested_by: str
-    reason: str  # "operator" or "failback"
-
-    def encode(self) -> bytes:
-        since = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-        return json.dumps({"target": self.target, "requested_by": self.requested_by,
-                           "reason": self.reason, "requested_at": since,
-                           "ttl": SWITCHOVER_TTL}, sort_keys=True).encode()
-
-    @staticmethod
-    def decode(value: bytes, lease: int) -> SwitchoverRequest:
-        """The request; raises ValueError for garbage. A request without a lease is garbage
-        too: every sidecar writes one under a short lease, and one that never expired would
-        hold every other node back from campaigning for ever."""
-        data = load_json(value)
-        if not isinstance(data, dict):
-            raise ValueError("not a JSON object")
-        request = SwitchoverRequest(_node_name(data, "target"), _text(data, "requested_by"),
-                                    _text(data, "reason"))
-        if lease == 0:
-            raise ValueError("no lease: not written by a sidecar, and it would never expire")
-        return request
-
-
-# The fields of a members/ record that other nodes judge a node by, and their JSON types.
-# type() rather than isinstance(): JSON true must not pass for the integer 1, nor 1 for true.
-MEMBER_FIELDS: dict[str, type] = {
-    "address": str, "role": str, "epoch": int, "version": str, "role_since": str,
-    "health": str, "copy_current": bool, "preferred_primary": bool,
-}
-
-
-def decode_member(name: bytes, value: bytes, lease: int) -> dict[str, Any]:
-    """The record under ``members/<name>``; raises ValueError for garbage.
-
-    Its node_id must be the key's name (a record under another key could otherwise stand in
-    for a node), it must live on a lease (every sidecar's does; one without outlives its node),
-    and the fields in MEMBER_FIELDS must have their types. Unknown fields (a newer version's)
-    are kept.
-    """
-    data = load_json(value)
-    if not isinstance(data, dict):
-        raise ValueError("not a JSON object")
-    if _node_name(data, "node_id").encode() != name:
-        raise ValueError("node_id is not the name in the key")
-    for field_name, kind in MEMBER_FIELDS.items():
-        if field_name in data and type(data[field_name]) is not kind:
-            raise ValueError(f"{field_name} must be {kind.__name__}")
-        if kind is str and field_name in data:
-            _text(data, field_name)
-    if not 0 <= data.get("epoch", 0) <= MAX_EPOCH:
-        raise ValueError("epoch out of range")
-    if lease == 0:
-        raise ValueError("no lease: not written by a live sidecar")
-    return data
-
-
-@dataclass
-class Lease:
-    """A granted lease and its local deadline (monotonic seconds)."""
-
-    id: int
-    ttl: int
-    deadline: float
-    margin: float
-    renewed_at: float = field(default_factory=time.monotonic)
-
-    def renew(self, sent_at: float, granted_ttl: int) -> None:
-        # Only ever move forward: a late answer to an older keepalive must not shorten it.
-        self.deadline = max(self.deadline, sent_at + granted_ttl)
-        self.ttl = granted_ttl
-        self.renewed_at = time.monotonic()
-
-    def confirm(self, sent_at: float, remaining: int) -> None:
-        """A check through another member found the lease alive with ``remaining`` whole
-        seconds (etcd rounds down) as seen at or after ``sent_at``."""
-        self.deadline = max(self.deadline, sent_at + remaining)
-        self.renewed_at = time.monotonic()
-
-    def time_left(self, now: float | None = None) -> float:
-        """Seconds before this node must have given up what the lease protects."""
-        now = time.monotonic() if now is None else now
-        return self.deadline - self.margin - now
-
-    def expired(self, now: float | None = None) -> bool:
-        return self.time_left(now) <= 0
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Planned moves of the leadership (rule 6): who may take it over, and asking for it.
 
-A move is asked for by writing a :class:`~sidecar.etcd.election.SwitchoverRequest` to etcd: by an
+A move is asked for by writing a :class:`~sidecar.etcd.records.SwitchoverRequest` to etcd: by an
 operator (``Switchover`` over gRPC or ``vsm-sidecar switchover``), by the preferred primary when
 it wants the role back (failback), or by an unhealthy primary. The primary hands over when the
 target is eligible; every other node holds back from campaigning while a live request names
@@ -13,8 +13,10 @@ import asyncio
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from .client import Etcd, EventType
-from .election import SWITCHOVER_TTL, Election, SwitchoverRequest, decode_leader, load_json
+from .client import Etcd
+from .election import Election
+from .records import SWITCHOVER_TTL, SwitchoverRequest, decode_leader, load_json
+from .watch import EventType
 
 HEALTH_UNHEALTHY = "unhealthy"
 HEALTH_HEALTHY = "healthy"

@@ -33,8 +33,11 @@ import structlog
 
 from ..config import Settings
 from ..core.reports import FILE_BEHIND, ON_PRIMARY, REPLICATED
-from ..etcd.client import Etcd, EtcdError
-from ..etcd.election import Keys, load_json
+from ..etcd.client import Etcd
+from ..etcd.errors import EtcdError
+from ..etcd.keys import Keys
+from ..etcd.records import load_json
+from ..etcd.retry import quiet, reconnect_policy
 from . import hiveconf
 
 log = structlog.get_logger(__name__)
@@ -173,12 +176,11 @@ async def watch_etcd_version(etcd: Etcd, interval: float = 3600.0) -> None:
     """Log etcd's version at start and whenever it changes (WARN when it lacks the fix)."""
     logged = None
     while True:
-        try:
-            version = await etcd.call(lambda client: str(client.status().version),
-                                      "etcd version")
-        except EtcdError:
-            await asyncio.sleep(5.0)
-            continue
+        # Retried quietly, as any etcd error: the node reports etcd's outages itself.
+        async for attempt in reconnect_policy("etcd version", wait=5.0, on_retry=quiet):
+            with attempt:
+                version = await etcd.call(lambda client: str(client.status().version),
+                                          "etcd version")
         if version != logged:
             check = version_check(version)
             if check.status == OK:

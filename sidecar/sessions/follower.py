@@ -28,17 +28,11 @@ from typing import Any
 import structlog
 from etcd3 import etcdrpc
 
-from ..etcd.client import (
-    Compacted,
-    Etcd,
-    EtcdError,
-    Event,
-    EventType,
-    kv_call,
-    prefix_end,
-    retry_policy,
-)
-from ..etcd.election import Keys
+from ..etcd.client import Etcd, kv_call
+from ..etcd.errors import Compacted
+from ..etcd.keys import Keys, prefix_end
+from ..etcd.retry import reconnect_policy, retry_policy
+from ..etcd.watch import Event, EventType
 from .record import SessionDecodeError, check_record, validate_session_id
 from .replacement import Replacement
 from .store import SessionStore
@@ -86,26 +80,28 @@ class Follower:
         flusher = asyncio.create_task(self._flush_loop(), name="store-flush")
         try:
             resync = self.store.applied_revision == 0
-            while True:
-                try:
-                    if resync:
-                        await self._resync()
-                        resync = False
-                    await self._watch()
-                except Compacted as exc:
-                    log.warning("mirror_compacted", applied=self.revision,
-                                compacted=exc.compact_revision, decision="full re-read")
-                    resync = True
-                except EtcdError as exc:
-                    self.connected = False
-                    log.info("mirror_watch_ended", error=str(exc), applied=self.revision)
-                    await asyncio.sleep(0.2)
+            async for attempt in reconnect_policy("follow sessions", on_retry=self._ended):
+                with attempt:
+                    while True:  # left only by an error: a Watch reports every end
+                        try:
+                            if resync:
+                                await self._resync()
+                                resync = False
+                            await self._watch()
+                        except Compacted as exc:
+                            log.warning("mirror_compacted", applied=self.revision,
+                                        compacted=exc.compact_revision, decision="full re-read")
+                            resync = True
         finally:
             self.connected = False
             flusher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await flusher
             await asyncio.to_thread(self.store.flush)
+
+    def _ended(self, exc: BaseException) -> None:
+        self.connected = False
+        log.info("mirror_watch_ended", error=str(exc), applied=self.revision)
 
     async def _resync(self) -> None:
         started = time.monotonic()

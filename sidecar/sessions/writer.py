@@ -26,8 +26,9 @@ from etcd3 import etcdrpc
 
 from ..api.session_pb2 import Session
 from ..core.node import NotPrimary
-from ..etcd.client import Etcd, EtcdError, kv_call
-from ..etcd.election import Keys, epoch_guard
+from ..etcd.client import Etcd, kv_call
+from ..etcd.errors import EtcdError
+from ..etcd.keys import Keys, epoch_guard
 from .record import encode_session
 
 log = structlog.get_logger(__name__)

@@ -46,8 +46,10 @@ from ..core.reports import (
     utc,
 )
 from ..core.tasks import supervise
-from ..etcd.client import Etcd, EtcdError, kv_call, prefix_end, retry_policy
-from ..etcd.election import Keys, epoch_guard
+from ..etcd.client import Etcd, kv_call
+from ..etcd.errors import EtcdError
+from ..etcd.keys import Keys, epoch_guard, prefix_end
+from ..etcd.retry import reconnect_policy, retry_policy
 from .adapter import (
     DEFAULT_CHUNK_SIZE,
     MAX_FILE_SIZE,
@@ -335,8 +337,11 @@ class FileMirror:
     # -- every node: etcd's copy onto the disk -----------------------------------------------
 
     async def _follow(self) -> None:
-        while True:
-            try:
+        def ended(exc: BaseException) -> None:
+            log.info("vsm_file_watch_ended", error=str(exc))
+
+        async for attempt in reconnect_policy("follow the VSM file", on_retry=ended):
+            with attempt:  # left only by an error: a Watch reports every end
                 await self.sync()
                 revision = self._etcd[1] if self._etcd else 0
                 async with self.copy.etcd.watch(self.copy.manifest_key,
@@ -344,9 +349,6 @@ class FileMirror:
                     async for batch in watch:
                         if batch.events:
                             await self.sync()
-            except EtcdError as exc:
-                log.info("vsm_file_watch_ended", error=str(exc))
-                await asyncio.sleep(0.2)
 
     def current(self) -> bool:
         """Whether this node could take over with its file as it is: in on-primary mode the

@@ -17,8 +17,9 @@ from pathlib import Path
 
 from ..atomicfile import atomic_write
 from ..config import Settings
-from ..etcd.client import Etcd, EtcdError
-from ..etcd.election import Keys
+from ..etcd.client import Etcd
+from ..etcd.errors import EtcdError
+from ..etcd.keys import Keys
 from ..host.targets import ProbeFailed, parse_target
 from .adapter import ChunkError
 from .mirror import Copy, EtcdCopy

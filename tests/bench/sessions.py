@@ -13,7 +13,7 @@ JSON, shaped like ThinLinc sessions. In order:
    standby's PUT event for that id arriving at the client (both on the monotonic clock of this
    process). Negative when the standby's event overtook the primary's answer.
    As a control, the same with no sidecar: a python3-etcd3 put, then the event of a watch read
-   as the sidecar's follower reads it (sidecar.etcd.client.Watch, in this process).
+   as the sidecar's follower reads it (sidecar.etcd.watch.Watch, in this process).
 3. Throughput with 1, 8 and 32 concurrent writers (threads, one channel each) for --seconds
    each, beside raw etcd puts (python3-etcd3 ``put``, one client per thread, the same number of
    threads, the same record bytes, the same first endpoint the sidecar uses), run right after
@@ -239,7 +239,7 @@ class Bench:
 
     def _raw_watch_lag(self, count: int) -> list[float]:
         """The same measure without the sidecars: a plain put, then the event of an etcd watch
-        read the way the sidecar's follower reads it (sidecar.etcd.client.Watch)."""
+        read the way the sidecar's follower reads it (sidecar.etcd.watch.Watch)."""
         return asyncio.run(self._raw_watch_lag_async(count))
 
     async def _raw_watch_lag_async(self, count: int) -> list[float]:

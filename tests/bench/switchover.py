@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from sidecar import client, config
-from sidecar.etcd.client import Etcd, EventType
+from sidecar.etcd.client import Etcd
+from sidecar.etcd.watch import EventType
 from sidecar.lab.localcluster import LocalEtcdCluster
 from sidecar.lab.localnode import LocalSidecar
 
@@ -43,7 +44,7 @@ def percentile(samples: list[float], fraction: float) -> float:
 class Timeline:
     """Every PUT under the cluster prefix, with its arrival time, from one etcd watch.
 
-    The watch is the sidecar's own (sidecar.etcd.client.Watch) on an event loop in a thread: the
+    The watch is the sidecar's own (sidecar.etcd.watch.Watch) on an event loop in a thread: the
     client library's watcher crashes when its stream ends (it calls an undefined ``six``).
     """
 

@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 
 from sidecar import config
-from sidecar.etcd.election import takeover_wait
+from sidecar.etcd.versions import takeover_wait
 from sidecar.lab.ports import free_ports
 
 from .. import dockerhost

@@ -20,7 +20,7 @@ from sidecar.core.node import Node, Role
 from sidecar.endpoints.http_api import HttpServer
 from sidecar.endpoints.metrics import SidecarCollector, create_registry
 from sidecar.etcd.client import Etcd
-from sidecar.etcd.election import Keys
+from sidecar.etcd.keys import Keys
 from sidecar.lab.localcluster import LocalEtcdCluster
 from sidecar.resource.controller import ResourceController
 from sidecar.sessions.follower import Follower

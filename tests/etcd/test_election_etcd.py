@@ -10,8 +10,10 @@ from typing import Any, TypeVar
 import pytest
 
 from sidecar import config
-from sidecar.etcd.client import Etcd, EtcdUnavailable, LeaseGone
-from sidecar.etcd.election import Election, LeaseLost
+from sidecar.etcd.client import Etcd
+from sidecar.etcd.election import Election
+from sidecar.etcd.errors import EtcdUnavailable, LeaseGone
+from sidecar.etcd.lease import LeaseLost
 from sidecar.lab.localcluster import LocalEtcdCluster
 
 pytestmark = [pytest.mark.etcd]
@@ -157,7 +159,7 @@ def test_keep_alive_gives_up_at_the_local_deadline_when_etcd_is_unreachable(
     async def body() -> float:
         etcd = Etcd(settings)
         try:
-            from sidecar.etcd.election import Lease
+            from sidecar.etcd.lease import Lease
 
             lease = Lease(1, 2, time.monotonic() + 2, settings.margin)
             election = Election(etcd, settings)

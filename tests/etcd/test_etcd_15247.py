@@ -21,13 +21,9 @@ from structlog.testing import capture_logs
 from sidecar import config
 from sidecar.etcd import election
 from sidecar.etcd.client import Etcd
-from sidecar.etcd.election import (
-    Election,
-    LeaseLost,
-    affected_by_15247,
-    takeover_wait,
-    upgrade_target,
-)
+from sidecar.etcd.election import Election
+from sidecar.etcd.lease import LeaseLost
+from sidecar.etcd.versions import affected_by_15247, takeover_wait, upgrade_target
 from sidecar.lab.etcdmember import EtcdMember
 from sidecar.lab.localcluster import LocalEtcdCluster
 from sidecar.lab.localnode import LocalSidecar, RoleRecorder

@@ -30,7 +30,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar import client
-from sidecar.etcd.election import SWITCHOVER_TTL
+from sidecar.etcd.records import SWITCHOVER_TTL
 from sidecar.lab.localnode import LocalSidecar
 
 from ..sidecars import Pair

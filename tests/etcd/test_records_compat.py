@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from sidecar.etcd import election
+from sidecar.etcd import records
 from sidecar.sessions import record as sessions
 from sidecar.vsmfile import adapter as fileadapter
 
@@ -44,14 +44,14 @@ def decoded(kind: str, raw: bytes) -> Any:
         sessions.check_record(raw, SESSION_ID)  # the follower's check before it keeps a record
         return sessions.decode_session(raw, SESSION_ID)
     if kind == "leader":
-        info = election.decode_leader(raw, epoch=3, lease=LEASE, revision=3)
+        info = records.decode_leader(raw, epoch=3, lease=LEASE, revision=3)
         assert info.valid, info.problem
         return info
     if kind == "member":
-        record = election.decode_member(b"vsm-a", raw, LEASE)
-        return {name: record.get(name) for name in ("node_id", *election.MEMBER_FIELDS)}
+        record = records.decode_member(b"vsm-a", raw, LEASE)
+        return {name: record.get(name) for name in ("node_id", *records.MEMBER_FIELDS)}
     if kind == "switchover":
-        return election.SwitchoverRequest.decode(raw, LEASE)
+        return records.SwitchoverRequest.decode(raw, LEASE)
     return fileadapter.Manifest.from_json(raw)
 
 
@@ -101,9 +101,9 @@ def test_todays_encoders_still_write_format_1() -> None:
         # Field names in order and the separators; the times differ from run to run.
         return list(json.loads(raw)), b'": ' in raw
 
-    leader = election.encode_leader("vsm-a", "10.0.0.11:50051")
+    leader = records.encode_leader("vsm-a", "10.0.0.11:50051")
     assert shape(leader) == shape(stored("leader"))
-    request = election.SwitchoverRequest("vsm-b", "vsm-a", "operator").encode()
+    request = records.SwitchoverRequest("vsm-b", "vsm-a", "operator").encode()
     assert shape(request) == shape(stored("switchover"))
     member = json.loads(stored("member"))
     assert json.dumps(member, sort_keys=True).encode() == stored("member")  # put_member's form

@@ -13,7 +13,7 @@ import pytest
 import structlog
 
 from sidecar.core.node import Role, Status
-from sidecar.etcd.election import LeaderInfo
+from sidecar.etcd.records import LeaderInfo
 from sidecar.host.hooks import HookRunner
 from sidecar.host.processes import check_program
 

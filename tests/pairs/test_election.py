@@ -13,13 +13,8 @@ import time
 import pytest
 
 from sidecar import config
-from sidecar.etcd.election import (
-    GarbageLog,
-    SwitchoverRequest,
-    decode_leader,
-    decode_member,
-    takeover_wait,
-)
+from sidecar.etcd.records import GarbageLog, SwitchoverRequest, decode_leader, decode_member
+from sidecar.etcd.versions import takeover_wait
 from sidecar.lab.localcluster import LocalEtcdCluster
 from sidecar.lab.localnode import RoleRecorder
 

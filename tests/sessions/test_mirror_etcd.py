@@ -17,7 +17,8 @@ from sidecar.api.session_pb2 import Session
 from sidecar.config import Settings
 from sidecar.core.node import Node, NotPrimary, Role
 from sidecar.etcd.client import Etcd
-from sidecar.etcd.election import Election, Keys
+from sidecar.etcd.election import Election
+from sidecar.etcd.keys import Keys
 from sidecar.lab.localcluster import LocalEtcdCluster
 from sidecar.sessions import follower as follower_module
 from sidecar.sessions.follower import Follower

@@ -1,0 +1,201 @@
+"""The values under the cluster prefix: the leader key, a switchover request and a member
+record, encoded and decoded defensively, and the log of the garbage found instead.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import structlog
+
+from ..config import NAME_PATTERN
+
+log = structlog.get_logger(__name__)
+
+# -- values read from etcd, and what to do with garbage ------------------------------------------
+#
+# Anyone with write access to the prefix (an operator with etcdctl, a script, a bug) can put
+# anything under these keys. Every value is decoded defensively: garbage is logged and counted
+# (GarbageLog), and then treated in the way that keeps rule 1 and rule 4: a leader key counts as
+# held whatever it holds (never two primaries), a member record or a switchover request that
+# cannot be read is left out (it can only hold a move back, never cause one).
+
+GARBAGE_KINDS = ("leader", "member", "switchover")
+# Distinct bad values remembered so that each is logged and counted once, not on every re-read.
+GARBAGE_MEMORY = 1024
+LOG_VALUE_CHARS = 200
+MAX_TEXT = 1024  # characters of a free-text field (address, reason, version ...)
+MAX_EPOCH = 2**63 - 1  # etcd revisions are int64, and so is every epoch field of the API
+
+
+class GarbageLog:
+    """Values under the cluster prefix that cannot be used, logged and counted by kind.
+
+    A value is one (key, mod revision): a node that re-reads the same garbage every second logs
+    and counts it once. The counts are ``vsm_sidecar_etcd_garbage_total``.
+    """
+
+    def __init__(self) -> None:
+        self.counts = dict.fromkeys(GARBAGE_KINDS, 0)
+        self._seen: dict[bytes, int] = {}
+
+    def known(self, key: bytes, revision: int) -> bool:
+        """Whether this very value was already found to be garbage (no need to decode it)."""
+        return revision != 0 and self._seen.get(key) == revision
+
+    def report(self, kind: str, key: bytes, revision: int, problem: str, value: bytes) -> None:
+        if self.known(key, revision):
+            return
+        if len(self._seen) >= GARBAGE_MEMORY:
+            self._seen.clear()
+        self._seen[key] = revision
+        self.counts[kind] += 1
+        log.warning("etcd_garbage", kind=kind, key=key[:LOG_VALUE_CHARS].decode("latin-1"),
+                    revision=revision, problem=problem, size=len(value),
+                    value=value[:LOG_VALUE_CHARS].decode("latin-1"),
+                    decision=_GARBAGE_DECISIONS[kind])
+
+
+_GARBAGE_DECISIONS = {
+    "leader": "counted as held: nobody campaigns while it exists",
+    "member": "skipped: that record is no member",
+    "switchover": "ignored: no move is made, nobody is held back",
+}
+
+
+def load_json(value: bytes) -> Any:
+    """``json.loads`` that raises only ValueError (also for empty or too deeply nested input,
+    which would otherwise escape as RecursionError and end the task that read it)."""
+    if not value:
+        raise ValueError("empty value")
+    try:
+        return json.loads(value)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+
+
+def _text(data: dict[str, Any], name: str, default: str = "") -> str:
+    value = data.get(name, default)
+    if not isinstance(value, str) or len(value) > MAX_TEXT:
+        raise ValueError(f"{name} must be a string of at most {MAX_TEXT} characters")
+    return value
+
+
+def _node_name(data: dict[str, Any], name: str) -> str:
+    value = data.get(name)
+    if not isinstance(value, str) or not NAME_PATTERN.fullmatch(value):
+        raise ValueError(f"{name} must be a node name (1-63 letters, digits, '.', '_', '-')")
+    return value
+
+
+@dataclass(frozen=True)
+class LeaderInfo:
+    """The leader key as read from etcd. ``epoch`` is its create revision."""
+
+    node_id: str
+    address: str
+    since: str
+    epoch: int
+    lease: int
+    valid: bool = True  # False when the value is not a leader record (garbage written by someone)
+    # The key's mod revision: equal to the epoch until someone overwrites the key, as no
+    # sidecar ever does (it creates the key once and deletes it). 0 when unknown.
+    revision: int = 0
+    problem: str = ""  # why the value is garbage, for the log and the role reason
+
+    @property
+    def overwritten(self) -> bool:
+        return self.revision not in (0, self.epoch)
+
+
+def encode_leader(node_id: str, address: str) -> bytes:
+    since = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return json.dumps({"node_id": node_id, "address": address, "since": since},
+                      sort_keys=True).encode()
+
+
+def decode_leader(value: bytes, epoch: int, lease: int, revision: int = 0) -> LeaderInfo:
+    """Read a leader value. Garbage still counts as a leader (the key exists, so nobody may
+    take it) but is marked invalid, with the problem named. Logs nothing: see GarbageLog."""
+    try:
+        data = load_json(value)
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        return LeaderInfo(_node_name(data, "node_id"), _text(data, "address"),
+                          _text(data, "since"), epoch, lease, revision=revision)
+    except ValueError as exc:
+        return garbage_leader(epoch, lease, revision, str(exc))
+
+
+def garbage_leader(epoch: int, lease: int, revision: int, problem: str) -> LeaderInfo:
+    return LeaderInfo("", "", "", epoch, lease, valid=False, revision=revision, problem=problem)
+
+
+# A switchover request lives this long (on a lease of its own): a target that is gone by then
+# stops holding the others back from campaigning.
+SWITCHOVER_TTL = 5
+
+
+@dataclass(frozen=True)
+class SwitchoverRequest:
+    """``switchover`` in etcd: hand the leadership to ``target`` (rule 6, a planned move)."""
+
+    target: str
+    requested_by: str
+    reason: str  # "operator" or "failback"
+
+    def encode(self) -> bytes:
+        since = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        return json.dumps({"target": self.target, "requested_by": self.requested_by,
+                           "reason": self.reason, "requested_at": since,
+                           "ttl": SWITCHOVER_TTL}, sort_keys=True).encode()
+
+    @staticmethod
+    def decode(value: bytes, lease: int) -> SwitchoverRequest:
+        """The request; raises ValueError for garbage. A request without a lease is garbage
+        too: every sidecar writes one under a short lease, and one that never expired would
+        hold every other node back from campaigning for ever."""
+        data = load_json(value)
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        request = SwitchoverRequest(_node_name(data, "target"), _text(data, "requested_by"),
+                                    _text(data, "reason"))
+        if lease == 0:
+            raise ValueError("no lease: not written by a sidecar, and it would never expire")
+        return request
+
+
+# The fields of a members/ record that other nodes judge a node by, and their JSON types.
+# type() rather than isinstance(): JSON true must not pass for the integer 1, nor 1 for true.
+MEMBER_FIELDS: dict[str, type] = {
+    "address": str, "role": str, "epoch": int, "version": str, "role_since": str,
+    "health": str, "copy_current": bool, "preferred_primary": bool,
+}
+
+
+def decode_member(name: bytes, value: bytes, lease: int) -> dict[str, Any]:
+    """The record under ``members/<name>``; raises ValueError for garbage.
+
+    Its node_id must be the key's name (a record under another key could otherwise stand in
+    for a node), it must live on a lease (every sidecar's does; one without outlives its node),
+    and the fields in MEMBER_FIELDS must have their types. Unknown fields (a newer version's)
+    are kept.
+    """
+    data = load_json(value)
+    if not isinstance(data, dict):
+        raise ValueError("not a JSON object")
+    if _node_name(data, "node_id").encode() != name:
+        raise ValueError("node_id is not the name in the key")
+    for field_name, kind in MEMBER_FIELDS.items():
+        if field_name in data and type(data[field_name]) is not kind:
+            raise ValueError(f"{field_name} must be {kind.__name__}")
+        if kind is str and field_name in data:
+            _text(data, field_name)
+    if not 0 <= data.get("epoch", 0) <= MAX_EPOCH:
+        raise ValueError("epoch out of range")
+    if lease == 0:
+        raise ValueError("no lease: not written by a live sidecar")
+    return data
