@@ -42,6 +42,10 @@ MAX_FILE_SIZE: Final = 64 * 1024 * 1024
 MAX_CHUNKS: Final = 4096
 DEFAULT_INTERVAL: Final = 2.0
 MANIFEST_VERSION: Final = 2
+# The format before content-addressed chunks: chunks at chunk/<generation>/<index>. Still read
+# (a primary of the previous release writes it during a rolling upgrade); never written.
+MANIFEST_V1: Final = 1
+_GENERATION_LEN = 32
 _HEX64 = frozenset("0123456789abcdef")
 
 _T = TypeVar("_T")
@@ -72,6 +76,9 @@ class Manifest:
     sha256: str
     chunk_size: int
     chunks: tuple[str, ...]
+    # False for a format 1 manifest, whose chunks are named by generation and index: only the
+    # whole file's SHA-256 verifies them.
+    named_by_hash: bool = True
 
     @classmethod
     def describe(cls, data: bytes, chunk_size: int) -> Manifest:
@@ -98,8 +105,10 @@ class Manifest:
             doc = json.loads(raw.decode("utf-8"))
         except (ValueError, RecursionError) as exc:
             raise ChunkError(f"manifest is not UTF-8 JSON: {exc}") from None
+        if isinstance(doc, dict) and doc.get("v") == MANIFEST_V1:
+            return cls._from_v1(doc)
         if not isinstance(doc, dict) or doc.get("v") != MANIFEST_VERSION:
-            raise ChunkError(f"not a version {MANIFEST_VERSION} manifest")
+            raise ChunkError(f"not a version {MANIFEST_V1} or {MANIFEST_VERSION} manifest")
         chunks = _field(doc, "chunks", list)
         if len(chunks) > MAX_CHUNKS:
             raise ChunkError(f"manifest: {len(chunks)} chunks (at most {MAX_CHUNKS})")
@@ -107,6 +116,20 @@ class Manifest:
             raise ChunkError("manifest: chunks must be SHA-256 hex digests")
         manifest = cls(size=_field(doc, "size", int), sha256=_field(doc, "sha256", str),
                        chunk_size=_field(doc, "chunk_size", int), chunks=tuple(chunks))
+        manifest._check_shape()
+        return manifest
+
+    @classmethod
+    def _from_v1(cls, doc: dict[str, object]) -> Manifest:
+        generation, count = _field(doc, "generation", str), _field(doc, "chunks", int)
+        if len(generation) != _GENERATION_LEN or not set(generation) <= _HEX64:
+            raise ChunkError("manifest: generation must be 32 hex digits")
+        if not 0 <= count <= MAX_CHUNKS:
+            raise ChunkError(f"manifest: {count} chunks (at most {MAX_CHUNKS})")
+        manifest = cls(size=_field(doc, "size", int), sha256=_field(doc, "sha256", str),
+                       chunk_size=_field(doc, "chunk_size", int),
+                       chunks=tuple(f"{generation}/{i:06d}" for i in range(count)),
+                       named_by_hash=False)
         manifest._check_shape()
         return manifest
 
@@ -142,7 +165,7 @@ def join_chunks(manifest: Manifest, chunks: Sequence[bytes]) -> bytes:
     if len(chunks) != len(manifest.chunks):
         raise ChunkError(f"expected {len(manifest.chunks)} chunks, got {len(chunks)}")
     for index, (name, chunk) in enumerate(zip(manifest.chunks, chunks, strict=True)):
-        if chunk_hash(chunk) != name:
+        if manifest.named_by_hash and chunk_hash(chunk) != name:
             raise ChunkError(f"chunk {index}: sha256 differs from its name {name[:12]}")
     data = b"".join(chunks)
     if len(data) != manifest.size:

@@ -20,7 +20,7 @@ from sidecar.sessions import record as sessions
 from sidecar.vsmfile import adapter as fileadapter
 
 FIXTURES = Path(__file__).parent.parent / "fixtures" / "records"
-KINDS = ("session", "leader", "member", "switchover", "manifest")
+KINDS = ("session", "leader", "member", "switchover", "manifest", "manifest-v2")
 SESSION_ID = "agent1:10"
 LEASE = 7587869183741521930
 
@@ -71,6 +71,7 @@ def test_stored_records_decode_to_their_values() -> None:
     assert (member["role"], member["epoch"], member["copy_current"]) == ("ROLE_PRIMARY", 3, True)
     assert decoded("switchover", stored("switchover")).target == "vsm-b"
     assert decoded("manifest", stored("manifest")).size == 1000
+    assert decoded("manifest-v2", stored("manifest-v2")).size == 1000
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -84,18 +85,19 @@ def test_an_unknown_format_version_is_refused_not_misread(kind: str) -> None:
     """A record whose `v` this version does not know (a change old readers would misread)
     is refused as garbage, which the mirror logs and skips, never guessed at."""
     doc = json.loads(stored(kind))
-    doc["v"] = 2
+    doc["v"] = 99
     with pytest.raises((sessions.SessionDecodeError, fileadapter.ChunkError)):
         decoded(kind, json.dumps(doc).encode())
 
 
-def test_todays_encoders_still_write_format_1() -> None:
+def test_todays_encoders_write_the_stored_forms() -> None:
     """Each encoder of this version writes the stored form: when one changes, add a fixture of
-    the new form beside the old one (which must keep decoding) and change this test."""
+    the new form beside the old one (which must keep decoding) and change this test. The file
+    manifest changed to format 2 (content-addressed chunks): manifest.json is format 1."""
     session = sessions.decode_session(stored("session"), SESSION_ID)
     assert sessions.encode_session(session) == stored("session")
-    manifest = fileadapter.Manifest.from_json(stored("manifest"))
-    assert manifest.to_json() == stored("manifest")
+    manifest = fileadapter.Manifest.from_json(stored("manifest-v2"))
+    assert manifest.to_json() == stored("manifest-v2")
 
     def shape(raw: bytes) -> tuple[list[str], bool]:
         # Field names in order and the separators; the times differ from run to run.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -21,10 +22,14 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar import client
 from sidecar.atomicfile import atomic_write
+from sidecar.etcd.client import Etcd
+from sidecar.etcd.keys import Keys
 from sidecar.lab.localcluster import LocalEtcdCluster
 from sidecar.lab.localnode import LocalSidecar
 from sidecar.vsmfile.adapter import DEFAULT_CHUNK_SIZE
+from sidecar.vsmfile.mirror import EtcdCopy
 
+from .. import builders
 from ..netns_lab import wait_for
 from ..sidecars import Pair, make_pair
 
@@ -362,3 +367,33 @@ def test_on_primary_never_takes_over_with_a_file_it_could_not_write(pair: Pair) 
         time.sleep(0.1)
     assert content(paths["b"]) is None
     assert "vsm_file_not_written" in b.log_tail(300)
+
+
+@pytest.mark.etcd
+def test_a_format_1_copy_of_the_previous_release_is_read(etcd_cluster: LocalEtcdCluster,
+                                                         cluster_name: str) -> None:
+    """During a rolling upgrade a primary of the previous release still writes format 1
+    (chunks under chunk/<generation>/<index>, a manifest that counts them): this release reads
+    that copy whole, verified by the file's SHA-256, so an upgraded standby's copy stays
+    current and its promotion gate can pass."""
+    data = random.Random(7).randbytes(1_300_000)
+    chunk_size, generation = 524288, "0123456789abcdef0123456789abcdef"
+    root = f"/thinlinc-ha/{cluster_name}/vsmfile/"
+    pieces = [data[i:i + chunk_size] for i in range(0, len(data), chunk_size)]
+    with etcd_cluster.client() as etcd_client:
+        for index, piece in enumerate(pieces):
+            etcd_client.put(f"{root}chunk/{generation}/{index:06d}", piece)
+        etcd_client.put(f"{root}manifest", json.dumps({
+            "v": 1, "generation": generation, "size": len(data), "sha256": sha(data),
+            "chunks": len(pieces), "chunk_size": chunk_size}, separators=(",", ":")))
+    settings = builders.settings(cluster=cluster_name, etcd=etcd_cluster)
+
+    async def read() -> bytes | None:
+        etcd = Etcd(settings)
+        try:
+            copy = await EtcdCopy(etcd, Keys(settings.prefix)).fetch()
+        finally:
+            etcd.close()
+        return None if copy is None else copy.data
+
+    assert asyncio.run(read()) == data
