@@ -7,7 +7,7 @@ from collections import Counter
 
 from .. import opsdoc
 
-RUNNERS = ("test_install.py", "test_etcd_ops.py")
+RUNNERS = ("deploy/test_install.py", "deploy/test_etcd_ops.py")
 
 
 def test_every_shell_block_is_marked_run_or_not_run() -> None:
