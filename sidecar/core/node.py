@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
-from dataclasses import dataclass, field, replace
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
+from dataclasses import replace
 from datetime import UTC, datetime
-from enum import Enum
 from typing import Any
 
 import structlog
@@ -37,8 +36,10 @@ from ..etcd.election import (
     SwitchoverRequest,
     decode_leader,
 )
-from ..etcd.switchover import SwitchoverRefused, choose_target, ineligibility, request_move
+from ..etcd.switchover import request_move
+from . import rules
 from .reports import FileReport, ServerReport
+from .roles import NotPrimary, Role, Status
 from .tasks import TaskEnded, supervise
 
 log = structlog.get_logger(__name__)
@@ -49,44 +50,8 @@ LEADER_REREAD_SECONDS = 10.0
 MEMBERS_REFRESH_SECONDS = 1.0
 FAILBACK_POLL = 0.2
 ETCD_ERROR_PAUSE = 0.5
-# A leader key without a lease (no sidecar writes one) counts as held for this many TTLs after a
-# node first sees it unchanged, then that node deletes it: by then any node that held the key
-# has seen it change, or lost etcd for longer than its lease deadline and fenced itself.
-UNOWNED_LEADER_TTLS = 2
 ACCESS_NOTE = ("check etcd_user, the password file, the client certificate and the user's role "
                "(it needs read and write on the cluster's prefix)")
-
-
-class Role(Enum):
-    STARTING = "ROLE_STARTING"
-    STANDBY = "ROLE_STANDBY"
-    PRIMARY = "ROLE_PRIMARY"
-    FENCED = "ROLE_FENCED"
-    STOPPING = "ROLE_STOPPING"
-
-
-@dataclass(frozen=True)
-class Status:
-    """What a node reports about itself; replaced whole on every change."""
-
-    node_id: str
-    cluster: str
-    role: Role = Role.STARTING
-    reason: str = "starting"
-    leader: LeaderInfo | None = None
-    epoch: int = 0
-    role_since: float = field(default_factory=time.time)
-    deadline: float | None = None  # monotonic; PRIMARY only
-    members: tuple[dict[str, Any], ...] = ()
-
-    def lease_time_left(self, now: float | None = None) -> float | None:
-        if self.role is not Role.PRIMARY or self.deadline is None:
-            return None
-        return max(0.0, self.deadline - (time.monotonic() if now is None else now))
-
-
-class NotPrimary(Exception):
-    """This node may not write: it is not PRIMARY (or no longer is)."""
 
 
 class HandOver(Exception):
@@ -370,14 +335,15 @@ class Node:
 
     async def _unowned_leader(self, leader: LeaderInfo, revision: int) -> None:
         """A leader key without a lease would never expire and would block every election:
-        it counts as held (never two primaries) for UNOWNED_LEADER_TTLS after this node first
+        it counts as held (never two primaries) for rules.UNOWNED_LEADER_TTLS after this node first
         saw it, unchanged, and then is deleted, guarded on its mod revision."""
-        now, grace = time.monotonic(), UNOWNED_LEADER_TTLS * self.settings.ttl
-        if self._unowned is None or self._unowned[0] != leader.revision:
-            self._unowned = (leader.revision, now)
+        grace = rules.unowned_grace(self.settings.ttl)
+        seen, left = rules.unowned_leader(self._unowned, leader.revision, time.monotonic(),
+                                          self.settings.ttl)
+        if seen != self._unowned:
             log.error("leader_key_unowned", problem=leader.problem, revision=leader.revision,
                       decision=f"counted as held; removed after {grace} s unless it changes")
-        left = self._unowned[1] + grace - now
+        self._unowned = seen
         if left > 0:
             reason = (f"the leader key is not a sidecar's ({leader.problem}): counted as held, "
                       f"removed {grace} s after it appeared unless it changes")
@@ -394,28 +360,26 @@ class Node:
                   decision="campaign" if removed else "it changed: look again")
 
     async def _held_back(self, request: SwitchoverRequest | None) -> str | None:
-        """Why this node must not campaign now, or None."""
-        if request is not None and request.target != self.settings.node_id:
-            # Only a live member is waited for: a request naming anyone else (a node long gone,
-            # a typo) must not keep the cluster without a primary.
-            known = self._member(request.target) is not None
-            if not known:
-                try:
-                    members = await self.election.read_members()
-                except EtcdError as exc:
-                    log.info("members_not_read", error=str(exc))
-                    known = True  # cannot tell: wait, as for a member
-                else:
-                    self._status = replace(self._status, members=tuple(members))
-                    known = self._member(request.target) is not None
-            if known:
-                return f"holding back: {request.target} takes over ({request.reason})"
-            log.warning("switchover_target_unknown", target=request.target,
+        """Why this node must not campaign now, or None (see :func:`rules.held_back`)."""
+        target = rules.waits_for(request, self.settings.node_id)
+        known = target is not None and await self._is_member(target)
+        if target is not None and not known:
+            log.warning("switchover_target_unknown", target=target,
                         decision="not held back: it is no member")
-        if self.health_configured and self.health() is not True:
-            state = "unhealthy" if self.health() is False else "not yet known healthy"
-            return f"not campaigning: the local VSM server is {state}"
-        return None
+        return rules.held_back(request, self.settings.node_id, known, self.health_configured,
+                               self.health())
+
+    async def _is_member(self, node_id: str) -> bool:
+        """Whether ``node_id`` has a members/ record, read again if we do not know it yet."""
+        if self._member(node_id) is not None:
+            return True
+        try:
+            members = await self.election.read_members()
+        except EtcdError as exc:
+            log.info("members_not_read", error=str(exc))
+            return True  # cannot tell: wait, as for a member
+        self._status = replace(self._status, members=tuple(members))
+        return self._member(node_id) is not None
 
     async def _read_state(self) -> tuple[LeaderInfo | None, SwitchoverRequest | None, int]:
         async for attempt in retry_policy("read leader", max_wait=0.5):
@@ -502,32 +466,30 @@ class Node:
 
     async def _await_handover(self, revision: int) -> None:
         """Raise HandOver for an eligible switchover request, or when this primary is
-        unhealthy and a standby can take over; otherwise keep serving."""
+        unhealthy and a standby can take over (:func:`rules.handover`); otherwise serve on."""
         unhealthy_logged = False
+        me = self.settings.node_id
         while True:
             _, request, revision = await self._read_state()
-            me = self.settings.node_id
-            if request is not None and request.target == me:
-                await self._clear_request()  # already ours (a failback that raced a failover)
-            elif request is not None and request.target != me:
+            if request is not None and request.target != me:
                 members = await self.election.read_members()
                 self._status = replace(self._status, members=tuple(members))
-                reason = ineligibility(self._member(request.target), request.target)
-                if reason is None:
-                    raise HandOver(request.target, request.reason)
-                log.warning("switchover_ignored", target=request.target, reason=reason)
+            decision = rules.handover(request, me, self._status.members, self.health())
+            if decision.action == rules.CLEAR:
+                if decision.reason:
+                    log.warning("switchover_ignored", target=decision.target,
+                                reason=decision.reason)
                 await self._clear_request()
-            elif self.health() is False:
-                try:
-                    target = choose_target(self._status.members, me, None)
-                except SwitchoverRefused as exc:
-                    if not unhealthy_logged:
-                        log.error("primary_unhealthy_keeps_role", reason=str(exc))
-                        unhealthy_logged = True
-                else:
-                    await self.election.request_switchover(
-                        SwitchoverRequest(target, me, "primary unhealthy"))
-                    raise HandOver(target, "primary unhealthy")
+            elif decision.action == rules.HAND_OVER and decision.target is not None:
+                raise HandOver(decision.target, decision.reason)
+            elif decision.action == rules.ASK_AND_HAND_OVER and decision.target is not None:
+                await self.election.request_switchover(
+                    SwitchoverRequest(decision.target, me, decision.reason))
+                raise HandOver(decision.target, decision.reason)
+            elif decision.action == rules.STUCK:
+                if not unhealthy_logged:
+                    log.error("primary_unhealthy_keeps_role", reason=decision.reason)
+                    unhealthy_logged = True
             else:
                 unhealthy_logged = False
             await self._wait_request(revision)
@@ -544,8 +506,8 @@ class Node:
         except (TimeoutError, EtcdError):
             return
 
-    def _member(self, node_id: str) -> dict[str, Any] | None:
-        return next((m for m in self._status.members if m.get("node_id") == node_id), None)
+    def _member(self, node_id: str) -> Mapping[str, Any] | None:
+        return rules.member(self._status.members, node_id)
 
     async def _pass_gates(self, lease: Lease, revision: int) -> None:
         started = time.monotonic()
@@ -601,17 +563,14 @@ class Node:
         self.election.garbage.report("leader", self.election.keys.leader, revision, problem,
                                      value)
 
-    def _failback_state(self) -> tuple[object, ...]:
-        st = self._status
+    def _failback_state(self) -> rules.FailbackState:
         current = self.member_fields.get("copy_current", lambda: True)()
-        # Garbage in the leader key is no leader to take the role back from.
-        leader = st.leader.node_id if st.leader is not None and st.leader.valid else None
-        return (st.role, leader, self.health(), current)
+        return rules.failback_state(self._status, self.health(), current)
 
     async def _failback(self) -> None:
         """The preferred primary asks for the role back once it has been a healthy, caught-up
-        STANDBY of someone else for failback_delay; any change restarts the delay, so a
-        flapping node never causes repeated failbacks."""
+        STANDBY of someone else for failback_delay (:func:`rules.failback_due`); any change
+        restarts the delay, so a flapping node never causes repeated failbacks."""
         me, delay = self.settings.node_id, self.settings.failback_delay
         state, since = self._failback_state(), time.monotonic()
         while True:
@@ -620,13 +579,8 @@ class Node:
             if current != state:
                 state, since = current, now
                 continue
-            role, leader, health, copy_current = state
-            # With a check configured, only a node known to be healthy asks for the role.
-            healthy = health is True or not self.health_configured
-            ready = (role is Role.STANDBY and leader not in (None, me) and healthy
-                     and copy_current is True)
-            if ready and now - since >= delay:
-                log.info("failback", decision="ask for the leadership back", leader=leader,
+            if rules.failback_due(state, me, self.health_configured, since, now, delay):
+                log.info("failback", decision="ask for the leadership back", leader=state[1],
                          stable_for=round(now - since, 1))
                 try:
                     await self.election.request_switchover(

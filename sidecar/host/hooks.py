@@ -24,14 +24,12 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Protocol
+from typing import IO, Protocol
 
 import structlog
 
+from ..core.roles import Role, Status
 from .childcaps import without_capabilities
-
-if TYPE_CHECKING:  # node.py imports config.py, which may check a hook program: no cycle
-    from ..core.node import Role, Status
 
 log = structlog.get_logger(__name__)
 

@@ -33,7 +33,6 @@ from typing import Any
 import structlog
 from etcd3 import etcdrpc
 
-from ..core.node import NotPrimary
 from ..core.reports import (
     FILE_BEHIND,
     FILE_CURRENT,
@@ -44,6 +43,7 @@ from ..core.reports import (
     FileReport,
     utc,
 )
+from ..core.roles import NotPrimary
 from ..core.tasks import supervise
 from ..etcd.client import Etcd, EtcdError, kv_call, prefix_end, retry_policy
 from ..etcd.election import Keys, epoch_guard
