@@ -16,16 +16,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
+from collections.abc import AsyncIterator, Coroutine, Mapping
 from dataclasses import replace
-from datetime import UTC, datetime
 from typing import Any
 
 import structlog
 
-from .. import __version__, logs
+from .. import logs
 from ..config import Settings
-from ..etcd.client import Etcd, EtcdAccessDenied, EtcdError, EventType, LeaseGone, retry_policy
+from ..etcd.client import Etcd, EtcdAccessDenied, EtcdError, LeaseGone, retry_policy
 from ..etcd.election import (
     SWITCHOVER_TTL,
     CampaignResult,
@@ -34,20 +33,24 @@ from ..etcd.election import (
     Lease,
     LeaseLost,
     SwitchoverRequest,
-    decode_leader,
 )
 from ..etcd.switchover import request_move
 from . import rules
-from .reports import FileReport, ServerReport
-from .roles import NotPrimary, Role, Status
+from .collaborators import NodeParts
+from .member import MemberRecord, publish_member
+from .roles import NotPrimary, Role, RoleView, Status
 from .tasks import TaskEnded, supervise
+from .watches import (
+    LEADER_REREAD_SECONDS,
+    Deposed,
+    Tampered,
+    follow,
+    guard_key,
+    wait_request,
+)
 
 log = structlog.get_logger(__name__)
 
-# A standby re-reads the leader key this often even if its watch reports nothing: a watch alone
-# can miss a change (a member cut off from the quorum, a bug), a read cannot.
-LEADER_REREAD_SECONDS = 10.0
-MEMBERS_REFRESH_SECONDS = 1.0
 FAILBACK_POLL = 0.2
 ETCD_ERROR_PAUSE = 0.5
 ACCESS_NOTE = ("check etcd_user, the password file, the client certificate and the user's role "
@@ -63,20 +66,12 @@ class HandOver(Exception):
         self.reason = reason
 
 
-class Deposed(Exception):
-    """The leader key is no longer ours although our lease is alive (deleted by someone)."""
-
-
-class Tampered(Deposed):
-    """Our leader key was overwritten in place (same create revision, so same epoch) by
-    someone else: it may no longer be on our lease or say who we are. We never write it twice,
-    so any put on it is foreign."""
-
-
 class Node:
     """One sidecar's role, driven by :meth:`run` until the stop event is set."""
 
-    def __init__(self, settings: Settings, etcd: Etcd, election: Election | None = None) -> None:
+    def __init__(self, settings: Settings, etcd: Etcd, election: Election | None = None, *,
+                 parts: NodeParts | None = None, view: RoleView | None = None) -> None:
+        parts = parts or NodeParts()
         self.settings = settings
         self.etcd = etcd
         self.election = election or Election(etcd, settings)
@@ -84,27 +79,20 @@ class Node:
         self._lease: Lease | None = None
         self._subscribers: set[asyncio.Queue[Status]] = set()
         self._member_dirty = asyncio.Event()
-        # Actions run synchronously whenever the node stops being PRIMARY (release the
-        # resource IP, refuse writes). They must be fast and must not wait on anything.
-        self.on_release: list[Callable[[str], None]] = []
-        # Awaited with the winning revision before the node turns PRIMARY (rule 5: the session
-        # copy must be current to it), within the lease's time left.
-        self.promotion_gates: list[Callable[[int], Awaitable[object]]] = []
-        # Run once the node is PRIMARY (claim and announce the resource IP). Each must check
-        # is_primary() again after any await of its own before it takes anything.
-        self.on_promote: list[Callable[[], Awaitable[None]]] = []
+        # See sidecar.core.collaborators for what each does and may do.
+        self.on_release = list(parts.release_actions)
+        self.promotion_gates = list(parts.promotion_gates)
+        self.on_promote = list(parts.promote_actions)
+        self.member_fields = dict(parts.member_fields)
+        self.health = parts.health
+        self.health_configured = parts.health_configured
+        self.file_report = parts.file_report
+        self.server_report = parts.server_report
         self.role_changes = 0
-        # Extra fields of the members/ record that others use to judge this node as a
-        # handover target (health, copy_current), and whether it may campaign at all.
-        self.member_fields: dict[str, Callable[[], object]] = {}
-        self.health: Callable[[], bool | None] = lambda: None
-        self.health_configured = False
-        # The ThinLinc side's reports (the sessions file's copy in etcd, the VSM server run in
-        # on-primary mode), shown by GetRole and /health; set by the service when configured.
-        self.file_report: Callable[[], FileReport] | None = None
-        self.server_report: Callable[[], ServerReport] | None = None
         self.handovers = 0
-        self._unowned: tuple[int, float] | None = None  # (mod revision, first seen), see below
+        self._unowned: rules.Unowned | None = None  # see _unowned_leader
+        if view is not None:
+            view.bind(self.status)
 
     # -- reading the role ------------------------------------------------------------------
 
@@ -160,7 +148,7 @@ class Node:
                   epoch: int | None = None) -> None:
         old = self._status
         if old.role is Role.PRIMARY and role is not Role.PRIMARY:
-            self._release(reason)
+            self.release(reason)
         if leader is None and role in (Role.FENCED, Role.STARTING, Role.STOPPING):
             leader = old.leader
         new_epoch = epoch if epoch is not None else (leader.epoch if leader else 0)
@@ -177,7 +165,9 @@ class Node:
                      leader=leader.node_id if leader else None)
         self._publish()
 
-    def _release(self, reason: str) -> None:
+    def release(self, reason: str) -> None:
+        """Run the release actions now: on every move away from PRIMARY, and when the process
+        must exit at once (a second signal) so that no resource IP is left behind."""
         for action in self.on_release:
             try:
                 action(reason)
@@ -195,7 +185,7 @@ class Node:
     async def run(self, stop: asyncio.Event) -> None:
         """Campaign and serve until ``stop`` is set, then hand over and return."""
         logs.set_status(node=self.settings.node_id, role=Role.STARTING.name, epoch=0)
-        self._release("start-up: nothing may be held before the first election")
+        self.release("start-up: nothing may be held before the first election")
         life = asyncio.create_task(self._lifecycle(), name="lifecycle")
         stopped = asyncio.create_task(stop.wait(), name="stop")
         try:
@@ -261,7 +251,8 @@ class Node:
     def _lease_tasks(self, lease: Lease) -> dict[str, Coroutine[Any, Any, None]]:
         """What runs for the life of one lease; none of it ends while the lease lives."""
         tasks = {"keepalive": self.election.keep_alive(lease),
-                 "member": self._publish_member(lease),
+                 "member": publish_member(self.election, lease, self._member_record,
+                                          self._member_dirty, self._members_read),
                  "leadership": self._leadership(lease)}
         if self.settings.preferred_primary and self.settings.failback:
             tasks["failback"] = self._failback()
@@ -378,7 +369,7 @@ class Node:
         except EtcdError as exc:
             log.info("members_not_read", error=str(exc))
             return True  # cannot tell: wait, as for a member
-        self._status = replace(self._status, members=tuple(members))
+        self._members_read(members)
         return self._member(node_id) is not None
 
     async def _read_state(self) -> tuple[LeaderInfo | None, SwitchoverRequest | None, int]:
@@ -405,25 +396,6 @@ class Node:
                 return await self.election.read_leader()
         raise AssertionError("unreachable")
 
-    async def _follow(self, revision: int, wait: float = LEADER_REREAD_SECONDS) -> None:
-        """Return as soon as the leader key changes, on a watch error, or after ``wait``.
-
-        A changed key is read again by the caller rather than taken from the event: only a
-        read shows its lease, which tells a sidecar's key from one written by hand."""
-        try:
-            async with asyncio.timeout(wait):
-                async with self.etcd.watch(self.election.keys.leader,
-                                           start_revision=revision + 1) as watch:
-                    async for batch in watch:
-                        for event in batch.events:
-                            if event.type is EventType.DELETE:
-                                log.info("leader_key_deleted", decision="campaign")
-                            return
-        except TimeoutError:
-            return
-        except EtcdError as exc:
-            log.info("leader_watch_ended", error=str(exc), decision="re-read the leader key")
-
     async def _serve(self, lease: Lease, leader: LeaderInfo, revision: int) -> None:
         """Hold the leadership until the lease is lost or the key is taken from us."""
         await self._pass_gates(lease, revision)
@@ -435,8 +407,9 @@ class Node:
             except Exception:  # the role stands; the reconciler retries what failed
                 log.exception("promote_action_failed")
         try:
-            await supervise({"deadline": self._watch_deadline(lease),
-                             "key-guard": self._guard_key(leader.epoch, revision),
+            guard = guard_key(self.etcd, self.election, leader.epoch, revision,
+                              self._read_leader)
+            await supervise({"deadline": self._watch_deadline(lease), "key-guard": guard,
                              "handover": self._await_handover(revision)})
         except Tampered as exc:
             # Stop serving first (rule 4), then free the election: the key is still the one
@@ -472,8 +445,7 @@ class Node:
         while True:
             _, request, revision = await self._read_state()
             if request is not None and request.target != me:
-                members = await self.election.read_members()
-                self._status = replace(self._status, members=tuple(members))
+                self._members_read(await self.election.read_members())
             decision = rules.handover(request, me, self._status.members, self.health())
             if decision.action == rules.CLEAR:
                 if decision.reason:
@@ -492,19 +464,17 @@ class Node:
                     unhealthy_logged = True
             else:
                 unhealthy_logged = False
-            await self._wait_request(revision)
+            await wait_request(self.etcd, self.election, revision)
 
-    async def _wait_request(self, revision: int) -> None:
-        """Until the switchover key changes, or a second passes (health is polled)."""
-        try:
-            async with asyncio.timeout(1.0):
-                async with self.etcd.watch(self.election.keys.switchover,
-                                           start_revision=revision + 1) as watch:
-                    async for batch in watch:
-                        if batch.events:
-                            return
-        except (TimeoutError, EtcdError):
-            return
+    async def _follow(self, revision: int, wait: float = LEADER_REREAD_SECONDS) -> None:
+        await follow(self.etcd, self.election, revision, wait)
+
+    def _member_record(self) -> dict[str, Any]:
+        return MemberRecord.of(self._status, self.settings.published_address,
+                               self.member_fields).encode()
+
+    def _members_read(self, members: list[dict[str, Any]]) -> None:
+        self._status = replace(self._status, members=tuple(members))
 
     def _member(self, node_id: str) -> Mapping[str, Any] | None:
         return rules.member(self._status.members, node_id)
@@ -532,37 +502,6 @@ class Node:
                 raise LeaseLost("local deadline passed")
             await asyncio.sleep(left)
 
-    async def _guard_key(self, epoch: int, revision: int) -> None:
-        """Raise :class:`Deposed` when the leader key stops being the one we created."""
-        while True:
-            try:
-                async with self.etcd.watch(self.election.keys.leader,
-                                           start_revision=revision + 1) as watch:
-                    async for batch in watch:
-                        for event in batch.events:
-                            if event.type is EventType.DELETE or event.create_revision != epoch:
-                                raise Deposed("the leader key was deleted or replaced")
-                            self._report_overwrite(event.value, event.mod_revision)
-                            raise Tampered("the leader key was overwritten by someone else")
-            except EtcdError as exc:
-                log.info("leader_guard_watch_ended", error=str(exc))
-            await asyncio.sleep(0.1)
-            leader, revision = await self._read_leader()
-            if leader is None or leader.epoch != epoch:
-                raise Deposed("the leader key was deleted or replaced")
-            if leader.overwritten:
-                if leader.valid:  # (garbage was reported by the read itself)
-                    self._report_overwrite(b"", leader.revision)
-                raise Tampered("the leader key was overwritten by someone else")
-
-    def _report_overwrite(self, value: bytes, revision: int) -> None:
-        """Count a put over our own leader key: whatever it holds, no sidecar wrote it."""
-        info = decode_leader(value, 0, 0) if value else None
-        problem = info.problem if info is not None and not info.valid else \
-            "a put over this node's key by someone else"
-        self.election.garbage.report("leader", self.election.keys.leader, revision, problem,
-                                     value)
-
     def _failback_state(self) -> rules.FailbackState:
         current = self.member_fields.get("copy_current", lambda: True)()
         return rules.failback_state(self._status, self.health(), current)
@@ -588,43 +527,6 @@ class Node:
                 except EtcdError as exc:
                     log.warning("failback_request_failed", error=str(exc))
                 since = now + SWITCHOVER_TTL  # let this request run its course first
-
-    async def _publish_member(self, lease: Lease) -> None:
-        """Keep members/<node> current (on our lease) and refresh what we know of the others."""
-        published: dict[str, Any] | None = None
-        while True:
-            try:
-                record = self._member_record()
-                if self._member_dirty.is_set() or record != published:
-                    self._member_dirty.clear()
-                    await self.election.put_member(lease, record)
-                    published = record
-                members = await self.election.read_members()
-                self._status = replace(self._status, members=tuple(members))
-                if published is not None and published not in members:
-                    # Our record was overwritten or deleted by someone (or went with a lease
-                    # that just expired): put it back, or the others stop counting us as a
-                    # member (no switchover, no failback to us). Garbage is logged as such.
-                    log.info("member_record_restored", decision="publish it again")
-                    self._member_dirty.set()
-            except EtcdError as exc:
-                log.debug("member_update_failed", error=str(exc))
-                self._member_dirty.set()
-            try:
-                async with asyncio.timeout(MEMBERS_REFRESH_SECONDS):
-                    await self._member_dirty.wait()
-            except TimeoutError:
-                pass
-            if self._member_dirty.is_set():
-                await asyncio.sleep(0.01)  # coalesce a burst of changes into one put
-
-    def _member_record(self) -> dict[str, Any]:
-        s = self._status
-        extras = {name: read() for name, read in self.member_fields.items()}
-        return {**extras, "node_id": s.node_id, "address": self.settings.published_address,
-                "role": s.role.value, "epoch": s.epoch, "version": __version__,
-                "role_since": datetime.fromtimestamp(s.role_since, UTC).isoformat(
-                    timespec="milliseconds").replace("+00:00", "Z")}
 
 
 def _following(leader: LeaderInfo) -> str:

@@ -1,5 +1,6 @@
 """The shared vocabulary of roles: what a node is (:class:`Role`), what it reports
-(:class:`Status`), and why a write is refused (:class:`NotPrimary`).
+(:class:`Status`), why a write is refused (:class:`NotPrimary`), and a view of the role for
+the parts built before the node (:class:`RoleView`).
 
 A leaf: every room that speaks of roles imports it (hooks, endpoints, the mirrors) without
 importing the node and what the node imports.
@@ -8,6 +9,7 @@ importing the node and what the node imports.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING, Any
@@ -46,3 +48,34 @@ class Status:
 
 class NotPrimary(Exception):
     """This node may not write: it is not PRIMARY (or no longer is)."""
+
+
+class RoleView:
+    """The node's role, for the parts that the node takes as collaborators and that also ask
+    it for the role (the resource IP, the session and file writers).
+
+    Either the node or those parts must be built first. This view is: it is given to both,
+    the node binds it in its constructor, and the parts ask it only at run time. Unbound, it
+    answers as a node that is STARTING.
+    """
+
+    def __init__(self) -> None:
+        self._status: Callable[[], Status] | None = None
+
+    def bind(self, status: Callable[[], Status]) -> None:
+        self._status = status
+
+    def role(self) -> Role:
+        return Role.STARTING if self._status is None else self._status().role
+
+    def is_primary(self) -> bool:
+        return self.role() is Role.PRIMARY
+
+    def primary_epoch(self) -> int:
+        """The epoch to guard a write with; raises NotPrimary unless this node is PRIMARY."""
+        if self._status is None:
+            raise NotPrimary(f"this node is {Role.STARTING.name}")
+        status = self._status()
+        if status.role is not Role.PRIMARY:
+            raise NotPrimary(f"this node is {status.role.name}")
+        return status.epoch
