@@ -37,11 +37,18 @@ from ..etcd.election import (
 from ..etcd.switchover import request_move
 from . import rules
 from .collaborators import NodeParts
+from .lease import (
+    ACCESS_NOTE,
+    acquire_lease,
+    pass_gates,
+    resume,
+    revoke_stale,
+    watch_deadline,
+)
 from .member import MemberRecord, publish_member
 from .roles import NotPrimary, Role, RoleView, Status
 from .tasks import TaskEnded, supervise
 from .watches import (
-    LEADER_REREAD_SECONDS,
     Deposed,
     Tampered,
     follow,
@@ -53,9 +60,6 @@ log = structlog.get_logger(__name__)
 
 FAILBACK_POLL = 0.2
 ETCD_ERROR_PAUSE = 0.5
-ACCESS_NOTE = ("check etcd_user, the password file, the client certificate and the user's role "
-               "(it needs read and write on the cluster's prefix)")
-
 
 class HandOver(Exception):
     """The primary is to hand over to ``target`` (rule 6)."""
@@ -219,11 +223,11 @@ class Node:
     async def _lifecycle(self) -> None:
         stale: Lease | None = None
         while True:
-            lease = await self._resume(stale) if stale is not None else None
+            lease = await resume(self.election, stale) if stale is not None else None
             if lease is None:
-                lease = await self._acquire_lease()
+                lease = await acquire_lease(self.election, self._unreachable)
                 if stale is not None:
-                    await self._revoke_stale(stale)
+                    await revoke_stale(self.election, stale)
             self._lease = lease
             try:
                 await supervise(self._lease_tasks(lease))
@@ -258,41 +262,6 @@ class Node:
             tasks["failback"] = self._failback()
         return tasks
 
-    async def _acquire_lease(self) -> Lease:
-        async for attempt in retry_policy("grant lease"):
-            with attempt:
-                try:
-                    return await self.election.grant()
-                except EtcdAccessDenied as exc:
-                    log.error("etcd_access_denied", error=str(exc), note=ACCESS_NOTE)
-                    raise
-                except EtcdError as exc:
-                    self._status = replace(self._status, reason=f"etcd unreachable: {exc}")
-                    raise
-        raise AssertionError("unreachable: the retry policy retries forever")
-
-    async def _resume(self, lease: Lease) -> Lease | None:
-        """After a fence, keep the old lease if etcd still holds it (it only stopped answering
-        for a while): then nobody else can hold our leader key, and the leadership resumes under
-        the same epoch instead of moving. Returns None when the lease is gone or etcd is mute."""
-        try:
-            await self.election.keepalive_once(lease)
-        except (EtcdError, LeaseLost) as exc:
-            log.info("lease_not_resumed", lease=hex(lease.id), error=str(exc))
-            return None
-        if lease.expired():
-            return None
-        log.info("lease_resumed", lease=hex(lease.id), time_left=round(lease.time_left(), 2))
-        return lease
-
-    async def _revoke_stale(self, lease: Lease) -> None:
-        """A fenced node's old lease may still be alive in etcd (its leader key with it): free
-        it now rather than make the cluster wait for its TTL. We hold nothing under it."""
-        try:
-            await self.election.resign(lease)
-        except EtcdError as exc:
-            log.info("stale_lease_not_revoked", error=str(exc))
-
     async def _leadership(self, lease: Lease) -> None:
         while True:
             leader, request, revision = await self._read_state()
@@ -310,7 +279,8 @@ class Node:
                 held_back = await self._held_back(request)
                 if held_back is not None:
                     self._set_role(Role.STANDBY, held_back)
-                    await self._follow(revision, SWITCHOVER_TTL if request else 0.5)
+                    wait = SWITCHOVER_TTL if request else 0.5
+                    await follow(self.etcd, self.election, revision, wait)
                     continue
                 result = await self._campaign(lease)
                 if result.won and result.leader is not None:
@@ -322,7 +292,7 @@ class Node:
                 if leader is None:
                     continue
             self._set_role(Role.STANDBY, _following(leader), leader=leader)
-            await self._follow(revision)
+            await follow(self.etcd, self.election, revision)
 
     async def _unowned_leader(self, leader: LeaderInfo, revision: int) -> None:
         """A leader key without a lease would never expire and would block every election:
@@ -339,7 +309,7 @@ class Node:
             reason = (f"the leader key is not a sidecar's ({leader.problem}): counted as held, "
                       f"removed {grace} s after it appeared unless it changes")
             self._set_role(Role.STANDBY, reason, leader=leader)
-            await self._follow(revision, left)
+            await follow(self.etcd, self.election, revision, left)
             return
         try:
             removed = await self.election.remove_unowned_leader(leader.revision)
@@ -398,7 +368,7 @@ class Node:
 
     async def _serve(self, lease: Lease, leader: LeaderInfo, revision: int) -> None:
         """Hold the leadership until the lease is lost or the key is taken from us."""
-        await self._pass_gates(lease, revision)
+        await pass_gates(lease, revision, self.promotion_gates)
         await self.election.guard_takeover(lease, leader)  # etcd-io/etcd#15247, affected etcd
         self._set_role(Role.PRIMARY, "won the election", leader=leader, epoch=leader.epoch)
         for action in self.on_promote:
@@ -409,8 +379,8 @@ class Node:
         try:
             guard = guard_key(self.etcd, self.election, leader.epoch, revision,
                               self._read_leader)
-            await supervise({"deadline": self._watch_deadline(lease), "key-guard": guard,
-                             "handover": self._await_handover(revision)})
+            await supervise({"deadline": watch_deadline(lease, self.enforce_deadline),
+                             "key-guard": guard, "handover": self._await_handover(revision)})
         except Tampered as exc:
             # Stop serving first (rule 4), then free the election: the key is still the one
             # created at our epoch, so deleting it is ours to do, as in a handover (rule 6).
@@ -466,41 +436,18 @@ class Node:
                 unhealthy_logged = False
             await wait_request(self.etcd, self.election, revision)
 
-    async def _follow(self, revision: int, wait: float = LEADER_REREAD_SECONDS) -> None:
-        await follow(self.etcd, self.election, revision, wait)
-
     def _member_record(self) -> dict[str, Any]:
         return MemberRecord.of(self._status, self.settings.published_address,
                                self.member_fields).encode()
+
+    def _unreachable(self, reason: str) -> None:
+        self._status = replace(self._status, reason=reason)
 
     def _members_read(self, members: list[dict[str, Any]]) -> None:
         self._status = replace(self._status, members=tuple(members))
 
     def _member(self, node_id: str) -> Mapping[str, Any] | None:
         return rules.member(self._status.members, node_id)
-
-    async def _pass_gates(self, lease: Lease, revision: int) -> None:
-        started = time.monotonic()
-        try:
-            async with asyncio.timeout(max(lease.time_left(), 0)):
-                for gate in self.promotion_gates:
-                    await gate(revision)
-        except TimeoutError:
-            raise LeaseLost("won the election but could not catch up before the deadline"
-                            ) from None
-        if lease.expired():
-            raise LeaseLost("won the election after the local deadline")
-        log.info("promotion_gates_passed", revision=revision,
-                 seconds=round(time.monotonic() - started, 4))
-
-    async def _watch_deadline(self, lease: Lease) -> None:
-        """Rule 3: wake at the local deadline and give up the role without asking etcd."""
-        while True:
-            left = lease.time_left()
-            if left <= 0:
-                self.enforce_deadline()
-                raise LeaseLost("local deadline passed")
-            await asyncio.sleep(left)
 
     def _failback_state(self) -> rules.FailbackState:
         current = self.member_fields.get("copy_current", lambda: True)()
