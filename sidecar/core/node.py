@@ -61,6 +61,7 @@ log = structlog.get_logger(__name__)
 FAILBACK_POLL = 0.2
 ETCD_ERROR_PAUSE = 0.5
 
+
 class HandOver(Exception):
     """The primary is to hand over to ``target`` (rule 6)."""
 
@@ -71,7 +72,10 @@ class HandOver(Exception):
 
 
 class Node:
-    """One sidecar's role, driven by :meth:`run` until the stop event is set."""
+    """One sidecar's role, driven by :meth:`run` until the stop event is set.
+
+    Its collaborators come whole with ``parts``; ``view``, if given, is bound to this node so
+    that the parts built before it can ask for the role."""
 
     def __init__(self, settings: Settings, etcd: Etcd, election: Election | None = None, *,
                  parts: NodeParts | None = None, view: RoleView | None = None) -> None:
