@@ -12,14 +12,18 @@ import contextlib
 import ctypes
 import os
 import signal
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import structlog
 
 from . import logs
 from .api import session_pb2_grpc
 from .config import ConfigError, Settings
+from .core.collaborators import HealthView, NodeParts, PromotionGate, no_verdict
 from .core.node import Node
-from .core.reports import ON_PRIMARY
+from .core.reports import ON_PRIMARY, ServerReport
+from .core.roles import RoleView
 from .endpoints.grpc_role import GrpcServer
 from .endpoints.grpc_sessions import SERVICE_NAME as SESSION_SERVICE
 from .endpoints.grpc_sessions import SessionServicer
@@ -55,6 +59,22 @@ FAILED_HANDOVER = 0.6
 DATA_TIMEOUT = 5.0
 
 
+def _checked_health(check: HealthCheck) -> HealthView:
+    return lambda: check.healthy
+
+
+def _member_health(check: HealthCheck) -> Callable[[], str]:
+    return lambda: ("unknown" if check.healthy is None else
+                    "healthy" if check.healthy else "unhealthy")
+
+
+def _health_check(settings: Settings) -> HealthCheck | None:
+    if settings.health_check is None:
+        return None
+    return HealthCheck(parse_target(settings.health_check), settings.health_interval,
+                       settings.health_timeout, settings.health_rise, settings.health_fall)
+
+
 class Service:
     """The parts of one sidecar, wired together."""
 
@@ -63,79 +83,117 @@ class Service:
         logs.set_status(node=settings.node_id, role="STARTING", epoch=0)
         self.etcd = Etcd(settings, name="etcd-control")
         self.data_etcd = Etcd(settings, timeout=DATA_TIMEOUT, name="etcd-data")
-        self.node = Node(settings, self.etcd)
+        # The writers and the resource IP ask for the role, and the node takes them as its
+        # collaborators: they are built first, with this view, which the node binds.
+        self.role = RoleView()
         keys = Keys(settings.prefix)
         self.store = SessionStore(settings.data_dir)
         self.follower = Follower(self.data_etcd, keys, self.store)
-        self.writer = Writer(self.data_etcd, keys, self.node.primary_epoch)
-        self.node.promotion_gates.append(self.follower.wait_current)
-        # Others judge us as a handover target by these (sidecar.etcd.switchover.ineligibility).
-        self.node.member_fields["copy_current"] = lambda: self.follower.connected
-        self.node.member_fields["preferred_primary"] = lambda: settings.preferred_primary
-        self.vsm_server = None
-        if settings.vsm_server_mode == ON_PRIMARY:
-            self.vsm_server = VsmServerControl(self.node, settings.vsm_server_start,
-                                               settings.vsm_server_stop,
-                                               settings.vsm_server_timeout)
-            # A failed start makes the node unhealthy: it hands over when it can.
-            self.node.health = self.vsm_server.healthy
-            self.node.member_fields["health"] = self.vsm_server.member_health
-            self.node.server_report = self.vsm_server.report
-        self.file_mirror = None
-        if settings.vsm_sessions_file is not None:
-            self.file_mirror = FileMirror(
-                self.data_etcd, keys, settings.vsm_sessions_file, self.node.primary_epoch,
-                mode=settings.vsm_server_mode, interval=settings.vsm_file_check_interval,
-                may_write=self.vsm_server.may_write_file if self.vsm_server else lambda: None)
-            # The file is current before the role turns PRIMARY, so before the VSM server
-            # (or a hook) starts on it.
-            self.node.promotion_gates.append(self.file_mirror.gate)
-            self.node.file_report = self.file_mirror.report
-            mirror = self.file_mirror
-            # check-host reads it from etcd: whether this node's copy is behind, since when.
-            self.node.member_fields["sessions_file"] = lambda: mirror.report().summary()
-            # No failback or switchover to a node whose VSM server would start on an old file.
-            self.node.member_fields["copy_current"] = lambda: (
-                self.follower.connected and mirror.current())
-            if self.vsm_server is not None:
-                self.vsm_server.on_stopped.append(self.file_mirror.sync)
-        self.resource = ResourceController(settings, self.node.is_primary) if settings.vip \
+        self.writer = Writer(self.data_etcd, keys, self.role.primary_epoch)
+        self.vsm_server: VsmServerControl | None = None
+        self.file_mirror = self._file_mirror(keys)
+        self.resource = ResourceController(settings, self.role.is_primary) if settings.vip \
             else None
-        if self.resource is not None:
-            self.node.on_release.append(self.resource.release)
-            self.node.on_promote.append(self.resource.claim)
-        self.grpc = GrpcServer(self.node, settings.grpc_listen,
-                               self.resource.view if self.resource else None)
-        self.grpc.add_servicer(
-            SESSION_SERVICE, SessionServicer(self.node, self.follower, self.writer),
-            session_pb2_grpc.add_SessionServiceServicer_to_server)
-        self.hooks = None
-        if settings.on_role_change is not None:
-            self.hooks = HookRunner(settings.on_role_change, settings.hook_timeout,
-                                    settings.node_id)
-        self.health = None
-        if settings.health_check is not None:
-            self.health = HealthCheck(parse_target(settings.health_check),
-                                      settings.health_interval, settings.health_timeout,
-                                      settings.health_rise, settings.health_fall)
-            check = self.health
-            self.node.health = lambda: check.healthy
-            self.node.health_configured = True
-            self.node.member_fields["health"] = lambda: (
-                "unknown" if check.healthy is None else
-                "healthy" if check.healthy else "unhealthy")
-            check.on_change.append(lambda healthy, reason: self.node.mark_member_dirty())
-        self.http: HttpServer | None = None
-        if settings.http_listen:
-            collector = SidecarCollector(self.node, self.node.election,
-                                         [self.etcd, self.data_etcd], self.follower,
-                                         self.writer, self.resource, self.hooks,
-                                         self.health, self.node.election.garbage)
-            registry = create_registry(collector)
-            registry.register(ThinLincCollector(self.file_mirror, self.vsm_server))
-            self.http = HttpServer(self.node, registry, settings.http_listen)
+        self.health = _health_check(settings)
+        self.node = Node(settings, self.etcd, parts=self._node_parts(), view=self.role)
+        self.vsm_server = self._vsm_server()
+        if self.health is not None:
+            self.health.on_change.append(lambda healthy, reason: self.node.mark_member_dirty())
+        self.hooks = HookRunner(settings.on_role_change, settings.hook_timeout,
+                                settings.node_id) if settings.on_role_change is not None else None
+        self.grpc = self._grpc()
+        self.http = self._http()
         self.systemd = Notifier()
         self.stop = asyncio.Event()
+
+    def _file_mirror(self, keys: Keys) -> FileMirror | None:
+        settings = self.settings
+        if settings.vsm_sessions_file is None:
+            return None
+        # The VSM server is built after the node (it watches the node's role): bound late,
+        # asked only once the mirror runs.
+        return FileMirror(
+            self.data_etcd, keys, settings.vsm_sessions_file, self.role.primary_epoch,
+            mode=settings.vsm_server_mode, interval=settings.vsm_file_check_interval,
+            may_write=lambda: self.vsm_server.may_write_file() if self.vsm_server else None)
+
+    def _vsm_server(self) -> VsmServerControl | None:
+        settings = self.settings
+        if settings.vsm_server_mode != ON_PRIMARY:
+            return None
+        server = VsmServerControl(self.node, settings.vsm_server_start,
+                                  settings.vsm_server_stop, settings.vsm_server_timeout)
+        if self.file_mirror is not None:
+            server.on_stopped.append(self.file_mirror.sync)
+        return server
+
+    # The node's view of the VSM server. These are bound late: the server control needs the
+    # node (it watches its role), so it is built just after it, and the node asks these only
+    # once it runs.
+    def _vsm(self) -> VsmServerControl:
+        assert self.vsm_server is not None, "asked before the VSM server control was built"
+        return self.vsm_server
+
+    def _vsm_healthy(self) -> bool | None:
+        return self._vsm().healthy()
+
+    def _vsm_member_health(self) -> str:
+        return self._vsm().member_health()
+
+    def _vsm_report(self) -> ServerReport:
+        return self._vsm().report()
+
+    def _node_parts(self) -> NodeParts:
+        """The node's collaborators (see sidecar.core.collaborators)."""
+        settings, follower, mirror = self.settings, self.follower, self.file_mirror
+        gates: list[PromotionGate] = [follower.wait_current]
+        # Others judge us as a handover target by these (sidecar.core.rules.ineligibility).
+        fields: dict[str, Callable[[], object]] = {
+            "copy_current": lambda: follower.connected,
+            "preferred_primary": lambda: settings.preferred_primary}
+        health: HealthView = no_verdict
+        server_report = None
+        if settings.vsm_server_mode == ON_PRIMARY:
+            # A failed start makes the node unhealthy: it hands over when it can.
+            health, server_report = self._vsm_healthy, self._vsm_report
+            fields["health"] = self._vsm_member_health
+        if mirror is not None:
+            # The file is current before the role turns PRIMARY, so before the VSM server
+            # (or a hook) starts on it.
+            gates.append(mirror.gate)
+            # check-host reads it from etcd: whether this node's copy is behind, since when.
+            fields["sessions_file"] = lambda: mirror.report().summary()
+            # No failback or switchover to a node whose VSM server would start on an old file.
+            fields["copy_current"] = lambda: follower.connected and mirror.current()
+        if self.health is not None:
+            health = _checked_health(self.health)
+            fields["health"] = _member_health(self.health)
+        resource = self.resource
+        return NodeParts(
+            promotion_gates=gates, member_fields=fields, health=health,
+            health_configured=self.health is not None,
+            release_actions=[resource.release] if resource else [],
+            promote_actions=[resource.claim] if resource else [],
+            file_report=mirror.report if mirror else None, server_report=server_report)
+
+    def _grpc(self) -> GrpcServer:
+        grpc = GrpcServer(self.node, self.settings.grpc_listen,
+                          self.resource.view if self.resource else None)
+        grpc.add_servicer(
+            SESSION_SERVICE, SessionServicer(self.node, self.follower, self.writer),
+            session_pb2_grpc.add_SessionServiceServicer_to_server)
+        return grpc
+
+    def _http(self) -> HttpServer | None:
+        if not self.settings.http_listen:
+            return None
+        collector = SidecarCollector(self.node, self.node.election,
+                                     [self.etcd, self.data_etcd], self.follower,
+                                     self.writer, self.resource, self.hooks,
+                                     self.health, self.node.election.garbage)
+        registry = create_registry(collector)
+        registry.register(ThinLincCollector(self.file_mirror, self.vsm_server))
+        return HttpServer(self.node, registry, self.settings.http_listen)
 
     def _on_signal(self, signum: int) -> None:
         if not self.stop.is_set():
@@ -143,7 +201,7 @@ class Service:
             self.stop.set()
             return
         log.warning("signal", signal=signal.Signals(signum).name, decision="exit at once")
-        self.node._release("second signal: exit at once")
+        self.node.release("second signal: exit at once")
         os._exit(EXIT_FORCED)
 
     async def serve(self) -> int:
@@ -151,47 +209,56 @@ class Service:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._on_signal, signum)
         await self._start()
-        background = [asyncio.create_task(self.follower.run(), name="follower"),
-                      asyncio.create_task(self.writer.run(), name="writer")]
-        if self.resource is not None:
-            background.append(asyncio.create_task(self.resource.reconcile(), name="reconcile"))
-        if self.file_mirror is not None:
-            background.append(asyncio.create_task(self.file_mirror.run(), name="file-mirror"))
-        if self.vsm_server is not None:
-            background.append(asyncio.create_task(self.vsm_server.run(), name="vsm-server"))
-        background.append(asyncio.create_task(watch_etcd_version(self.etcd),
-                                              name="etcd-version"))
-        if self.hooks is not None:
-            background += [asyncio.create_task(self.hooks.run(), name="hooks"),
-                           asyncio.create_task(self.hooks.follow(self.node), name="hook-feed")]
-        if self.health is not None:
-            background.append(asyncio.create_task(self.health.run(), name="health"))
-        if self.systemd.enabled:
-            background += [asyncio.create_task(self.systemd.watchdog(), name="sd-watchdog"),
-                           asyncio.create_task(self._report_to_systemd(), name="sd-status")]
+        background = [asyncio.create_task(coro, name=name)
+                      for name, coro in self._background().items()]
         node = asyncio.create_task(self.node.run(self.stop), name="node")
         failed = False
         try:
             failed = await self._supervise(node, background)
         finally:
-            self.systemd.send(stopping="1", status="stopping: handing over")
-            await self.grpc.stop(FAILED_GRACE if failed else SHUTDOWN_GRACE)
-            if self.http is not None:
-                await self.http.stop()
-            for task in [node, *background]:
-                task.cancel()
-            await asyncio.gather(node, *background, return_exceptions=True)
-            self.store.close()
-            if self.resource is not None:
-                self.resource.release("stopped")
-                self.resource.close()
-            self.etcd.close()
-            self.data_etcd.close()
+            await self._stop(failed, [node, *background])
         log.info("stopped", exit_code=EXIT_FAILED if failed else 0)
         fatal = None if node.cancelled() else node.exception()
         if isinstance(fatal, EtcdError):
             raise fatal  # a refusal retrying cannot mend (access denied): the CLI says which
         return EXIT_FAILED if failed else 0
+
+    def _background(self) -> dict[str, Coroutine[Any, Any, None]]:
+        """The tasks that run beside the node for the life of the process, by name."""
+        tasks: dict[str, Coroutine[Any, Any, None]] = {
+            "follower": self.follower.run(), "writer": self.writer.run()}
+        if self.resource is not None:
+            tasks["reconcile"] = self.resource.reconcile()
+        if self.file_mirror is not None:
+            tasks["file-mirror"] = self.file_mirror.run()
+        if self.vsm_server is not None:
+            tasks["vsm-server"] = self.vsm_server.run()
+        tasks["etcd-version"] = watch_etcd_version(self.etcd)
+        if self.hooks is not None:
+            tasks["hooks"] = self.hooks.run()
+            tasks["hook-feed"] = self.hooks.follow(self.node)
+        if self.health is not None:
+            tasks["health"] = self.health.run()
+        if self.systemd.enabled:
+            tasks["sd-watchdog"] = self.systemd.watchdog()
+            tasks["sd-status"] = self._report_to_systemd()
+        return tasks
+
+    async def _stop(self, failed: bool, tasks: list[asyncio.Task[None]]) -> None:
+        """Stop serving, end every task, close what was opened (the IP released last)."""
+        self.systemd.send(stopping="1", status="stopping: handing over")
+        await self.grpc.stop(FAILED_GRACE if failed else SHUTDOWN_GRACE)
+        if self.http is not None:
+            await self.http.stop()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self.store.close()
+        if self.resource is not None:
+            self.resource.release("stopped")
+            self.resource.close()
+        self.etcd.close()
+        self.data_etcd.close()
 
     async def _supervise(self, node: asyncio.Task[None],
                          background: list[asyncio.Task[None]]) -> bool:

@@ -13,7 +13,7 @@ import asyncio
 import sys
 from pathlib import Path
 
-from sidecar.core.node import Role
+from sidecar.core.roles import Role
 from sidecar.host.health import HealthCheck
 from sidecar.host.hooks import HookRunner
 from sidecar.host.targets import CommandTarget

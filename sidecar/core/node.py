@@ -16,73 +16,46 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
-from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
-from enum import Enum
+from collections.abc import AsyncIterator, Coroutine, Mapping
+from dataclasses import replace
 from typing import Any
 
 import structlog
 
-from .. import __version__, logs
+from .. import logs
 from ..config import Settings
 from ..etcd.client import Etcd
 from ..etcd.election import CampaignResult, Election
 from ..etcd.errors import EtcdAccessDenied, EtcdError, LeaseGone
 from ..etcd.lease import Lease, LeaseLost
-from ..etcd.records import SWITCHOVER_TTL, LeaderInfo, SwitchoverRequest, decode_leader
+from ..etcd.records import SWITCHOVER_TTL, LeaderInfo, SwitchoverRequest
 from ..etcd.retry import retry_policy
-from ..etcd.switchover import SwitchoverRefused, choose_target, ineligibility, request_move
-from ..etcd.watch import EventType
-from .reports import FileReport, ServerReport
+from ..etcd.switchover import request_move
+from . import rules
+from .collaborators import NodeParts
+from .lease import (
+    ACCESS_NOTE,
+    acquire_lease,
+    pass_gates,
+    resume,
+    revoke_stale,
+    watch_deadline,
+)
+from .member import MemberRecord, publish_member
+from .roles import NotPrimary, Role, RoleView, Status
 from .tasks import TaskEnded, supervise
+from .watches import (
+    Deposed,
+    Tampered,
+    follow,
+    guard_key,
+    wait_request,
+)
 
 log = structlog.get_logger(__name__)
 
-# A standby re-reads the leader key this often even if its watch reports nothing: a watch alone
-# can miss a change (a member cut off from the quorum, a bug), a read cannot.
-LEADER_REREAD_SECONDS = 10.0
-MEMBERS_REFRESH_SECONDS = 1.0
 FAILBACK_POLL = 0.2
 ETCD_ERROR_PAUSE = 0.5
-# A leader key without a lease (no sidecar writes one) counts as held for this many TTLs after a
-# node first sees it unchanged, then that node deletes it: by then any node that held the key
-# has seen it change, or lost etcd for longer than its lease deadline and fenced itself.
-UNOWNED_LEADER_TTLS = 2
-ACCESS_NOTE = ("check etcd_user, the password file, the client certificate and the user's role "
-               "(it needs read and write on the cluster's prefix)")
-
-
-class Role(Enum):
-    STARTING = "ROLE_STARTING"
-    STANDBY = "ROLE_STANDBY"
-    PRIMARY = "ROLE_PRIMARY"
-    FENCED = "ROLE_FENCED"
-    STOPPING = "ROLE_STOPPING"
-
-
-@dataclass(frozen=True)
-class Status:
-    """What a node reports about itself; replaced whole on every change."""
-
-    node_id: str
-    cluster: str
-    role: Role = Role.STARTING
-    reason: str = "starting"
-    leader: LeaderInfo | None = None
-    epoch: int = 0
-    role_since: float = field(default_factory=time.time)
-    deadline: float | None = None  # monotonic; PRIMARY only
-    members: tuple[dict[str, Any], ...] = ()
-
-    def lease_time_left(self, now: float | None = None) -> float | None:
-        if self.role is not Role.PRIMARY or self.deadline is None:
-            return None
-        return max(0.0, self.deadline - (time.monotonic() if now is None else now))
-
-
-class NotPrimary(Exception):
-    """This node may not write: it is not PRIMARY (or no longer is)."""
 
 
 class HandOver(Exception):
@@ -94,20 +67,15 @@ class HandOver(Exception):
         self.reason = reason
 
 
-class Deposed(Exception):
-    """The leader key is no longer ours although our lease is alive (deleted by someone)."""
-
-
-class Tampered(Deposed):
-    """Our leader key was overwritten in place (same create revision, so same epoch) by
-    someone else: it may no longer be on our lease or say who we are. We never write it twice,
-    so any put on it is foreign."""
-
-
 class Node:
-    """One sidecar's role, driven by :meth:`run` until the stop event is set."""
+    """One sidecar's role, driven by :meth:`run` until the stop event is set.
 
-    def __init__(self, settings: Settings, etcd: Etcd, election: Election | None = None) -> None:
+    Its collaborators come whole with ``parts``; ``view``, if given, is bound to this node so
+    that the parts built before it can ask for the role."""
+
+    def __init__(self, settings: Settings, etcd: Etcd, election: Election | None = None, *,
+                 parts: NodeParts | None = None, view: RoleView | None = None) -> None:
+        parts = parts or NodeParts()
         self.settings = settings
         self.etcd = etcd
         self.election = election or Election(etcd, settings)
@@ -115,27 +83,20 @@ class Node:
         self._lease: Lease | None = None
         self._subscribers: set[asyncio.Queue[Status]] = set()
         self._member_dirty = asyncio.Event()
-        # Actions run synchronously whenever the node stops being PRIMARY (release the
-        # resource IP, refuse writes). They must be fast and must not wait on anything.
-        self.on_release: list[Callable[[str], None]] = []
-        # Awaited with the winning revision before the node turns PRIMARY (rule 5: the session
-        # copy must be current to it), within the lease's time left.
-        self.promotion_gates: list[Callable[[int], Awaitable[object]]] = []
-        # Run once the node is PRIMARY (claim and announce the resource IP). Each must check
-        # is_primary() again after any await of its own before it takes anything.
-        self.on_promote: list[Callable[[], Awaitable[None]]] = []
+        # See sidecar.core.collaborators for what each does and may do.
+        self.on_release = list(parts.release_actions)
+        self.promotion_gates = list(parts.promotion_gates)
+        self.on_promote = list(parts.promote_actions)
+        self.member_fields = dict(parts.member_fields)
+        self.health = parts.health
+        self.health_configured = parts.health_configured
+        self.file_report = parts.file_report
+        self.server_report = parts.server_report
         self.role_changes = 0
-        # Extra fields of the members/ record that others use to judge this node as a
-        # handover target (health, copy_current), and whether it may campaign at all.
-        self.member_fields: dict[str, Callable[[], object]] = {}
-        self.health: Callable[[], bool | None] = lambda: None
-        self.health_configured = False
-        # The ThinLinc side's reports (the sessions file's copy in etcd, the VSM server run in
-        # on-primary mode), shown by GetRole and /health; set by the service when configured.
-        self.file_report: Callable[[], FileReport] | None = None
-        self.server_report: Callable[[], ServerReport] | None = None
         self.handovers = 0
-        self._unowned: tuple[int, float] | None = None  # (mod revision, first seen), see below
+        self._unowned: rules.Unowned | None = None  # see _unowned_leader
+        if view is not None:
+            view.bind(self.status)
 
     # -- reading the role ------------------------------------------------------------------
 
@@ -191,7 +152,7 @@ class Node:
                   epoch: int | None = None) -> None:
         old = self._status
         if old.role is Role.PRIMARY and role is not Role.PRIMARY:
-            self._release(reason)
+            self.release(reason)
         if leader is None and role in (Role.FENCED, Role.STARTING, Role.STOPPING):
             leader = old.leader
         new_epoch = epoch if epoch is not None else (leader.epoch if leader else 0)
@@ -208,7 +169,9 @@ class Node:
                      leader=leader.node_id if leader else None)
         self._publish()
 
-    def _release(self, reason: str) -> None:
+    def release(self, reason: str) -> None:
+        """Run the release actions now: on every move away from PRIMARY, and when the process
+        must exit at once (a second signal) so that no resource IP is left behind."""
         for action in self.on_release:
             try:
                 action(reason)
@@ -226,7 +189,7 @@ class Node:
     async def run(self, stop: asyncio.Event) -> None:
         """Campaign and serve until ``stop`` is set, then hand over and return."""
         logs.set_status(node=self.settings.node_id, role=Role.STARTING.name, epoch=0)
-        self._release("start-up: nothing may be held before the first election")
+        self.release("start-up: nothing may be held before the first election")
         life = asyncio.create_task(self._lifecycle(), name="lifecycle")
         stopped = asyncio.create_task(stop.wait(), name="stop")
         try:
@@ -260,11 +223,11 @@ class Node:
     async def _lifecycle(self) -> None:
         stale: Lease | None = None
         while True:
-            lease = await self._resume(stale) if stale is not None else None
+            lease = await resume(self.election, stale) if stale is not None else None
             if lease is None:
-                lease = await self._acquire_lease()
+                lease = await acquire_lease(self.election, self._unreachable)
                 if stale is not None:
-                    await self._revoke_stale(stale)
+                    await revoke_stale(self.election, stale)
             self._lease = lease
             try:
                 await supervise(self._lease_tasks(lease))
@@ -292,46 +255,12 @@ class Node:
     def _lease_tasks(self, lease: Lease) -> dict[str, Coroutine[Any, Any, None]]:
         """What runs for the life of one lease; none of it ends while the lease lives."""
         tasks = {"keepalive": self.election.keep_alive(lease),
-                 "member": self._publish_member(lease),
+                 "member": publish_member(self.election, lease, self._member_record,
+                                          self._member_dirty, self._members_read),
                  "leadership": self._leadership(lease)}
         if self.settings.preferred_primary and self.settings.failback:
             tasks["failback"] = self._failback()
         return tasks
-
-    async def _acquire_lease(self) -> Lease:
-        async for attempt in retry_policy("grant lease"):
-            with attempt:
-                try:
-                    return await self.election.grant()
-                except EtcdAccessDenied as exc:
-                    log.error("etcd_access_denied", error=str(exc), note=ACCESS_NOTE)
-                    raise
-                except EtcdError as exc:
-                    self._status = replace(self._status, reason=f"etcd unreachable: {exc}")
-                    raise
-        raise AssertionError("unreachable: the retry policy retries forever")
-
-    async def _resume(self, lease: Lease) -> Lease | None:
-        """After a fence, keep the old lease if etcd still holds it (it only stopped answering
-        for a while): then nobody else can hold our leader key, and the leadership resumes under
-        the same epoch instead of moving. Returns None when the lease is gone or etcd is mute."""
-        try:
-            await self.election.keepalive_once(lease)
-        except (EtcdError, LeaseLost) as exc:
-            log.info("lease_not_resumed", lease=hex(lease.id), error=str(exc))
-            return None
-        if lease.expired():
-            return None
-        log.info("lease_resumed", lease=hex(lease.id), time_left=round(lease.time_left(), 2))
-        return lease
-
-    async def _revoke_stale(self, lease: Lease) -> None:
-        """A fenced node's old lease may still be alive in etcd (its leader key with it): free
-        it now rather than make the cluster wait for its TTL. We hold nothing under it."""
-        try:
-            await self.election.resign(lease)
-        except EtcdError as exc:
-            log.info("stale_lease_not_revoked", error=str(exc))
 
     async def _leadership(self, lease: Lease) -> None:
         while True:
@@ -350,7 +279,8 @@ class Node:
                 held_back = await self._held_back(request)
                 if held_back is not None:
                     self._set_role(Role.STANDBY, held_back)
-                    await self._follow(revision, SWITCHOVER_TTL if request else 0.5)
+                    wait = SWITCHOVER_TTL if request else 0.5
+                    await follow(self.etcd, self.election, revision, wait)
                     continue
                 result = await self._campaign(lease)
                 if result.won and result.leader is not None:
@@ -362,23 +292,24 @@ class Node:
                 if leader is None:
                     continue
             self._set_role(Role.STANDBY, _following(leader), leader=leader)
-            await self._follow(revision)
+            await follow(self.etcd, self.election, revision)
 
     async def _unowned_leader(self, leader: LeaderInfo, revision: int) -> None:
         """A leader key without a lease would never expire and would block every election:
-        it counts as held (never two primaries) for UNOWNED_LEADER_TTLS after this node first
+        it counts as held (never two primaries) for rules.UNOWNED_LEADER_TTLS after this node first
         saw it, unchanged, and then is deleted, guarded on its mod revision."""
-        now, grace = time.monotonic(), UNOWNED_LEADER_TTLS * self.settings.ttl
-        if self._unowned is None or self._unowned[0] != leader.revision:
-            self._unowned = (leader.revision, now)
+        grace = rules.unowned_grace(self.settings.ttl)
+        seen, left = rules.unowned_leader(self._unowned, leader.revision, time.monotonic(),
+                                          self.settings.ttl)
+        if seen != self._unowned:
             log.error("leader_key_unowned", problem=leader.problem, revision=leader.revision,
                       decision=f"counted as held; removed after {grace} s unless it changes")
-        left = self._unowned[1] + grace - now
+        self._unowned = seen
         if left > 0:
             reason = (f"the leader key is not a sidecar's ({leader.problem}): counted as held, "
                       f"removed {grace} s after it appeared unless it changes")
             self._set_role(Role.STANDBY, reason, leader=leader)
-            await self._follow(revision, left)
+            await follow(self.etcd, self.election, revision, left)
             return
         try:
             removed = await self.election.remove_unowned_leader(leader.revision)
@@ -390,28 +321,26 @@ class Node:
                   decision="campaign" if removed else "it changed: look again")
 
     async def _held_back(self, request: SwitchoverRequest | None) -> str | None:
-        """Why this node must not campaign now, or None."""
-        if request is not None and request.target != self.settings.node_id:
-            # Only a live member is waited for: a request naming anyone else (a node long gone,
-            # a typo) must not keep the cluster without a primary.
-            known = self._member(request.target) is not None
-            if not known:
-                try:
-                    members = await self.election.read_members()
-                except EtcdError as exc:
-                    log.info("members_not_read", error=str(exc))
-                    known = True  # cannot tell: wait, as for a member
-                else:
-                    self._status = replace(self._status, members=tuple(members))
-                    known = self._member(request.target) is not None
-            if known:
-                return f"holding back: {request.target} takes over ({request.reason})"
-            log.warning("switchover_target_unknown", target=request.target,
+        """Why this node must not campaign now, or None (see :func:`rules.held_back`)."""
+        target = rules.waits_for(request, self.settings.node_id)
+        known = target is not None and await self._is_member(target)
+        if target is not None and not known:
+            log.warning("switchover_target_unknown", target=target,
                         decision="not held back: it is no member")
-        if self.health_configured and self.health() is not True:
-            state = "unhealthy" if self.health() is False else "not yet known healthy"
-            return f"not campaigning: the local VSM server is {state}"
-        return None
+        return rules.held_back(request, self.settings.node_id, known, self.health_configured,
+                               self.health())
+
+    async def _is_member(self, node_id: str) -> bool:
+        """Whether ``node_id`` has a members/ record, read again if we do not know it yet."""
+        if self._member(node_id) is not None:
+            return True
+        try:
+            members = await self.election.read_members()
+        except EtcdError as exc:
+            log.info("members_not_read", error=str(exc))
+            return True  # cannot tell: wait, as for a member
+        self._members_read(members)
+        return self._member(node_id) is not None
 
     async def _read_state(self) -> tuple[LeaderInfo | None, SwitchoverRequest | None, int]:
         async for attempt in retry_policy("read leader", max_wait=0.5):
@@ -437,28 +366,9 @@ class Node:
                 return await self.election.read_leader()
         raise AssertionError("unreachable")
 
-    async def _follow(self, revision: int, wait: float = LEADER_REREAD_SECONDS) -> None:
-        """Return as soon as the leader key changes, on a watch error, or after ``wait``.
-
-        A changed key is read again by the caller rather than taken from the event: only a
-        read shows its lease, which tells a sidecar's key from one written by hand."""
-        try:
-            async with asyncio.timeout(wait):
-                async with self.etcd.watch(self.election.keys.leader,
-                                           start_revision=revision + 1) as watch:
-                    async for batch in watch:
-                        for event in batch.events:
-                            if event.type is EventType.DELETE:
-                                log.info("leader_key_deleted", decision="campaign")
-                            return
-        except TimeoutError:
-            return
-        except EtcdError as exc:
-            log.info("leader_watch_ended", error=str(exc), decision="re-read the leader key")
-
     async def _serve(self, lease: Lease, leader: LeaderInfo, revision: int) -> None:
         """Hold the leadership until the lease is lost or the key is taken from us."""
-        await self._pass_gates(lease, revision)
+        await pass_gates(lease, revision, self.promotion_gates)
         await self.election.guard_takeover(lease, leader)  # etcd-io/etcd#15247, affected etcd
         self._set_role(Role.PRIMARY, "won the election", leader=leader, epoch=leader.epoch)
         for action in self.on_promote:
@@ -467,9 +377,10 @@ class Node:
             except Exception:  # the role stands; the reconciler retries what failed
                 log.exception("promote_action_failed")
         try:
-            await supervise({"deadline": self._watch_deadline(lease),
-                             "key-guard": self._guard_key(leader.epoch, revision),
-                             "handover": self._await_handover(revision)})
+            guard = guard_key(self.etcd, self.election, leader.epoch, revision,
+                              self._read_leader)
+            await supervise({"deadline": watch_deadline(lease, self.enforce_deadline),
+                             "key-guard": guard, "handover": self._await_handover(revision)})
         except Tampered as exc:
             # Stop serving first (rule 4), then free the election: the key is still the one
             # created at our epoch, so deleting it is ours to do, as in a handover (rule 6).
@@ -498,116 +409,54 @@ class Node:
 
     async def _await_handover(self, revision: int) -> None:
         """Raise HandOver for an eligible switchover request, or when this primary is
-        unhealthy and a standby can take over; otherwise keep serving."""
+        unhealthy and a standby can take over (:func:`rules.handover`); otherwise serve on."""
         unhealthy_logged = False
+        me = self.settings.node_id
         while True:
             _, request, revision = await self._read_state()
-            me = self.settings.node_id
-            if request is not None and request.target == me:
-                await self._clear_request()  # already ours (a failback that raced a failover)
-            elif request is not None and request.target != me:
-                members = await self.election.read_members()
-                self._status = replace(self._status, members=tuple(members))
-                reason = ineligibility(self._member(request.target), request.target)
-                if reason is None:
-                    raise HandOver(request.target, request.reason)
-                log.warning("switchover_ignored", target=request.target, reason=reason)
+            if request is not None and request.target != me:
+                self._members_read(await self.election.read_members())
+            decision = rules.handover(request, me, self._status.members, self.health())
+            if decision.action == rules.CLEAR:
+                if decision.reason:
+                    log.warning("switchover_ignored", target=decision.target,
+                                reason=decision.reason)
                 await self._clear_request()
-            elif self.health() is False:
-                try:
-                    target = choose_target(self._status.members, me, None)
-                except SwitchoverRefused as exc:
-                    if not unhealthy_logged:
-                        log.error("primary_unhealthy_keeps_role", reason=str(exc))
-                        unhealthy_logged = True
-                else:
-                    await self.election.request_switchover(
-                        SwitchoverRequest(target, me, "primary unhealthy"))
-                    raise HandOver(target, "primary unhealthy")
+            elif decision.action == rules.HAND_OVER and decision.target is not None:
+                raise HandOver(decision.target, decision.reason)
+            elif decision.action == rules.ASK_AND_HAND_OVER and decision.target is not None:
+                await self.election.request_switchover(
+                    SwitchoverRequest(decision.target, me, decision.reason))
+                raise HandOver(decision.target, decision.reason)
+            elif decision.action == rules.STUCK:
+                if not unhealthy_logged:
+                    log.error("primary_unhealthy_keeps_role", reason=decision.reason)
+                    unhealthy_logged = True
             else:
                 unhealthy_logged = False
-            await self._wait_request(revision)
+            await wait_request(self.etcd, self.election, revision)
 
-    async def _wait_request(self, revision: int) -> None:
-        """Until the switchover key changes, or a second passes (health is polled)."""
-        try:
-            async with asyncio.timeout(1.0):
-                async with self.etcd.watch(self.election.keys.switchover,
-                                           start_revision=revision + 1) as watch:
-                    async for batch in watch:
-                        if batch.events:
-                            return
-        except (TimeoutError, EtcdError):
-            return
+    def _member_record(self) -> dict[str, Any]:
+        return MemberRecord.of(self._status, self.settings.published_address,
+                               self.member_fields).encode()
 
-    def _member(self, node_id: str) -> dict[str, Any] | None:
-        return next((m for m in self._status.members if m.get("node_id") == node_id), None)
+    def _unreachable(self, reason: str) -> None:
+        self._status = replace(self._status, reason=reason)
 
-    async def _pass_gates(self, lease: Lease, revision: int) -> None:
-        started = time.monotonic()
-        try:
-            async with asyncio.timeout(max(lease.time_left(), 0)):
-                for gate in self.promotion_gates:
-                    await gate(revision)
-        except TimeoutError:
-            raise LeaseLost("won the election but could not catch up before the deadline"
-                            ) from None
-        if lease.expired():
-            raise LeaseLost("won the election after the local deadline")
-        log.info("promotion_gates_passed", revision=revision,
-                 seconds=round(time.monotonic() - started, 4))
+    def _members_read(self, members: list[dict[str, Any]]) -> None:
+        self._status = replace(self._status, members=tuple(members))
 
-    async def _watch_deadline(self, lease: Lease) -> None:
-        """Rule 3: wake at the local deadline and give up the role without asking etcd."""
-        while True:
-            left = lease.time_left()
-            if left <= 0:
-                self.enforce_deadline()
-                raise LeaseLost("local deadline passed")
-            await asyncio.sleep(left)
+    def _member(self, node_id: str) -> Mapping[str, Any] | None:
+        return rules.member(self._status.members, node_id)
 
-    async def _guard_key(self, epoch: int, revision: int) -> None:
-        """Raise :class:`Deposed` when the leader key stops being the one we created."""
-        while True:
-            try:
-                async with self.etcd.watch(self.election.keys.leader,
-                                           start_revision=revision + 1) as watch:
-                    async for batch in watch:
-                        for event in batch.events:
-                            if event.type is EventType.DELETE or event.create_revision != epoch:
-                                raise Deposed("the leader key was deleted or replaced")
-                            self._report_overwrite(event.value, event.mod_revision)
-                            raise Tampered("the leader key was overwritten by someone else")
-            except EtcdError as exc:
-                log.info("leader_guard_watch_ended", error=str(exc))
-            await asyncio.sleep(0.1)
-            leader, revision = await self._read_leader()
-            if leader is None or leader.epoch != epoch:
-                raise Deposed("the leader key was deleted or replaced")
-            if leader.overwritten:
-                if leader.valid:  # (garbage was reported by the read itself)
-                    self._report_overwrite(b"", leader.revision)
-                raise Tampered("the leader key was overwritten by someone else")
-
-    def _report_overwrite(self, value: bytes, revision: int) -> None:
-        """Count a put over our own leader key: whatever it holds, no sidecar wrote it."""
-        info = decode_leader(value, 0, 0) if value else None
-        problem = info.problem if info is not None and not info.valid else \
-            "a put over this node's key by someone else"
-        self.election.garbage.report("leader", self.election.keys.leader, revision, problem,
-                                     value)
-
-    def _failback_state(self) -> tuple[object, ...]:
-        st = self._status
+    def _failback_state(self) -> rules.FailbackState:
         current = self.member_fields.get("copy_current", lambda: True)()
-        # Garbage in the leader key is no leader to take the role back from.
-        leader = st.leader.node_id if st.leader is not None and st.leader.valid else None
-        return (st.role, leader, self.health(), current)
+        return rules.failback_state(self._status, self.health(), current)
 
     async def _failback(self) -> None:
         """The preferred primary asks for the role back once it has been a healthy, caught-up
-        STANDBY of someone else for failback_delay; any change restarts the delay, so a
-        flapping node never causes repeated failbacks."""
+        STANDBY of someone else for failback_delay (:func:`rules.failback_due`); any change
+        restarts the delay, so a flapping node never causes repeated failbacks."""
         me, delay = self.settings.node_id, self.settings.failback_delay
         state, since = self._failback_state(), time.monotonic()
         while True:
@@ -616,13 +465,8 @@ class Node:
             if current != state:
                 state, since = current, now
                 continue
-            role, leader, health, copy_current = state
-            # With a check configured, only a node known to be healthy asks for the role.
-            healthy = health is True or not self.health_configured
-            ready = (role is Role.STANDBY and leader not in (None, me) and healthy
-                     and copy_current is True)
-            if ready and now - since >= delay:
-                log.info("failback", decision="ask for the leadership back", leader=leader,
+            if rules.failback_due(state, me, self.health_configured, since, now, delay):
+                log.info("failback", decision="ask for the leadership back", leader=state[1],
                          stable_for=round(now - since, 1))
                 try:
                     await self.election.request_switchover(
@@ -630,43 +474,6 @@ class Node:
                 except EtcdError as exc:
                     log.warning("failback_request_failed", error=str(exc))
                 since = now + SWITCHOVER_TTL  # let this request run its course first
-
-    async def _publish_member(self, lease: Lease) -> None:
-        """Keep members/<node> current (on our lease) and refresh what we know of the others."""
-        published: dict[str, Any] | None = None
-        while True:
-            try:
-                record = self._member_record()
-                if self._member_dirty.is_set() or record != published:
-                    self._member_dirty.clear()
-                    await self.election.put_member(lease, record)
-                    published = record
-                members = await self.election.read_members()
-                self._status = replace(self._status, members=tuple(members))
-                if published is not None and published not in members:
-                    # Our record was overwritten or deleted by someone (or went with a lease
-                    # that just expired): put it back, or the others stop counting us as a
-                    # member (no switchover, no failback to us). Garbage is logged as such.
-                    log.info("member_record_restored", decision="publish it again")
-                    self._member_dirty.set()
-            except EtcdError as exc:
-                log.debug("member_update_failed", error=str(exc))
-                self._member_dirty.set()
-            try:
-                async with asyncio.timeout(MEMBERS_REFRESH_SECONDS):
-                    await self._member_dirty.wait()
-            except TimeoutError:
-                pass
-            if self._member_dirty.is_set():
-                await asyncio.sleep(0.01)  # coalesce a burst of changes into one put
-
-    def _member_record(self) -> dict[str, Any]:
-        s = self._status
-        extras = {name: read() for name, read in self.member_fields.items()}
-        return {**extras, "node_id": s.node_id, "address": self.settings.published_address,
-                "role": s.role.value, "epoch": s.epoch, "version": __version__,
-                "role_since": datetime.fromtimestamp(s.role_since, UTC).isoformat(
-                    timespec="milliseconds").replace("+00:00", "Z")}
 
 
 def _following(leader: LeaderInfo) -> str:

@@ -33,9 +33,11 @@ from grpc_reflection.v1alpha import reflection
 
 from ..api import role_pb2, role_pb2_grpc
 from ..config import NAME_PATTERN, ConfigError
-from ..core.node import Node, Role, Status
+from ..core.node import Node
+from ..core.roles import Role, Status
+from ..core.rules import SwitchoverRefused
 from ..etcd.errors import EtcdError
-from ..etcd.switchover import SwitchoverFailed, SwitchoverRefused
+from ..etcd.switchover import SwitchoverFailed
 from .grpc_access import AccessGuard, AccessPolicy, prepare_socket, secure_socket, unix_path
 
 log = structlog.get_logger(__name__)

@@ -22,7 +22,8 @@ from google.protobuf import duration_pb2
 
 from ..api import session_pb2, session_pb2_grpc
 from ..api.session_pb2 import Session, SessionEvent
-from ..core.node import Node, NotPrimary, Role
+from ..core.node import Node
+from ..core.roles import NotPrimary, Role
 from ..etcd.errors import Compacted, EtcdError
 from ..sessions.follower import Change, Follower
 from ..sessions.record import (

@@ -23,7 +23,8 @@ from urllib.parse import urlsplit
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from ..core.node import Node, Role, Status
+from ..core.node import Node
+from ..core.roles import Role, Status
 
 log = structlog.get_logger(__name__)
 

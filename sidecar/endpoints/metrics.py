@@ -22,7 +22,8 @@ from prometheus_client.core import (
 )
 
 from .. import __version__
-from ..core.node import Node, Role
+from ..core.node import Node
+from ..core.roles import Role
 from ..etcd.client import Etcd
 from ..etcd.election import Election
 from ..etcd.records import GarbageLog

@@ -1,4 +1,5 @@
-"""Planned moves of the leadership (rule 6): who may take it over, and asking for it.
+"""Planned moves of the leadership (rule 6): asking for one and waiting until it is made
+(who may take it over is decided in :mod:`sidecar.core.rules`).
 
 A move is asked for by writing a :class:`~sidecar.etcd.records.SwitchoverRequest` to etcd: by an
 operator (``Switchover`` over gRPC or ``vsm-sidecar switchover``), by the preferred primary when
@@ -10,56 +11,12 @@ someone else, so the target wins without anyone waiting for a TTL.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Mapping
-from typing import Any
 
+from ..core.rules import SwitchoverRefused, choose_target
 from .client import Etcd
 from .election import Election
 from .records import SWITCHOVER_TTL, SwitchoverRequest, decode_leader, load_json
 from .watch import EventType
-
-HEALTH_UNHEALTHY = "unhealthy"
-HEALTH_HEALTHY = "healthy"
-
-
-class SwitchoverRefused(Exception):
-    """The move cannot be made; ``str()`` says why, for FAILED_PRECONDITION."""
-
-
-def ineligibility(member: Mapping[str, Any] | None, node_id: str) -> str | None:
-    """Why ``member`` cannot take the leadership now, or None when it can."""
-    if member is None:
-        return f"{node_id} is not a member (it holds no lease in etcd)"
-    if member.get("role") != "ROLE_STANDBY":
-        return f"{node_id} is {str(member.get('role', '?')).removeprefix('ROLE_')}, not STANDBY"
-    health = member.get("health")
-    if health == HEALTH_UNHEALTHY:
-        return f"{node_id} is unhealthy (its VSM server check fails)"
-    if health not in (None, HEALTH_HEALTHY):  # a check is configured, no verdict yet
-        return f"{node_id} is not yet known healthy (its VSM server check is {health})"
-    if not member.get("copy_current", False):
-        return f"{node_id} has not caught up with the session records"
-    return None
-
-
-def choose_target(members: Iterable[Mapping[str, Any]], leader: str,
-                  target: str | None) -> str:
-    """The node to hand over to: ``target`` if eligible, else any eligible standby."""
-    by_id = {str(m.get("node_id")): m for m in members}
-    if target is not None:
-        reason = ineligibility(by_id.get(target), target)
-        if reason is not None:
-            raise SwitchoverRefused(reason)
-        return target
-    reasons = []
-    for node_id in sorted(by_id):
-        if node_id == leader:
-            continue
-        reason = ineligibility(by_id[node_id], node_id)
-        if reason is None:
-            return node_id
-        reasons.append(reason)
-    raise SwitchoverRefused("no standby can take over: " + ("; ".join(reasons) or "none is up"))
 
 
 class SwitchoverFailed(Exception):

@@ -23,15 +23,13 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Protocol
+from typing import IO, Protocol
 
 import structlog
 
+from ..core.roles import Role, Status
 from .childcaps import without_capabilities
 from .processes import signal_group, stop_process_group
-
-if TYPE_CHECKING:  # only for annotations: hooks must not pull the node in at run time
-    from ..core.node import Role, Status
 
 log = structlog.get_logger(__name__)
 

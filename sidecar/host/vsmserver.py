@@ -26,8 +26,9 @@ from collections.abc import Awaitable, Callable
 
 import structlog
 
-from ..core.node import Node, Role
+from ..core.node import Node
 from ..core.reports import ServerReport
+from ..core.roles import Role
 from ..core.tasks import supervise
 from .hooks import KILL_GRACE
 from .processes import stop_process_group

@@ -25,7 +25,7 @@ import structlog
 from etcd3 import etcdrpc
 
 from ..api.session_pb2 import Session
-from ..core.node import NotPrimary
+from ..core.roles import NotPrimary
 from ..etcd.client import Etcd, kv_call
 from ..etcd.errors import EtcdError
 from ..etcd.keys import Keys, epoch_guard

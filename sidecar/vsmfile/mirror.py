@@ -34,7 +34,6 @@ import structlog
 from etcd3 import etcdrpc
 
 from ..atomicfile import atomic_write
-from ..core.node import NotPrimary
 from ..core.reports import (
     FILE_BEHIND,
     FILE_CURRENT,
@@ -45,6 +44,7 @@ from ..core.reports import (
     FileReport,
     utc,
 )
+from ..core.roles import NotPrimary
 from ..core.tasks import supervise
 from ..etcd.client import Etcd, kv_call
 from ..etcd.errors import EtcdError

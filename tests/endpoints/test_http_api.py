@@ -16,7 +16,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar.config import Settings
-from sidecar.core.node import Node, Role
+from sidecar.core.node import Node
+from sidecar.core.roles import Role
 from sidecar.endpoints.http_api import HttpServer
 from sidecar.endpoints.metrics import SidecarCollector, create_registry
 from sidecar.etcd.client import Etcd

@@ -12,7 +12,7 @@ from typing import TypeVar
 import pytest
 import structlog
 
-from sidecar.core.node import Role, Status
+from sidecar.core.roles import Role, Status
 from sidecar.etcd.records import LeaderInfo
 from sidecar.host.hooks import HookRunner
 from sidecar.host.processes import check_program

@@ -12,7 +12,7 @@ import pytest
 
 from sidecar import client
 from sidecar.api import session_pb2, session_pb2_grpc
-from sidecar.core import node
+from sidecar.core import watches
 from sidecar.lab.localcluster import LocalEtcdCluster
 
 from .. import builders
@@ -171,7 +171,7 @@ def test_after_a_failback_the_secondary_still_takes_over(pair: Pair, stop: str) 
     recorder_a.wait_role("PRIMARY", timeout=DELAY + 10, after=restarted)
     b.wait_role("STANDBY", timeout=5)
     # Past one leader re-read of the standby: its follow timeout has expired at least once.
-    time.sleep(node.LEADER_REREAD_SECONDS + 2)
+    time.sleep(watches.LEADER_REREAD_SECONDS + 2)
     assert client.role_name(b.role()) == "STANDBY"
     if stop == "kill":
         a.kill()

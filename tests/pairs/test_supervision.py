@@ -22,7 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import sidecar
 from sidecar import config, service
-from sidecar.core.node import Role
+from sidecar.core.roles import Role
 from sidecar.core.tasks import TaskEnded, supervise
 from sidecar.lab.localcluster import LocalEtcdCluster
 from sidecar.lab.ports import free_port

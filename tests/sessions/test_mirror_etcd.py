@@ -15,7 +15,8 @@ import structlog
 
 from sidecar.api.session_pb2 import Session
 from sidecar.config import Settings
-from sidecar.core.node import Node, NotPrimary, Role
+from sidecar.core.node import Node
+from sidecar.core.roles import NotPrimary, Role
 from sidecar.etcd.client import Etcd
 from sidecar.etcd.election import Election
 from sidecar.etcd.keys import Keys

@@ -1,0 +1,87 @@
+"""The node's lease: getting one, resuming one after a fence, freeing a stale one, and the two
+things bounded by its local deadline (rule 3): the promotion gates, and the role itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+
+import structlog
+
+from ..etcd.election import Election
+from ..etcd.errors import EtcdAccessDenied, EtcdError
+from ..etcd.lease import Lease, LeaseLost
+from ..etcd.retry import retry_policy
+from .collaborators import PromotionGate
+
+log = structlog.get_logger("sidecar.core.node")  # its events are the node's
+
+ACCESS_NOTE = ("check etcd_user, the password file, the client certificate and the user's role "
+               "(it needs read and write on the cluster's prefix)")
+
+
+async def acquire_lease(election: Election, unreachable: Callable[[str], None]) -> Lease:
+    """A new lease, retried for ever; ``unreachable`` hears why each attempt failed."""
+    async for attempt in retry_policy("grant lease"):
+        with attempt:
+            try:
+                return await election.grant()
+            except EtcdAccessDenied as exc:
+                log.error("etcd_access_denied", error=str(exc), note=ACCESS_NOTE)
+                raise
+            except EtcdError as exc:
+                unreachable(f"etcd unreachable: {exc}")
+                raise
+    raise AssertionError("unreachable: the retry policy retries forever")
+
+
+async def resume(election: Election, lease: Lease) -> Lease | None:
+    """After a fence, keep the old lease if etcd still holds it (it only stopped answering
+    for a while): then nobody else can hold our leader key, and the leadership resumes under
+    the same epoch instead of moving. Returns None when the lease is gone or etcd is mute."""
+    try:
+        await election.keepalive_once(lease)
+    except (EtcdError, LeaseLost) as exc:
+        log.info("lease_not_resumed", lease=hex(lease.id), error=str(exc))
+        return None
+    if lease.expired():
+        return None
+    log.info("lease_resumed", lease=hex(lease.id), time_left=round(lease.time_left(), 2))
+    return lease
+
+
+async def revoke_stale(election: Election, lease: Lease) -> None:
+    """A fenced node's old lease may still be alive in etcd (its leader key with it): free
+    it now rather than make the cluster wait for its TTL. We hold nothing under it."""
+    try:
+        await election.resign(lease)
+    except EtcdError as exc:
+        log.info("stale_lease_not_revoked", error=str(exc))
+
+
+async def pass_gates(lease: Lease, revision: int, gates: Sequence[PromotionGate]) -> None:
+    """Await every promotion gate within the lease's time left (rule 5, then rule 3)."""
+    started = time.monotonic()
+    try:
+        async with asyncio.timeout(max(lease.time_left(), 0)):
+            for gate in gates:
+                await gate(revision)
+    except TimeoutError:
+        raise LeaseLost("won the election but could not catch up before the deadline"
+                        ) from None
+    if lease.expired():
+        raise LeaseLost("won the election after the local deadline")
+    log.info("promotion_gates_passed", revision=revision,
+             seconds=round(time.monotonic() - started, 4))
+
+
+async def watch_deadline(lease: Lease, enforce: Callable[[], None]) -> None:
+    """Rule 3: wake at the local deadline and give up the role without asking etcd."""
+    while True:
+        left = lease.time_left()
+        if left <= 0:
+            enforce()
+            raise LeaseLost("local deadline passed")
+        await asyncio.sleep(left)

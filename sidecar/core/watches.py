@@ -1,0 +1,99 @@
+"""The etcd watches the node waits on: the leader key while following (:func:`follow`) or
+while primary (:func:`guard_key`), and the switchover key while primary
+(:func:`wait_request`). They only wait and tell; the node decides what follows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import structlog
+
+from ..etcd.client import Etcd
+from ..etcd.election import Election
+from ..etcd.errors import EtcdError
+from ..etcd.records import LeaderInfo, decode_leader
+from ..etcd.watch import EventType
+
+log = structlog.get_logger("sidecar.core.node")  # their events are the node's
+
+# A standby re-reads the leader key this often even if its watch reports nothing: a watch alone
+# can miss a change (a member cut off from the quorum, a bug), a read cannot.
+LEADER_REREAD_SECONDS = 10.0
+REQUEST_POLL_SECONDS = 1.0  # a primary looks at its health at least this often
+
+
+class Deposed(Exception):
+    """The leader key is no longer ours although our lease is alive (deleted by someone)."""
+
+
+class Tampered(Deposed):
+    """Our leader key was overwritten in place (same create revision, so same epoch) by
+    someone else: it may no longer be on our lease or say who we are. We never write it twice,
+    so any put on it is foreign."""
+
+
+async def follow(etcd: Etcd, election: Election, revision: int,
+                 wait: float = LEADER_REREAD_SECONDS) -> None:
+    """Return as soon as the leader key changes, on a watch error, or after ``wait``.
+
+    A changed key is read again by the caller rather than taken from the event: only a
+    read shows its lease, which tells a sidecar's key from one written by hand."""
+    try:
+        async with asyncio.timeout(wait):
+            async with etcd.watch(election.keys.leader, start_revision=revision + 1) as watch:
+                async for batch in watch:
+                    for event in batch.events:
+                        if event.type is EventType.DELETE:
+                            log.info("leader_key_deleted", decision="campaign")
+                        return
+    except TimeoutError:
+        return
+    except EtcdError as exc:
+        log.info("leader_watch_ended", error=str(exc), decision="re-read the leader key")
+
+
+async def wait_request(etcd: Etcd, election: Election, revision: int) -> None:
+    """Until the switchover key changes, or a second passes (health is polled)."""
+    try:
+        async with asyncio.timeout(REQUEST_POLL_SECONDS):
+            async with etcd.watch(election.keys.switchover,
+                                  start_revision=revision + 1) as watch:
+                async for batch in watch:
+                    if batch.events:
+                        return
+    except (TimeoutError, EtcdError):
+        return
+
+
+async def guard_key(etcd: Etcd, election: Election, epoch: int, revision: int,
+                    read_leader: Callable[[], Awaitable[tuple[LeaderInfo | None, int]]]) -> None:
+    """Raise :class:`Deposed` when the leader key stops being the one we created."""
+    while True:
+        try:
+            async with etcd.watch(election.keys.leader, start_revision=revision + 1) as watch:
+                async for batch in watch:
+                    for event in batch.events:
+                        if event.type is EventType.DELETE or event.create_revision != epoch:
+                            raise Deposed("the leader key was deleted or replaced")
+                        report_overwrite(election, event.value, event.mod_revision)
+                        raise Tampered("the leader key was overwritten by someone else")
+        except EtcdError as exc:
+            log.info("leader_guard_watch_ended", error=str(exc))
+        await asyncio.sleep(0.1)
+        leader, revision = await read_leader()
+        if leader is None or leader.epoch != epoch:
+            raise Deposed("the leader key was deleted or replaced")
+        if leader.overwritten:
+            if leader.valid:  # (garbage was reported by the read itself)
+                report_overwrite(election, b"", leader.revision)
+            raise Tampered("the leader key was overwritten by someone else")
+
+
+def report_overwrite(election: Election, value: bytes, revision: int) -> None:
+    """Count a put over our own leader key: whatever it holds, no sidecar wrote it."""
+    info = decode_leader(value, 0, 0) if value else None
+    problem = info.problem if info is not None and not info.valid else \
+        "a put over this node's key by someone else"
+    election.garbage.report("leader", election.keys.leader, revision, problem, value)
