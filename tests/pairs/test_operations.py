@@ -16,7 +16,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar import client
-from sidecar.core.node import MEMBERS_REFRESH_SECONDS
+from sidecar.core.member import MEMBERS_REFRESH_SECONDS
 from sidecar.lab.localnode import LocalSidecar
 from sidecar.lab.ports import free_port
 
