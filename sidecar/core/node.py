@@ -30,7 +30,6 @@ from ..etcd.errors import EtcdAccessDenied, EtcdError, LeaseGone
 from ..etcd.lease import Lease, LeaseLost
 from ..etcd.records import SWITCHOVER_TTL, LeaderInfo, SwitchoverRequest
 from ..etcd.retry import retry_policy
-from ..etcd.switchover import request_move
 from . import rules
 from .collaborators import NodeParts
 from .lease import (
@@ -43,6 +42,7 @@ from .lease import (
 )
 from .member import MemberRecord, publish_member
 from .roles import NotPrimary, Role, RoleView, Status
+from .switchover import request_move
 from .tasks import TaskEnded, supervise
 from .watches import (
     Deposed,

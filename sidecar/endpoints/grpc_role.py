@@ -36,8 +36,8 @@ from ..config import NAME_PATTERN, ConfigError
 from ..core.node import Node
 from ..core.roles import Role, Status
 from ..core.rules import SwitchoverRefused
+from ..core.switchover import SwitchoverFailed
 from ..etcd.errors import EtcdError
-from ..etcd.switchover import SwitchoverFailed
 from .grpc_access import AccessGuard, AccessPolicy, prepare_socket, secure_socket, unix_path
 
 log = structlog.get_logger(__name__)

@@ -1,5 +1,6 @@
 """Planned moves of the leadership (rule 6): asking for one and waiting until it is made
-(who may take it over is decided in :mod:`sidecar.core.rules`).
+(who may take it over is decided in :mod:`sidecar.core.rules`). The node's room, not etcd's:
+it asks the rules, and the etcd room never imports the node's.
 
 A move is asked for by writing a :class:`~sidecar.etcd.records.SwitchoverRequest` to etcd: by an
 operator (``Switchover`` over gRPC or ``vsm-sidecar switchover``), by the preferred primary when
@@ -12,11 +13,11 @@ from __future__ import annotations
 
 import asyncio
 
-from ..core.rules import SwitchoverRefused, choose_target
-from .client import Etcd
-from .election import Election
-from .records import SWITCHOVER_TTL, SwitchoverRequest, decode_leader, load_json
-from .watch import EventType
+from ..etcd.client import Etcd
+from ..etcd.election import Election
+from ..etcd.records import SWITCHOVER_TTL, SwitchoverRequest, decode_leader, load_json
+from ..etcd.watch import EventType
+from .rules import SwitchoverRefused, choose_target
 
 
 class SwitchoverFailed(Exception):
