@@ -8,7 +8,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import NoReturn, TypeAlias
 
 from . import __version__, config, logs
 
@@ -44,7 +44,18 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_service_commands(commands)
+    _add_operator_commands(commands)
+    _add_thinlinc_commands(commands)
+    return parser
 
+
+# What add_subparsers() returns: argparse names it privately.
+Commands: TypeAlias = "argparse._SubParsersAction[_Parser]"
+
+
+def _add_service_commands(commands: Commands) -> None:
+    """run, check-config, and the stand-in VSM server."""
     run = commands.add_parser("run", help="run the sidecar beside a VSM server")
     config.add_arguments(run)
     run.set_defaults(func=_cmd_run)
@@ -73,6 +84,9 @@ def _parser() -> argparse.ArgumentParser:
     standin.add_argument("--name", default=None, help="name it answers with [host name]")
     standin.set_defaults(func=_cmd_standin)
 
+
+def _add_operator_commands(commands: Commands) -> None:
+    """status, switchover and the demo."""
     status = commands.add_parser("status", help="print the role of a running sidecar")
     status.add_argument("--grpc", default="127.0.0.1:50051", metavar="ADDR",
                         help="the sidecar's gRPC address [127.0.0.1:50051]")
@@ -89,8 +103,15 @@ def _parser() -> argparse.ArgumentParser:
                            f"socket, or its TLS port with a client certificate [{CONTROL_ADDRESS}]")
     _add_client_tls(move)
     move.set_defaults(func=_cmd_switchover)
+    demo = commands.add_parser("demo", help="run a local cluster and show a failover")
+    demo.add_argument("--duration", type=float, default=None, metavar="SECONDS",
+                      help="stop after this long (default: run the scenes, then until Ctrl-C)")
+    demo.add_argument("--ttl", type=int, default=2, help="lease TTL of the demo sidecars [2]")
+    demo.set_defaults(func=_cmd_demo)
 
-    # -- ThinLinc hosts (docs/THINLINC.md) --------------------------------------------------
+
+def _add_thinlinc_commands(commands: Commands) -> None:
+    """check-host and restore-sessions-file (docs/THINLINC.md)."""
     check_host = commands.add_parser(
         "check-host", help="check that this host is ready for the chosen vsm_server_mode "
                            "(hiveconf, etcd, capabilities, folders); exit 1 on any FAIL")
@@ -108,13 +129,6 @@ def _parser() -> argparse.ArgumentParser:
     restore.add_argument("--force", action="store_true",
                          help="write even while the local VSM server answers its check")
     restore.set_defaults(func=_cmd_restore)
-
-    demo = commands.add_parser("demo", help="run a local cluster and show a failover")
-    demo.add_argument("--duration", type=float, default=None, metavar="SECONDS",
-                      help="stop after this long (default: run the scenes, then until Ctrl-C)")
-    demo.add_argument("--ttl", type=int, default=2, help="lease TTL of the demo sidecars [2]")
-    demo.set_defaults(func=_cmd_demo)
-    return parser
 
 
 def _add_client_tls(parser: argparse.ArgumentParser) -> None:
