@@ -1,12 +1,19 @@
-"""The one session builder and the one settings builder the tests share (issue 16)."""
+"""The one session builder, the one settings builder and the one in-process election runner
+the tests share."""
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from sidecar import config
 from sidecar.api.session_pb2 import Session
+from sidecar.etcd.client import Etcd
+from sidecar.etcd.election import Election
 from sidecar.lab.localcluster import LocalEtcdCluster
+
+T = TypeVar("T")
 
 AGENT = "agent1.example.com"
 AGENT_ADDRESS = "192.0.2.10"
@@ -33,3 +40,26 @@ def settings(node_id: str = "a", *, cluster: str | None = None,
     if etcd is not None:
         raw["etcd_endpoints"] = etcd if isinstance(etcd, str) else etcd.endpoints_arg
     return config.build(raw | values)
+
+
+def run_elections(etcd: LocalEtcdCluster | str, cluster: str,
+                  body: Callable[[Callable[[str], Election]], Awaitable[T]],
+                  **values: Any) -> T:
+    """Run ``body(make_election)`` on a fresh event loop, each election on its own etcd client
+    (TTL 2 unless ``values`` say otherwise); every client is closed afterwards."""
+    opened: list[Etcd] = []
+
+    def make(node_id: str) -> Election:
+        s = settings(node_id, cluster=cluster, etcd=etcd, **values)
+        client = Etcd(s)
+        opened.append(client)
+        return Election(client, s)
+
+    async def main() -> T:
+        try:
+            return await body(make)
+        finally:
+            for client in opened:
+                client.close()
+
+    return asyncio.run(main())

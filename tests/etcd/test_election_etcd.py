@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import pytest
@@ -16,31 +16,14 @@ from sidecar.etcd.errors import EtcdUnavailable, LeaseGone
 from sidecar.etcd.lease import LeaseLost
 from sidecar.lab.localcluster import LocalEtcdCluster
 
+from .. import builders
+
 pytestmark = [pytest.mark.etcd]
 
 T = TypeVar("T")
 
 
-def run(etcd_cluster: LocalEtcdCluster, cluster: str,
-        body: Callable[[Callable[[str], Election]], Awaitable[T]], **settings: Any) -> T:
-    """Run ``body(make_election)`` on a fresh event loop; every Etcd is closed afterwards."""
-    opened: list[Etcd] = []
-
-    def make(node_id: str) -> Election:
-        s = config.build({"node_id": node_id, "cluster": cluster, "ttl": 2,
-                          "etcd_endpoints": etcd_cluster.endpoints_arg, **settings})
-        etcd = Etcd(s)
-        opened.append(etcd)
-        return Election(etcd, s)
-
-    async def main() -> T:
-        try:
-            return await body(make)
-        finally:
-            for etcd in opened:
-                etcd.close()
-
-    return asyncio.run(main())
+run = builders.run_elections
 
 
 def test_second_campaign_loses_and_the_key_keeps_the_first_epoch(

@@ -20,7 +20,6 @@ from structlog.testing import capture_logs
 
 from sidecar import config
 from sidecar.etcd import election
-from sidecar.etcd.client import Etcd
 from sidecar.etcd.election import Election
 from sidecar.etcd.lease import LeaseLost
 from sidecar.etcd.versions import affected_by_15247, takeover_wait, upgrade_target
@@ -28,6 +27,7 @@ from sidecar.lab.etcdmember import EtcdMember
 from sidecar.lab.localcluster import LocalEtcdCluster
 from sidecar.lab.localnode import LocalSidecar, RoleRecorder
 
+from .. import builders
 from ..chaos.runner import overlapping_claims, watch_reports
 
 T = TypeVar("T")
@@ -76,26 +76,7 @@ def test_the_takeover_wait_is_one_and_a_half_keepalive_intervals_plus_the_margin
 # -- in-process elections against a real etcd --------------------------------------------------
 
 
-def run(endpoints: str, cluster: str,
-        body: Callable[[Callable[[str], Election]], Awaitable[T]]) -> T:
-    """Run ``body(make_election)`` on a fresh event loop; every Etcd is closed afterwards."""
-    opened: list[Etcd] = []
-
-    def make(node_id: str) -> Election:
-        s = config.build({"node_id": node_id, "cluster": cluster, "ttl": 2,
-                          "etcd_endpoints": endpoints})
-        etcd = Etcd(s)
-        opened.append(etcd)
-        return Election(etcd, s)
-
-    async def main() -> T:
-        try:
-            return await body(make)
-        finally:
-            for etcd in opened:
-                etcd.close()
-
-    return asyncio.run(main())
+run = builders.run_elections
 
 
 def revoke_leader_lease(client: Any, cluster: str) -> int:
