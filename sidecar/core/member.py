@@ -1,4 +1,4 @@
-"""This node's members/ record: what it says (:class:`MemberRecord`) and keeping it published
+"""This node's members/ record: what it says (:func:`member_record`) and keeping it published
 (:func:`publish_member`), on the node's lease, with what the others' records say read back.
 
 Other nodes judge this one by it as a handover or failback target (sidecar.core.rules); the
@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from typing import Any
 
 import structlog
 
@@ -19,48 +16,37 @@ from .. import __version__
 from ..etcd.election import Election
 from ..etcd.errors import EtcdError
 from ..etcd.lease import Lease
-from .roles import Role, Status
+from ..etcd.records import MemberRecord, member_since
+from .roles import Status
 
 log = structlog.get_logger("sidecar.core.node")  # its events are the node's
 
 MEMBERS_REFRESH_SECONDS = 1.0
 
 
-@dataclass(frozen=True)
-class MemberRecord:
-    """The record under ``members/<node_id>``."""
-
-    node_id: str
-    address: str
-    role: Role
-    epoch: int
-    role_since: float  # time.time()
-    version: str = __version__
-    # Fields others judge this node by (health, copy_current, preferred_primary, ...).
-    extras: Mapping[str, object] = field(default_factory=dict)
-
-    @classmethod
-    def of(cls, status: Status, address: str,
-           fields: Mapping[str, Callable[[], object]]) -> MemberRecord:
-        """The record for ``status`` now, each extra field read once."""
-        return cls(status.node_id, address, status.role, status.epoch, status.role_since,
-                   extras={name: read() for name, read in fields.items()})
-
-    def encode(self) -> dict[str, Any]:
-        """As JSON values (the election code stores it with sorted keys)."""
-        since = datetime.fromtimestamp(self.role_since, UTC).isoformat(timespec="milliseconds")
-        return {**self.extras, "node_id": self.node_id, "address": self.address,
-                "role": self.role.value, "epoch": self.epoch, "version": self.version,
-                "role_since": since.replace("+00:00", "Z")}
+def member_record(status: Status, address: str,
+                  fields: Mapping[str, Callable[[], object]]) -> MemberRecord:
+    """This node's record for ``status`` now, each field others judge it by read once."""
+    extras = {name: read() for name, read in fields.items()}
+    health = extras.pop("health", None)
+    copy_current = extras.pop("copy_current", None)
+    preferred_primary = extras.pop("preferred_primary", None)
+    return MemberRecord(
+        status.node_id, address, status.role.value, status.epoch, __version__,
+        member_since(status.role_since),
+        health=health if isinstance(health, str) else None,
+        copy_current=copy_current if isinstance(copy_current, bool) else None,
+        preferred_primary=preferred_primary if isinstance(preferred_primary, bool) else None,
+        extras=extras)
 
 
-async def publish_member(election: Election, lease: Lease, record: Callable[[], dict[str, Any]],
+async def publish_member(election: Election, lease: Lease, record: Callable[[], MemberRecord],
                          dirty: asyncio.Event,
-                         members_read: Callable[[list[dict[str, Any]]], None]) -> None:
+                         members_read: Callable[[list[MemberRecord]], None]) -> None:
     """Keep members/<node> current (on our lease) and refresh what we know of the others.
 
     ``dirty`` set means publish again now (a field others judge us by has changed)."""
-    published: dict[str, Any] | None = None
+    published: MemberRecord | None = None
     while True:
         try:
             current = record()

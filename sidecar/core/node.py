@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Coroutine, Mapping
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import replace
 from typing import Any
 
@@ -28,7 +28,7 @@ from ..etcd.client import Etcd
 from ..etcd.election import CampaignResult, Election
 from ..etcd.errors import EtcdAccessDenied, EtcdError, LeaseGone
 from ..etcd.lease import Lease, LeaseLost
-from ..etcd.records import SWITCHOVER_TTL, LeaderInfo, SwitchoverRequest
+from ..etcd.records import SWITCHOVER_TTL, LeaderInfo, MemberRecord, SwitchoverRequest
 from ..etcd.retry import retry_policy
 from . import rules
 from .collaborators import NodeParts
@@ -40,7 +40,7 @@ from .lease import (
     revoke_stale,
     watch_deadline,
 )
-from .member import MemberRecord, publish_member
+from .member import member_record, publish_member
 from .roles import NotPrimary, Role, RoleView, Status
 from .switchover import request_move
 from .tasks import TaskEnded, supervise
@@ -436,17 +436,16 @@ class Node:
                 unhealthy_logged = False
             await wait_request(self.etcd, self.election, revision)
 
-    def _member_record(self) -> dict[str, Any]:
-        return MemberRecord.of(self._status, self.settings.published_address,
-                               self.member_fields).encode()
+    def _member_record(self) -> MemberRecord:
+        return member_record(self._status, self.settings.published_address, self.member_fields)
 
     def _unreachable(self, reason: str) -> None:
         self._status = replace(self._status, reason=reason)
 
-    def _members_read(self, members: list[dict[str, Any]]) -> None:
+    def _members_read(self, members: list[MemberRecord]) -> None:
         self._status = replace(self._status, members=tuple(members))
 
-    def _member(self, node_id: str) -> Mapping[str, Any] | None:
+    def _member(self, node_id: str) -> MemberRecord | None:
         return rules.member(self._status.members, node_id)
 
     def _failback_state(self) -> rules.FailbackState:

@@ -12,10 +12,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # only a type here: a leaf imports nothing of the package at run time
-    from ..etcd.records import LeaderInfo
+    from ..etcd.records import LeaderInfo, MemberRecord
 
 
 class Role(Enum):
@@ -38,7 +38,7 @@ class Status:
     epoch: int = 0
     role_since: float = field(default_factory=time.time)
     deadline: float | None = None  # monotonic; PRIMARY only
-    members: tuple[dict[str, Any], ...] = ()
+    members: tuple[MemberRecord, ...] = ()
 
     def lease_time_left(self, now: float | None = None) -> float | None:
         if self.role is not Role.PRIMARY or self.deadline is None:

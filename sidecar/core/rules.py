@@ -11,14 +11,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from .roles import Role, Status
 
 if TYPE_CHECKING:  # types only: the rules import nothing that does I/O
-    from ..etcd.records import SwitchoverRequest
+    from ..etcd.records import MemberRecord, SwitchoverRequest
 
 HEALTH_UNHEALTHY = "unhealthy"
 HEALTH_HEALTHY = "healthy"
@@ -86,26 +86,26 @@ def failback_due(state: FailbackState, me: str, health_configured: bool, stable_
 
 # -- handover targets --------------------------------------------------------------------------
 
-def ineligibility(member: Mapping[str, Any] | None, node_id: str) -> str | None:
+def ineligibility(member: MemberRecord | None, node_id: str) -> str | None:
     """Why ``member`` cannot take the leadership now, or None when it can."""
     if member is None:
         return f"{node_id} is not a member (it holds no lease in etcd)"
-    if member.get("role") != "ROLE_STANDBY":
-        return f"{node_id} is {str(member.get('role', '?')).removeprefix('ROLE_')}, not STANDBY"
-    health = member.get("health")
+    if member.role != "ROLE_STANDBY":
+        role = "?" if member.role is None else member.role
+        return f"{node_id} is {role.removeprefix('ROLE_')}, not STANDBY"
+    health = member.health
     if health == HEALTH_UNHEALTHY:
         return f"{node_id} is unhealthy (its VSM server check fails)"
     if health not in (None, HEALTH_HEALTHY):  # a check is configured, no verdict yet
         return f"{node_id} is not yet known healthy (its VSM server check is {health})"
-    if not member.get("copy_current", False):
+    if not member.copy_current:
         return f"{node_id} has not caught up with the session records"
     return None
 
 
-def choose_target(members: Iterable[Mapping[str, Any]], leader: str,
-                  target: str | None) -> str:
+def choose_target(members: Iterable[MemberRecord], leader: str, target: str | None) -> str:
     """The node to hand over to: ``target`` if eligible, else any eligible standby."""
-    by_id = {str(m.get("node_id")): m for m in members}
+    by_id = {m.node_id: m for m in members}
     if target is not None:
         reason = ineligibility(by_id.get(target), target)
         if reason is not None:
@@ -122,8 +122,8 @@ def choose_target(members: Iterable[Mapping[str, Any]], leader: str,
     raise SwitchoverRefused("no standby can take over: " + ("; ".join(reasons) or "none is up"))
 
 
-def member(members: Iterable[Mapping[str, Any]], node_id: str) -> Mapping[str, Any] | None:
-    return next((m for m in members if m.get("node_id") == node_id), None)
+def member(members: Iterable[MemberRecord], node_id: str) -> MemberRecord | None:
+    return next((m for m in members if m.node_id == node_id), None)
 
 
 # -- a primary's handover ----------------------------------------------------------------------
@@ -145,7 +145,7 @@ class Handover:
 
 
 def handover(request: SwitchoverRequest | None, me: str,
-             members: Iterable[Mapping[str, Any]], health: bool | None) -> Handover:
+             members: Iterable[MemberRecord], health: bool | None) -> Handover:
     """The primary's decision: hand over for an eligible switchover request, or when it is
     unhealthy and a standby can take over; otherwise keep serving. ``members`` must be fresh
     when the request names another node."""

@@ -87,8 +87,8 @@ def status_message(status: Status, resource: ResourceView | None = None,
         _thinlinc_fields(message, node)
     for member in status.members:
         message.members.add(
-            node_id=str(member.get("node_id", "")), address=str(member.get("address", "")),
-            role=_role_value(member.get("role")), epoch=_int(member.get("epoch")))
+            node_id=member.node_id, address=member.address or "",
+            role=_role_value(member.role), epoch=member.epoch or 0)
     return message
 
 
@@ -113,10 +113,6 @@ def _role_value(name: object) -> int:
         return role_pb2.Role.Value(str(name))
     except ValueError:
         return role_pb2.ROLE_UNSPECIFIED
-
-
-def _int(value: object) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
 class RoleServicer(role_pb2_grpc.RoleServiceServicer):

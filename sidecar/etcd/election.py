@@ -36,6 +36,7 @@ from .records import (
     SWITCHOVER_TTL,
     GarbageLog,
     LeaderInfo,
+    MemberRecord,
     SwitchoverRequest,
     decode_leader,
     decode_member,
@@ -404,12 +405,12 @@ class Election:
         self._won = (ours.epoch, time.monotonic(), self._last_leader)
         self._last_leader = ours
 
-    async def put_member(self, lease: Lease, record: dict[str, Any]) -> None:
-        value = json.dumps(record, sort_keys=True).encode()
+    async def put_member(self, lease: Lease, record: MemberRecord) -> None:
+        value = json.dumps(record.encode(), sort_keys=True).encode()
         key = self.keys.member(self.settings.node_id)
         await self.etcd.call(lambda c: c.put(key, value, lease=lease.id), "put member")
 
-    async def read_members(self) -> list[dict[str, Any]]:
+    async def read_members(self) -> list[MemberRecord]:
         """The members' records; garbage under members/ is reported and left out."""
         start = self.keys.members
 
@@ -417,7 +418,7 @@ class Election:
             return kv_call(client, "Range", etcdrpc.RangeRequest(key=start,
                                                                  range_end=prefix_end(start)))
 
-        members = []
+        members: list[MemberRecord] = []
         for kv in (await self.etcd.call(read, "read members")).kvs:
             if self.garbage.known(kv.key, kv.mod_revision):
                 continue

@@ -5,7 +5,8 @@ record, encoded and decoded defensively, and the log of the garbage found instea
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -176,7 +177,45 @@ MEMBER_FIELDS: dict[str, type] = {
 }
 
 
-def decode_member(name: bytes, value: bytes, lease: int) -> dict[str, Any]:
+@dataclass(frozen=True)
+class MemberRecord:
+    """The record under ``members/<node_id>``: a node's own, to publish, or one read back.
+
+    The fields of MEMBER_FIELDS are None where a record read back has none (a node judging
+    another reads a missing ``copy_current`` as not caught up, a missing ``health`` as no
+    check configured). Fields this version does not know (a newer version's, and this node's
+    ``sessions_file``, read only by ``check-host``) travel in ``extras``.
+    """
+
+    node_id: str
+    address: str | None = None
+    role: str | None = None  # a Role's value, e.g. "ROLE_STANDBY"
+    epoch: int | None = None
+    version: str | None = None
+    role_since: str | None = None  # ISO 8601, UTC, milliseconds
+    health: str | None = None
+    copy_current: bool | None = None
+    preferred_primary: bool | None = None
+    extras: Mapping[str, object] = field(default_factory=dict)
+
+    def encode(self) -> dict[str, Any]:
+        """As JSON values (the election code stores it with sorted keys); fields that are None
+        are left out."""
+        known = {name: getattr(self, name) for name in ("node_id", *MEMBER_FIELDS)}
+        return {**self.extras, **{k: v for k, v in known.items() if v is not None}}
+
+    def get(self, name: str) -> object:
+        """A field's JSON value by its name in the record, None when it has none."""
+        return self.encode().get(name)
+
+
+def member_since(role_since: float) -> str:
+    """``role_since`` (a time.time()) as a member record writes it."""
+    since = datetime.fromtimestamp(role_since, UTC).isoformat(timespec="milliseconds")
+    return since.replace("+00:00", "Z")
+
+
+def decode_member(name: bytes, value: bytes, lease: int) -> MemberRecord:
     """The record under ``members/<name>``; raises ValueError for garbage.
 
     Its node_id must be the key's name (a record under another key could otherwise stand in
@@ -187,7 +226,8 @@ def decode_member(name: bytes, value: bytes, lease: int) -> dict[str, Any]:
     data = load_json(value)
     if not isinstance(data, dict):
         raise ValueError("not a JSON object")
-    if _node_name(data, "node_id").encode() != name:
+    node_id = _node_name(data, "node_id")
+    if node_id.encode() != name:
         raise ValueError("node_id is not the name in the key")
     for field_name, kind in MEMBER_FIELDS.items():
         if field_name in data and type(data[field_name]) is not kind:
@@ -198,4 +238,9 @@ def decode_member(name: bytes, value: bytes, lease: int) -> dict[str, Any]:
         raise ValueError("epoch out of range")
     if lease == 0:
         raise ValueError("no lease: not written by a live sidecar")
-    return data
+    extras = {k: v for k, v in data.items() if k != "node_id" and k not in MEMBER_FIELDS}
+    return MemberRecord(
+        node_id, address=data.get("address"), role=data.get("role"), epoch=data.get("epoch"),
+        version=data.get("version"), role_since=data.get("role_since"),
+        health=data.get("health"), copy_current=data.get("copy_current"),
+        preferred_primary=data.get("preferred_primary"), extras=extras)

@@ -12,12 +12,13 @@ import pytest
 from sidecar.core import rules
 from sidecar.core.roles import Role, Status
 from sidecar.etcd.election import LeaderInfo, SwitchoverRequest
+from sidecar.etcd.records import MemberRecord
 
 ME = "a"
 
 
-def member(node_id: str, role: str = "ROLE_STANDBY", **fields: Any) -> dict[str, Any]:
-    return {"node_id": node_id, "role": role, "copy_current": True, **fields}
+def member(node_id: str, role: str = "ROLE_STANDBY", **fields: Any) -> MemberRecord:
+    return MemberRecord(node_id, role=role, **{"copy_current": True, **fields})
 
 
 def leader(node_id: str, *, valid: bool = True) -> LeaderInfo:
@@ -123,14 +124,14 @@ def test_a_caught_up_standby_is_eligible() -> None:
 @pytest.mark.parametrize(("record", "reason"), [
     (None, "b is not a member (it holds no lease in etcd)"),
     (member("b", role="ROLE_FENCED"), "b is FENCED, not STANDBY"),
-    ({"node_id": "b"}, "b is ?, not STANDBY"),
+    (MemberRecord("b"), "b is ?, not STANDBY"),
     (member("b", health="unhealthy"), "b is unhealthy (its VSM server check fails)"),
     (member("b", health="unknown"),
      "b is not yet known healthy (its VSM server check is unknown)"),
     (member("b", copy_current=False), "b has not caught up with the session records"),
-    ({"node_id": "b", "role": "ROLE_STANDBY"}, "b has not caught up with the session records"),
+    (MemberRecord("b", role="ROLE_STANDBY"), "b has not caught up with the session records"),
 ])
-def test_ineligibility(record: dict[str, Any] | None, reason: str) -> None:
+def test_ineligibility(record: MemberRecord | None, reason: str) -> None:
     assert rules.ineligibility(record, "b") == reason
 
 

@@ -22,6 +22,7 @@ from sidecar import config
 from sidecar.etcd import election
 from sidecar.etcd.election import Election
 from sidecar.etcd.lease import LeaseLost
+from sidecar.etcd.records import MemberRecord
 from sidecar.etcd.versions import affected_by_15247, takeover_wait, upgrade_target
 from sidecar.lab.etcdmember import EtcdMember
 from sidecar.lab.localcluster import LocalEtcdCluster
@@ -94,7 +95,7 @@ async def take_over(a: Election, b: Election,
     """a wins, b follows; ``lose`` ends a's leadership; b wins and passes guard_takeover.
     Returns how long the guard held b, and the log events of the takeover."""
     lease_a, lease_b = await a.grant(), await b.grant()
-    await a.put_member(lease_a, {"node_id": "a"})  # as every node publishes on its lease
+    await a.put_member(lease_a, MemberRecord("a"))  # as every node publishes on its lease
     assert (await a.campaign(lease_a)).won
     seen, _ = await b.read_leader()
     assert seen is not None

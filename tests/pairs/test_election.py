@@ -252,7 +252,7 @@ def test_member_records_must_match_their_key_have_a_lease_and_typed_fields() -> 
     """decode_member keeps a good record (unknown fields too) and refuses the rest."""
     good = {"node_id": "b", "role": "ROLE_STANDBY", "epoch": 3, "copy_current": True,
             "newer_field": [1]}
-    assert decode_member(b"b", json.dumps(good).encode(), lease=1) == good
+    assert decode_member(b"b", json.dumps(good).encode(), lease=1).encode() == good
     bad = [(b"c", good, 1), (b"b", good, 0), (b"b", {**good, "copy_current": "yes"}, 1),
            (b"b", {**good, "epoch": True}, 1), (b"b", {**good, "epoch": 2**63}, 1),
            (b"b", {**good, "epoch": -1}, 1), (b"b", {**good, "address": "x" * 5000}, 1)]
