@@ -14,8 +14,9 @@
 #     StateDirectory=);
 #   - /etc/vsm-sidecar/sidecar.toml from deploy/sidecar.example.toml, only if it does not exist
 #     (an existing file is never touched);
-#   - /etc/systemd/system/vsm-sidecar.service with ExecStart= pointing into the virtualenv,
-#     enabled (not started: edit the settings first, then `systemctl start vsm-sidecar`).
+#   - /etc/systemd/system/vsm-sidecar.service with ExecStart= and ExecStopPost= pointing into
+#     the virtualenv, enabled (not started: edit the settings first, then
+#     `systemctl start vsm-sidecar`).
 # pip reads its usual environment: for a host without PyPI, PIP_NO_INDEX=1 and
 # PIP_FIND_LINKS=/path/to/wheelhouse.
 #
@@ -186,7 +187,9 @@ install_unit() {
     mkdir -p -- "$root$UNIT_DIR"
     staged=$(mktemp)
     # Only the program changes: its arguments stay as the unit file has them.
-    sed "s|^ExecStart=[^ ]*|ExecStart=$VENV/bin/vsm-sidecar|" "$here/systemd/$UNIT" >"$staged"
+    sed -e "s|^ExecStart=[^ ]*|ExecStart=$VENV/bin/vsm-sidecar|" \
+        -e "s|^ExecStopPost=[^ ]*|ExecStopPost=$VENV/bin/vsm-sidecar|" \
+        "$here/systemd/$UNIT" >"$staged"
     if [ -f "$target" ] && cmp -s "$staged" "$target"; then
         rm -f -- "$staged"
     else

@@ -86,7 +86,7 @@ def _add_service_commands(commands: Commands) -> None:
 
 
 def _add_operator_commands(commands: Commands) -> None:
-    """status, switchover and the demo."""
+    """status, switchover, release and the demo."""
     status = commands.add_parser("status", help="print the role of a running sidecar")
     status.add_argument("--grpc", default="127.0.0.1:50051", metavar="ADDR",
                         help="the sidecar's gRPC address [127.0.0.1:50051]")
@@ -103,6 +103,14 @@ def _add_operator_commands(commands: Commands) -> None:
                            f"socket, or its TLS port with a client certificate [{CONTROL_ADDRESS}]")
     _add_client_tls(move)
     move.set_defaults(func=_cmd_switchover)
+
+    release = commands.add_parser(
+        "release", help="after a sidecar died: remove this node's resource IPs and revoke its "
+                        "lease so the standby takes over at once (exit 1 if one is running)",
+        description="Run by systemd after any exit of the unit (ExecStopPost=). Takes the "
+                    "data_dir lock for its whole length, so it never touches a live sidecar.")
+    config.add_arguments(release)
+    release.set_defaults(func=_cmd_release)
     demo = commands.add_parser("demo", help="run a local cluster and show a failover")
     demo.add_argument("--duration", type=float, default=None, metavar="SECONDS",
                       help="stop after this long (default: run the scenes, then until Ctrl-C)")
@@ -162,6 +170,27 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except EtcdError as exc:  # only errors that retrying cannot mend get this far
         print(f"vsm-sidecar: error: etcd: {exc}", file=sys.stderr)
         return EXIT_FAILED
+
+
+def _cmd_release(args: argparse.Namespace) -> int:
+    from .etcd.errors import EtcdError
+    from .host import release
+
+    settings = config.load(vars(args))
+    logs.configure(settings.log_format, settings.log_level)
+    try:
+        done = asyncio.run(release.release(settings))
+    except release.SidecarRunning as exc:
+        print(f"vsm-sidecar: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except (EtcdError, ValueError) as exc:
+        print(f"vsm-sidecar: error: release: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except OSError as exc:
+        raise config.ConfigError("data_dir", f"cannot use {settings.data_dir}: "
+                                             f"{exc.strerror or exc}") from None
+    print(f"vsm-sidecar: {done.summary()}")
+    return EXIT_DONE
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:

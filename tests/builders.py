@@ -17,6 +17,7 @@ T = TypeVar("T")
 
 AGENT = "agent1.example.com"
 AGENT_ADDRESS = "192.0.2.10"
+NO_DATA_DIR = "/nonexistent/vsm-sidecar-test-data"
 CLUSTER_TTL = 2  # seconds: a failover within a test's patience
 
 
@@ -34,7 +35,9 @@ def settings(node_id: str = "a", *, cluster: str | None = None,
     """Settings as ``config.build`` makes them from a file with these values. With a
     ``cluster``, a TTL of CLUSTER_TTL unless ``ttl`` is given; ``etcd`` (a cluster or an
     endpoints string) sets etcd_endpoints."""
-    raw: dict[str, Any] = {"node_id": node_id}
+    # A data_dir that does not exist: an in-process node then records its lease nowhere
+    # (logged) rather than in this host's /var/lib/vsm-sidecar.
+    raw: dict[str, Any] = {"node_id": node_id, "data_dir": NO_DATA_DIR}
     if cluster is not None:
         raw |= {"cluster": cluster, "ttl": CLUSTER_TTL}
     if etcd is not None:

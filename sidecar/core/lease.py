@@ -5,11 +5,16 @@ things bounded by its local deadline (rule 3): the promotion gates, and the role
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import time
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
 
 import structlog
 
+from ..atomicfile import atomic_write, fsync_dir
 from ..etcd.election import Election
 from ..etcd.errors import EtcdAccessDenied, EtcdError
 from ..etcd.lease import Lease, LeaseLost
@@ -17,6 +22,10 @@ from ..etcd.retry import retry_policy
 from .collaborators import PromotionGate
 
 log = structlog.get_logger("sidecar.core.node")  # its events are the node's
+
+# The lease this node holds, recorded in data_dir so that `vsm-sidecar release` can revoke it
+# after the process died without revoking it itself.
+LEASE_FILE = "lease"
 
 ACCESS_NOTE = ("check etcd_user, the password file, the client certificate and the user's role "
                "(it needs read and write on the cluster's prefix)")
@@ -35,6 +44,43 @@ async def acquire_lease(election: Election, unreachable: Callable[[str], None]) 
                 unreachable(f"etcd unreachable: {exc}")
                 raise
     raise AssertionError("unreachable: the retry policy retries forever")
+
+
+def record_lease(data_dir: Path, lease: Lease) -> None:
+    """Write the lease's id to data_dir before it can protect anything. A failure is logged,
+    not raised: without the record a crash only costs the standby a TTL."""
+    granted = datetime.now(UTC).isoformat(timespec="seconds")
+    try:
+        atomic_write(data_dir / LEASE_FILE,
+                     json.dumps({"lease": lease.id, "granted": granted}).encode())
+    except OSError as exc:
+        log.warning("lease_not_recorded", lease=hex(lease.id), error=str(exc))
+
+
+def forget_lease(data_dir: Path) -> None:
+    """Remove the record once the lease is revoked (a clean shutdown, or a release)."""
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            (data_dir / LEASE_FILE).unlink()
+            fsync_dir(data_dir)
+    except OSError as exc:
+        log.warning("lease_record_not_removed", error=str(exc))
+
+
+def recorded_lease(data_dir: Path) -> int | None:
+    """The recorded lease id, or None when there is none. Raises ValueError for a record that
+    is not one (it was not written by this program)."""
+    try:
+        text = (data_dir / LEASE_FILE).read_text()
+    except FileNotFoundError:
+        return None
+    try:
+        lease = json.loads(text)["lease"]
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ValueError(f"{data_dir / LEASE_FILE}: not a lease record ({exc})") from None
+    if not isinstance(lease, int) or isinstance(lease, bool) or lease <= 0:
+        raise ValueError(f"{data_dir / LEASE_FILE}: not a lease id: {lease!r}")
+    return lease
 
 
 async def resume(election: Election, lease: Lease) -> Lease | None:

@@ -35,7 +35,9 @@ from .collaborators import NodeParts
 from .lease import (
     ACCESS_NOTE,
     acquire_lease,
+    forget_lease,
     pass_gates,
+    record_lease,
     resume,
     revoke_stale,
     watch_deadline,
@@ -219,6 +221,8 @@ class Node:
             except EtcdError as exc:
                 log.warning("resign_failed", error=str(exc),
                             note="the lease expires on its own within its TTL")
+            else:
+                forget_lease(self.settings.data_dir)
 
     async def _lifecycle(self) -> None:
         stale: Lease | None = None
@@ -226,6 +230,7 @@ class Node:
             lease = await resume(self.election, stale) if stale is not None else None
             if lease is None:
                 lease = await acquire_lease(self.election, self._unreachable)
+                record_lease(self.settings.data_dir, lease)
                 if stale is not None:
                     await revoke_stale(self.election, stale)
             self._lease = lease

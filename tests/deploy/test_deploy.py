@@ -344,7 +344,8 @@ def unit_settings() -> dict[str, list[str]]:
 
 
 def test_systemd_unit_grants_only_the_two_capabilities() -> None:
-    """Type=notify with a watchdog, a non-root user with two ambient capabilities, sandboxed."""
+    """Type=notify with a watchdog, a non-root user with two ambient capabilities, sandboxed,
+    and `release` after any exit."""
     unit = unit_settings()
     expected = {
         "Type": ["notify"], "NotifyAccess": ["main"], "WatchdogSec": ["10s"],
@@ -355,6 +356,8 @@ def test_systemd_unit_grants_only_the_two_capabilities() -> None:
         "StateDirectory": ["vsm-sidecar"], "Restart": ["on-failure"],
         "ExecStart": [
             "/opt/vsm-sidecar/bin/vsm-sidecar run --config /etc/vsm-sidecar/sidecar.toml"],
+        "ExecStopPost": [
+            "/opt/vsm-sidecar/bin/vsm-sidecar release --config /etc/vsm-sidecar/sidecar.toml"],
     }
     assert {k: unit.get(k) for k in expected} == expected
 

@@ -225,8 +225,12 @@ def test_unit_starts_the_virtualenv_and_is_enabled(host: Host) -> None:
         "ExecStart=/opt/vsm-sidecar/bin/vsm-sidecar run --config /etc/vsm-sidecar/sidecar.toml"]
     program = exec_start[0].removeprefix("ExecStart=").split()[0]
     assert (host.root / program.lstrip("/")).is_file()
+    assert [line for line in installed.splitlines() if line.startswith("ExecStopPost=")] == [
+        f"ExecStopPost={program} release --config /etc/vsm-sidecar/sidecar.toml"]
+
     def others(text: str) -> list[str]:
-        return [line for line in text.splitlines() if not line.startswith("ExecStart=")]
+        return [line for line in text.splitlines()
+                if not line.startswith(("ExecStart=", "ExecStopPost="))]
 
     assert others(installed) == others(UNIT.read_text())
     link = host.root / WANTS_LINK
