@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from sidecar import config
+from sidecar.etcd.versions import takeover_wait
 from sidecar.lab.localcluster import LocalEtcdCluster
 from sidecar.lab.localnode import LocalSidecar, RoleRecorder
 
@@ -29,6 +31,9 @@ pytestmark = [pytest.mark.netns, pytest.mark.etcd]
 
 PORT = 9000
 TTL = 2
+# On an etcd without the etcd-io/etcd#15247 fix (the bundled 3.5.1) a takeover after a lost
+# lease waits this long on top (tests/etcd/test_etcd_15247.py); planned moves do not.
+GUARD = takeover_wait(config.build({"node_id": "a", "ttl": TTL}))
 
 
 class VipPair:
@@ -103,22 +108,23 @@ def test_client_reaches_the_primary_through_the_resource_ip(vip_pair: VipPair) -
 
 def test_kill9_of_the_primary_moves_the_client_within_ttl_plus_one(vip_pair: VipPair) -> None:
     """kill -9 of the primary sidecar: the client gets b's name through the same resource IP
-    within TTL + 1 s, without anyone flushing its ARP cache. (The dead sidecar's host keeps
-    the address; the successor's gratuitous ARP wins the client.)"""
+    within TTL + 1 s (plus the #15247 guard), without anyone flushing its ARP cache. (The dead
+    sidecar's host keeps the address; the successor's gratuitous ARP wins the client.)"""
     start_pair(vip_pair)
     killed = time.monotonic()
     vip_pair.nodes["a"].kill()
     elapsed = wait_for(lambda: vip_pair.ask(timeout=0.2) == "b", timeout=TTL + 3)
-    assert time.monotonic() - killed <= TTL + 1.0, elapsed
+    assert time.monotonic() - killed <= TTL + 1.0 + GUARD, elapsed
 
 
 def test_host_death_moves_the_client_within_ttl_plus_one(vip_pair: VipPair) -> None:
-    """Host death (a's link down): the client reaches b through the resource IP in TTL + 1 s."""
+    """Host death (a's link down): the client reaches b through the resource IP in TTL + 1 s
+    (plus the #15247 guard)."""
     start_pair(vip_pair)
     cut = time.monotonic()
     vip_pair.lab.link_down("a")
     wait_for(lambda: vip_pair.ask(timeout=0.2) == "b", timeout=TTL + 3)
-    assert time.monotonic() - cut <= TTL + 1.0
+    assert time.monotonic() - cut <= TTL + 1.0 + GUARD
 
 
 def test_sigterm_of_the_primary_moves_the_client_within_half_a_second(vip_pair: VipPair) -> None:

@@ -17,7 +17,7 @@ from sidecar.lab.localnode import LocalSidecar
 
 from ..netns_lab import wait_for
 from ..vip_watch import Lifetimes, held_spans, intersect, start_sampler
-from .test_vip_failover import TTL, VipPair, start_pair, vip_pair
+from .test_vip_failover import GUARD, TTL, VipPair, start_pair, vip_pair
 
 __all__ = ["vip_pair"]  # the fixture must live in this module's namespace to be used
 
@@ -90,8 +90,8 @@ def test_ipv6_resource_ip_moves_after_kill9_within_ttl_plus_one(
     vip_pair: VipPair, tmp_path: Path
 ) -> None:
     """An IPv6 resource IP (2001:db8::50/64): the client reaches a through it, then b within
-    TTL + 1 s of kill -9 of a's sidecar, over IPv6, without anyone flushing its neighbour
-    cache."""
+    TTL + 1 s (plus the #15247 guard) of kill -9 of a's sidecar, over IPv6, without anyone
+    flushing its neighbour cache."""
     pair = vip_pair
     vip6 = "2001:db8::50"
     for host in ("a", "b"):
@@ -112,5 +112,5 @@ def test_ipv6_resource_ip_moves_after_kill9_within_ttl_plus_one(
     pair.nodes["a"].signal(signal.SIGKILL)
     pair.nodes["a"].wait_exit(10)
     wait_for(lambda: pair.lab.ask("client", vip6, 9000, timeout=0.2) == "b", timeout=TTL + 3)
-    assert time.monotonic() - killed <= TTL + 1.0
+    assert time.monotonic() - killed <= TTL + 1.0 + GUARD
     assert f"{vip6}/64" in pair.lab.addresses("b")
