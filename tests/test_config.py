@@ -138,7 +138,7 @@ def test_cli_exits_2_with_one_line_naming_the_setting(args: list[str], expected:
     assert lines[0].startswith("vsm-sidecar: error: " + expected)
 
 
-def test_cli_refuses_a_grpc_address_in_use() -> None:
+def test_cli_refuses_a_grpc_address_in_use(tmp_path: Path) -> None:
     """A gRPC address that cannot be bound is a configuration error too (exit 2)."""
     import socket
 
@@ -148,7 +148,8 @@ def test_cli_refuses_a_grpc_address_in_use() -> None:
         port = taken.getsockname()[1]
         result = subprocess.run(
             [sys.executable, "-m", "sidecar", "run", "--grpc-listen", f"127.0.0.1:{port}",
-             "--etcd-endpoints", "http://127.0.0.1:1", "--log-format", "json"],
+             "--etcd-endpoints", "http://127.0.0.1:1", "--log-format", "json",
+             "--data-dir", str(tmp_path / "data")],  # never the host's own /var/lib
             capture_output=True, text=True, timeout=30)
     assert result.returncode == 2
     assert "setting 'grpc_listen'" in result.stderr.strip().splitlines()[-1]
