@@ -26,10 +26,10 @@ from typing import Any
 import pytest
 
 from sidecar import config
-from sidecar.etcd.versions import takeover_wait
 from sidecar.lab.ports import free_ports
 
 from .. import dockerhost
+from ..builders import takeover_guard
 from ..dockerhost import DockerEngine, compose_binary, inspect, require_docker, timed
 from ..endpoints.test_grpc_role import grpcurl
 
@@ -47,7 +47,7 @@ CAP_NET_ADMIN, CAP_NET_RAW = 12, 13
 # The sidecars run with the defaults (the compose file sets neither).
 DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(config.Settings)}
 TTL = float(DEFAULTS["ttl"])
-GUARD = takeover_wait(config.build({"node_id": "a", "ttl": int(TTL)}))
+GUARD = takeover_guard(TTL)
 FAILBACK_DELAY = float(DEFAULTS["failback_delay"])
 STEADY = 12.0  # seconds of steady state before the first handover (issue: at least 12)
 

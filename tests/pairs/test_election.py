@@ -12,20 +12,17 @@ import time
 
 import pytest
 
-from sidecar import config
 from sidecar.etcd.records import GarbageLog, SwitchoverRequest, decode_leader, decode_member
-from sidecar.etcd.versions import takeover_wait
 from sidecar.lab.localcluster import LocalEtcdCluster
 from sidecar.lab.localnode import RoleRecorder
 
+from ..builders import takeover_guard
 from ..sidecars import Pair
 
 pytestmark = [pytest.mark.etcd]
 
 TTL = 2
-# The bundled etcd (3.5.1) lacks the fix for etcd-io/etcd#15247: a takeover after a lost lease
-# waits this long (tests/etcd/test_etcd_15247.py); planned moves do not.
-GUARD = takeover_wait(config.build({"node_id": "a", "ttl": TTL}))
+GUARD = takeover_guard(TTL)
 
 
 def test_two_sidecars_elect_exactly_one_primary(pair: Pair) -> None:

@@ -20,20 +20,17 @@ from pathlib import Path
 
 import pytest
 
-from sidecar import config
-from sidecar.etcd.versions import takeover_wait
 from sidecar.lab.localcluster import LocalEtcdCluster
 from sidecar.lab.localnode import LocalSidecar, RoleRecorder
 
+from ..builders import takeover_guard
 from ..netns_lab import NetnsLab, free_subnet, require_netns, wait_for
 
 pytestmark = [pytest.mark.netns, pytest.mark.etcd]
 
 PORT = 9000
 TTL = 2
-# On an etcd without the etcd-io/etcd#15247 fix (the bundled 3.5.1) a takeover after a lost
-# lease waits this long on top (tests/etcd/test_etcd_15247.py); planned moves do not.
-GUARD = takeover_wait(config.build({"node_id": "a", "ttl": TTL}))
+GUARD = takeover_guard(TTL)
 
 
 class VipPair:
