@@ -48,7 +48,7 @@ class Member(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class RoleStatus(_message.Message):
-    __slots__ = ("node_id", "role", "leader_id", "leader_address", "epoch", "role_since", "lease_time_left", "reason", "cluster", "members", "resource_ips", "resource_ip_held", "last_announcement", "health", "preferred_primary", "sessions_file", "vsm_server")
+    __slots__ = ("node_id", "role", "leader_id", "leader_address", "epoch", "role_since", "lease_time_left", "reason", "cluster", "members", "resource_ips", "resource_ip_held", "last_announcement", "health", "preferred_primary", "sessions_file", "vsm_server", "pause", "etcd_alarms")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     LEADER_ID_FIELD_NUMBER: _ClassVar[int]
@@ -66,6 +66,8 @@ class RoleStatus(_message.Message):
     PREFERRED_PRIMARY_FIELD_NUMBER: _ClassVar[int]
     SESSIONS_FILE_FIELD_NUMBER: _ClassVar[int]
     VSM_SERVER_FIELD_NUMBER: _ClassVar[int]
+    PAUSE_FIELD_NUMBER: _ClassVar[int]
+    ETCD_ALARMS_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     role: Role
     leader_id: str
@@ -83,7 +85,21 @@ class RoleStatus(_message.Message):
     preferred_primary: bool
     sessions_file: SessionsFile
     vsm_server: VsmServer
-    def __init__(self, node_id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., leader_id: _Optional[str] = ..., leader_address: _Optional[str] = ..., epoch: _Optional[int] = ..., role_since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., lease_time_left: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., reason: _Optional[str] = ..., cluster: _Optional[str] = ..., members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., resource_ips: _Optional[_Iterable[str]] = ..., resource_ip_held: _Optional[bool] = ..., last_announcement: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., health: _Optional[str] = ..., preferred_primary: _Optional[bool] = ..., sessions_file: _Optional[_Union[SessionsFile, _Mapping]] = ..., vsm_server: _Optional[_Union[VsmServer, _Mapping]] = ...) -> None: ...
+    pause: Pause
+    etcd_alarms: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, node_id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., leader_id: _Optional[str] = ..., leader_address: _Optional[str] = ..., epoch: _Optional[int] = ..., role_since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., lease_time_left: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., reason: _Optional[str] = ..., cluster: _Optional[str] = ..., members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., resource_ips: _Optional[_Iterable[str]] = ..., resource_ip_held: _Optional[bool] = ..., last_announcement: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., health: _Optional[str] = ..., preferred_primary: _Optional[bool] = ..., sessions_file: _Optional[_Union[SessionsFile, _Mapping]] = ..., vsm_server: _Optional[_Union[VsmServer, _Mapping]] = ..., pause: _Optional[_Union[Pause, _Mapping]] = ..., etcd_alarms: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class Pause(_message.Message):
+    __slots__ = ("by", "reason", "since", "until")
+    BY_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    SINCE_FIELD_NUMBER: _ClassVar[int]
+    UNTIL_FIELD_NUMBER: _ClassVar[int]
+    by: str
+    reason: str
+    since: _timestamp_pb2.Timestamp
+    until: _timestamp_pb2.Timestamp
+    def __init__(self, by: _Optional[str] = ..., reason: _Optional[str] = ..., since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class SessionsFile(_message.Message):
     __slots__ = ("state", "local_sha256", "etcd_sha256", "etcd_revision", "behind_since", "error", "upload_failures")
