@@ -1,5 +1,6 @@
-"""Real hosts for network tests: the lab lives in :mod:`sidecar.lab.netlab` (the demo uses it too);
-this module re-exports it and adds the pytest side, :func:`require_netns`.
+"""Real hosts for network tests: the lab lives in :mod:`sidecar.lab.netlab` and its bookkeeping
+in :mod:`sidecar.lab.netns` (the demo uses both); this module re-exports them and adds the
+pytest side, :func:`require_netns`.
 
 See :mod:`sidecar.lab.netlab` for the topology, the addresses and the clean-up rules.
 """
@@ -18,15 +19,17 @@ from sidecar.lab.netlab import (
     HOST_IFNAME,
     HOST_SYSCTLS,
     HOSTS,
-    PREFIX,
     ROOT_OCTET,
     ROOT_PORT,
     SWITCH_SYSCTLS,
-    TEST_NETS,
     Host,
-    LabError,
     Neighbour,
     NetnsLab,
+)
+from sidecar.lab.netns import (
+    PREFIX,
+    TEST_NETS,
+    LabError,
     free_subnet,
     list_netns,
     netns_unavailable,

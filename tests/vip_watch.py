@@ -20,7 +20,8 @@ import time
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-from sidecar.lab.netlab import NetnsLab, read_line
+from sidecar.lab.netlab import NetnsLab
+from sidecar.lab.netns import read_line
 
 Interval = tuple[float, float]
 

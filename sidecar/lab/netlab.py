@@ -22,27 +22,22 @@ still in use.
 Helpers take a host name ("a", "client", "switch") or a full namespace name. This harness uses
 the ``ip`` command freely; the product code must not (it speaks netlink). It is a test and demo
 tool only: nothing the sidecar itself runs imports it. ``tests/netns_lab.py`` adds the pytest
-helpers (``require_netns``).
+helpers (``require_netns``); :mod:`sidecar.lab.netns` keeps the namespace bookkeeping.
 """
 
 from __future__ import annotations
 
 import atexit
-import contextlib
-import functools
 import json
 import os
 import secrets
-import select
-import shutil
-import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Mapping
-from typing import IO, Any, Final, NamedTuple
+from collections.abc import Mapping
+from typing import Any, Final, NamedTuple
 
-PREFIX: Final = "vsmlab"
+from .netns import PREFIX, LabError, check, read_line, root_subnets, stop_process, sweep_orphans
+
 BRIDGE: Final = "br0"
 HOST_IFNAME: Final = "eth0"
 # Host name -> last octet / last group of its addresses.
@@ -66,10 +61,6 @@ SWITCH_SYSCTLS: Final[Mapping[str, str]] = {
 }
 
 
-class LabError(RuntimeError):
-    """A lab command failed; the message carries the command and its stderr."""
-
-
 class Host(NamedTuple):
     name: str
     netns: str
@@ -81,56 +72,6 @@ class Host(NamedTuple):
 class Neighbour(NamedTuple):
     mac: str | None  # None while the entry is INCOMPLETE or FAILED
     state: str
-
-
-@functools.cache
-def netns_unavailable() -> str | None:
-    """Why this process cannot build a lab (not root, no ``ip``, no namespaces); None if it can.
-
-    Tries once per process: it creates and deletes a throw-away namespace.
-    """
-    if os.geteuid() != 0:
-        return "network namespace tests need root"
-    if shutil.which("ip") is None:
-        return "the ip command (iproute2) is not installed"
-    if shutil.which("sysctl") is None:
-        return "the sysctl command (procps) is not installed"
-    name = f"{PREFIX}-{os.getpid()}-{secrets.token_hex(3)}-check"
-    created = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True)
-    if created.returncode != 0:
-        return f"cannot create a network namespace: {created.stderr.strip()}"
-    subprocess.run(["ip", "netns", "del", name], capture_output=True)
-    return None
-
-
-def list_netns() -> set[str]:
-    """Names of all named network namespaces (``ip netns list``)."""
-    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True)
-    return {line.split()[0] for line in listed.stdout.splitlines() if line.strip()}
-
-
-def sweep_orphans() -> list[str]:
-    """Delete lab namespaces whose creating process is gone (a run killed before atexit)."""
-    removed = []
-    for name in list_netns():
-        parts = name.split("-")
-        if parts[0] != PREFIX or len(parts) < 3 or not parts[1].isdigit():
-            continue
-        if _alive(int(parts[1])):
-            continue
-        subprocess.run(["ip", "netns", "del", name], capture_output=True)
-        removed.append(name)
-    return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # Run inside a namespace with ``python -I -S -c``: isolated and without site, it starts in
@@ -167,30 +108,6 @@ sys.stdout.write(b"".join(chunks).decode().split("\n")[0])
 
 
 ROOT_OCTET: Final = 254
-TEST_NETS: Final = ("198.51.100", "203.0.113", "192.0.2")  # RFC 5737 documentation ranges
-
-
-def root_subnets() -> set[str]:
-    """The /24 prefixes ("a.b.c") of every IPv4 address or route in the root namespace."""
-    shown = _check(["ip", "-j", "-4", "route", "show", "table", "all"]).stdout
-    found = set()
-    for route in json.loads(shown or "[]"):
-        for key in ("dst", "prefsrc"):
-            value = str(route.get(key, ""))
-            if value.count(".") == 3:
-                found.add(value.split("/")[0].rsplit(".", 1)[0])
-    return found
-
-
-def free_subnet() -> str:
-    """A documentation /24 that the root namespace does not use, for a lab joined to it."""
-    used = root_subnets()
-    for subnet in TEST_NETS:
-        if subnet not in used:
-            return subnet
-    raise LabError(f"every documentation range is in use in the root namespace: {used}")
-
-
 ROOT_PORT: Final = "p-root"
 
 
@@ -273,12 +190,12 @@ class NetnsLab:
             f"link set {ROOT_PORT} master {BRIDGE}",
             f"link set {ROOT_PORT} up",
         )
-        _check(["ip", "addr", "add", f"{address}/24", "dev", name])
-        _check(["ip", "link", "set", name, "up"])
+        check(["ip", "addr", "add", f"{address}/24", "dev", name])
+        check(["ip", "link", "set", name, "up"])
         return address
 
     def _add_netns(self, name: str) -> None:
-        _check(["ip", "netns", "add", name])
+        check(["ip", "netns", "add", name])
         self._namespaces.append(name)
         self._sysctl(name, HOST_SYSCTLS)
 
@@ -286,7 +203,7 @@ class NetnsLab:
         assignments = [f"{key}={value}" for key, value in settings.items()]
         # -e: a setting whose module is not loaded does not exist, so it cannot be on either.
         flags = ["-q", "-e", "-w"] if missing_ok else ["-q", "-w"]
-        _check(["ip", "netns", "exec", ns, "sysctl", *flags, *assignments])
+        check(["ip", "netns", "exec", ns, "sysctl", *flags, *assignments])
 
     def sysctl(self, ns: str, key: str) -> str | None:
         """The value of a sysctl in the host (None where the key does not exist there)."""
@@ -295,7 +212,7 @@ class NetnsLab:
         return done.stdout.strip() if done.returncode == 0 else None
 
     def _batch(self, ns: str, *commands: str) -> None:
-        _check(["ip", "-n", ns, "-batch", "-"], stdin="\n".join(commands) + "\n")
+        check(["ip", "-n", ns, "-batch", "-"], stdin="\n".join(commands) + "\n")
 
     # -- naming ---------------------------------------------------------------------
 
@@ -370,7 +287,7 @@ class NetnsLab:
 
     def address_details(self, ns: str, ifname: str = HOST_IFNAME) -> list[dict[str, Any]]:
         """``ip -j addr`` entries of the interface: local, prefixlen, label, nodad, tentative..."""
-        shown = _check(["ip", "-n", self.netns(ns), "-j", "addr", "show", "dev", ifname])
+        shown = check(["ip", "-n", self.netns(ns), "-j", "addr", "show", "dev", ifname])
         entries: list[dict[str, Any]] = []
         for link in json.loads(shown.stdout or "[]"):
             entries.extend(link.get("addr_info", []))
@@ -382,7 +299,7 @@ class NetnsLab:
 
     def neigh(self, ns: str, ifname: str = HOST_IFNAME) -> dict[str, Neighbour]:
         """The host's ARP / neighbour cache: address -> (MAC, state)."""
-        shown = _check(["ip", "-n", self.netns(ns), "-j", "neigh", "show", "dev", ifname])
+        shown = check(["ip", "-n", self.netns(ns), "-j", "neigh", "show", "dev", ifname])
         return {
             entry["dst"]: Neighbour(entry.get("lladdr"), ",".join(entry.get("state", [])))
             for entry in json.loads(shown.stdout or "[]")
@@ -402,9 +319,9 @@ class NetnsLab:
         if host is None:
             raise KeyError(f"{ns!r} is not a host of lab {self.tag}")
         if side == "switch":
-            _check(["ip", "-n", self.switch, "link", "set", _switch_port(host.name), state])
+            check(["ip", "-n", self.switch, "link", "set", _switch_port(host.name), state])
         elif side == "host":
-            _check(["ip", "-n", host.netns, "link", "set", HOST_IFNAME, state])
+            check(["ip", "-n", host.netns, "link", "set", HOST_IFNAME, state])
         else:
             raise ValueError(f"side must be 'switch' or 'host', not {side!r}")
 
@@ -416,7 +333,7 @@ class NetnsLab:
             return
         self._closed = True
         for process in reversed(self._processes):
-            _stop(process)
+            stop_process(process)
         # Deleting a namespace destroys its interfaces; a veth dies with either end.
         for name in reversed(self._namespaces):
             subprocess.run(["ip", "netns", "del", name], capture_output=True)
@@ -441,35 +358,6 @@ def _quick_python(code: str, *args: str) -> list[str]:
     return [sys.executable, "-I", "-S", "-c", code, *args]
 
 
-def _check(argv: list[str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=30)
-    if done.returncode != 0:
-        raise LabError(f"{' '.join(argv)} exited {done.returncode}: {done.stderr.strip()}")
-    return done
-
-
-def read_line(stream: IO[str] | None, timeout: float) -> str | None:
-    """One line from a child's pipe, or None if none arrives in time."""
-    if stream is None:
-        return None
-    ready, _, _ = select.select([stream], [], [], timeout)
-    return stream.readline().strip() if ready else None
-
-
-def _stop(process: subprocess.Popen[str]) -> None:
-    """SIGTERM the process group, SIGKILL it if it lingers, and close the pipes."""
-    for sig, grace in ((signal.SIGTERM, 2.0), (signal.SIGKILL, 5.0)):
-        if process.poll() is not None:
-            break
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, sig)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(grace)
-    for stream in (process.stdin, process.stdout, process.stderr):
-        if stream is not None:
-            stream.close()
-
-
 _open_labs: set[NetnsLab] = set()
 
 
@@ -479,12 +367,3 @@ def _close_open_labs() -> None:
         lab.close()
 
 
-def wait_for(predicate: Callable[[], object], timeout: float, interval: float = 0.005) -> float:
-    """Poll ``predicate()`` until true; seconds it took. AssertionError on timeout."""
-    start = time.monotonic()
-    deadline = start + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        time.sleep(interval)
-    return time.monotonic() - start

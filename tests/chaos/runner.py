@@ -78,7 +78,8 @@ from sidecar.api.session_pb2_grpc import SessionServiceStub
 from sidecar.lab.etcdbinary import find_etcd_binary
 from sidecar.lab.localcluster import LocalEtcdCluster
 from sidecar.lab.localnode import LocalSidecar, RoleRecorder
-from sidecar.lab.netlab import NetnsLab, free_subnet, netns_unavailable
+from sidecar.lab.netlab import NetnsLab
+from sidecar.lab.netns import free_subnet, netns_unavailable
 from sidecar.sessions.record import NOT_PRIMARY_METADATA_KEY, decode_session, encode_session
 
 from .. import builders

@@ -19,7 +19,7 @@ from sidecar.etcd.client import Etcd
 from sidecar.host import checkhost, hiveconf
 from sidecar.host.checkhost import FAIL, OK, WARN, Check
 from sidecar.lab.localcluster import LocalEtcdCluster
-from sidecar.lab.netlab import wait_for
+from sidecar.lab.netns import wait_for
 
 from ..builders import settings
 from ..sidecars import Pair

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.lab.netlab import list_netns, netns_unavailable
+from sidecar.lab.netns import list_netns, netns_unavailable
 
 pytestmark = [pytest.mark.etcd, pytest.mark.slow]
 

@@ -17,7 +17,7 @@ import grpc
 
 from ... import client
 from ...api import session_pb2, session_pb2_grpc
-from .. import netlab
+from .. import netlab, netns
 from ..etcderrors import EtcdClusterError
 from ..etcdmember import EtcdMember
 from ..localcluster import LocalEtcdCluster
@@ -63,8 +63,8 @@ class Lab:
         etcd_host = "127.0.0.1"
         if self.net_skipped is None:
             try:
-                self.net = netlab.NetnsLab(subnet=netlab.free_subnet())
-            except (netlab.LabError, OSError, subprocess.SubprocessError) as exc:
+                self.net = netlab.NetnsLab(subnet=netns.free_subnet())
+            except (netns.LabError, OSError, subprocess.SubprocessError) as exc:
                 self.net_skipped = str(exc)
             else:
                 etcd_host = f"{self.net.subnet}.{netlab.ROOT_OCTET}"  # the demo's own leg
@@ -239,7 +239,7 @@ def _netns_skipped() -> str | None:
     if os.environ.get(NETNS_ENV, "").strip() == "0":
         return f"{NETNS_ENV}=0"
     try:
-        return netlab.netns_unavailable()
+        return netns.netns_unavailable()
     except (OSError, subprocess.SubprocessError) as exc:
         return str(exc)
 
