@@ -43,6 +43,7 @@ from .records import (
     encode_leader,
     garbage_leader,
 )
+from .retry import any_etcd_error, retry_policy
 from .versions import (
     SLOW_KEEPALIVE,
     VERSION_RECHECK,
@@ -245,21 +246,33 @@ class Election:
         raise EtcdUnavailable("the watch ended before the first event")
 
     async def keep_alive(self, lease: Lease) -> None:
-        """Renew until the lease is lost; raises :class:`LeaseLost` (never returns)."""
+        """Renew until the lease is lost; raises :class:`LeaseLost` (never returns).
+
+        A failed renewal is retried by the retry policy every KEEPALIVE_RETRY, under an
+        ``asyncio.timeout`` at the lease's local deadline (rule 3): a renewal still in flight
+        then is abandoned, and the lease counts as lost."""
         interval = self.settings.keepalive_interval
+        failure: list[BaseException] = []  # the last error of the renewal being retried
+
+        def failed(exc: BaseException) -> None:
+            failure[:] = [exc]
+            log.warning("keepalive_failed", error=str(exc), time_left=round(lease.time_left(), 2))
+
         while True:
+            failure.clear()
             try:
-                await self.keepalive_once(lease)
-                wait = interval
-            except EtcdError as exc:
-                if lease.expired():
-                    raise LeaseLost(f"local deadline passed: {exc}") from exc
-                log.warning("keepalive_failed", error=str(exc),
-                            time_left=round(lease.time_left(), 2))
-                wait = KEEPALIVE_RETRY
+                async with asyncio.timeout(max(lease.time_left(), 0.0)):
+                    async for attempt in retry_policy(
+                            "keepalive", first_wait=KEEPALIVE_RETRY, max_wait=KEEPALIVE_RETRY,
+                            jitter=0.0, retry_if=any_etcd_error, on_retry=failed):
+                        with attempt:
+                            await self.keepalive_once(lease)
+            except TimeoutError as exc:
+                why = f": {failure[0]}" if failure else ""
+                raise LeaseLost(f"local deadline passed{why}") from exc
             if lease.expired():
                 raise LeaseLost("local deadline passed")
-            await asyncio.sleep(min(wait, max(lease.time_left(), 0.01)))
+            await asyncio.sleep(min(interval, max(lease.time_left(), 0.01)))
 
     async def read_leader(self) -> tuple[LeaderInfo | None, int]:
         """A linearizable read of the leader key and the revision it reflects."""
