@@ -12,8 +12,9 @@ import structlog
 
 from ..etcd.client import Etcd
 from ..etcd.election import Election
-from ..etcd.errors import EtcdError
+from ..etcd.errors import EtcdError, EtcdUnavailable
 from ..etcd.records import LeaderInfo, decode_leader
+from ..etcd.retry import reconnect_policy
 from ..etcd.watch import EventType
 
 log = structlog.get_logger("sidecar.core.node")  # their events are the node's
@@ -22,6 +23,7 @@ log = structlog.get_logger("sidecar.core.node")  # their events are the node's
 # can miss a change (a member cut off from the quorum, a bug), a read cannot.
 LEADER_REREAD_SECONDS = 10.0
 REQUEST_POLL_SECONDS = 1.0  # a primary looks at its health at least this often
+GUARD_RECONNECT_SECONDS = 0.1  # a primary's guard of its key is never long without a watch
 
 
 class Deposed(Exception):
@@ -69,26 +71,48 @@ async def wait_request(etcd: Etcd, election: Election, revision: int) -> None:
 
 async def guard_key(etcd: Etcd, election: Election, epoch: int, revision: int,
                     read_leader: Callable[[], Awaitable[tuple[LeaderInfo | None, int]]]) -> None:
-    """Raise :class:`Deposed` when the leader key stops being the one we created."""
-    while True:
-        try:
-            async with etcd.watch(election.keys.leader, start_revision=revision + 1) as watch:
-                async for batch in watch:
-                    for event in batch.events:
-                        if event.type is EventType.DELETE or event.create_revision != epoch:
-                            raise Deposed("the leader key was deleted or replaced")
-                        report_overwrite(election, event.value, event.mod_revision)
-                        raise Tampered("the leader key was overwritten by someone else")
-        except EtcdError as exc:
-            log.info("leader_guard_watch_ended", error=str(exc))
-        await asyncio.sleep(0.1)
-        leader, revision = await read_leader()
-        if leader is None or leader.epoch != epoch:
-            raise Deposed("the leader key was deleted or replaced")
-        if leader.overwritten:
-            if leader.valid:  # (garbage was reported by the read itself)
-                report_overwrite(election, b"", leader.revision)
-            raise Tampered("the leader key was overwritten by someone else")
+    """Raise :class:`Deposed` when the leader key stops being the one we created.
+
+    A broken watch is opened again by the reconnect policy, after a read that checks the key
+    is still ours (a change while no watch was open is seen there)."""
+    opened = False
+    async for attempt in reconnect_policy("leader guard", wait=GUARD_RECONNECT_SECONDS,
+                                          on_retry=_guard_watch_ended):
+        if opened:  # (outside the attempt: a failed read is the node's to handle, as ever)
+            revision = await _still_ours(election, epoch, read_leader)
+        opened = True
+        with attempt:
+            await _watch_own_key(etcd, election, epoch, revision)
+
+
+def _guard_watch_ended(exc: BaseException) -> None:
+    log.info("leader_guard_watch_ended", error=str(exc))
+
+
+async def _watch_own_key(etcd: Etcd, election: Election, epoch: int, revision: int) -> None:
+    """Raise Deposed or Tampered at the first change of our leader key after ``revision``;
+    an EtcdError when the watch breaks (or ends, which it must not)."""
+    async with etcd.watch(election.keys.leader, start_revision=revision + 1) as watch:
+        async for batch in watch:
+            for event in batch.events:
+                if event.type is EventType.DELETE or event.create_revision != epoch:
+                    raise Deposed("the leader key was deleted or replaced")
+                report_overwrite(election, event.value, event.mod_revision)
+                raise Tampered("the leader key was overwritten by someone else")
+    raise EtcdUnavailable("the leader key's watch ended")
+
+
+async def _still_ours(election: Election, epoch: int,
+                      read_leader: Callable[[], Awaitable[tuple[LeaderInfo | None, int]]]) -> int:
+    """The revision our leader key was read at; Deposed or Tampered if it is not ours."""
+    leader, revision = await read_leader()
+    if leader is None or leader.epoch != epoch:
+        raise Deposed("the leader key was deleted or replaced")
+    if leader.overwritten:
+        if leader.valid:  # (garbage was reported by the read itself)
+            report_overwrite(election, b"", leader.revision)
+        raise Tampered("the leader key was overwritten by someone else")
+    return revision
 
 
 def report_overwrite(election: Election, value: bytes, revision: int) -> None:
