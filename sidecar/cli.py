@@ -149,6 +149,7 @@ def _add_client_tls(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    logs.quiet_grpc_core()
     args = _parser().parse_args(argv)
     try:
         return int(args.func(args))

@@ -198,6 +198,10 @@ def test_mtls_refuses_clients_without_a_certificate_from_the_ca(
     anonymous = subprocess.run([*cli, "--grpc-ca", str(pki.ca), "--timeout", "2"],
                                capture_output=True, text=True, timeout=30)
     assert anonymous.returncode == 1
+    # The refused handshakes did not break the log's one JSON object per line (gRPC's C core
+    # prints each at INFO by itself unless kept to errors).
+    lines = node.log_path.read_text().splitlines()
+    assert [line for line in lines if not line.startswith("{")] == []
 
 
 # -- the session write restriction ---------------------------------------------------------------
