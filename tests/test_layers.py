@@ -81,3 +81,15 @@ def test_the_product_does_not_import_the_lab() -> None:
              for name, targets in import_graph().items()
              if not _within(name, LAB_USERS)}
     assert {name: labs for name, labs in users.items() if labs} == {}
+
+
+# The settings face (building, loading, flags) is for the entry points; the rooms read the
+# Settings table from its leaf, sidecar.settings, so no room depends on the validators.
+CONFIG = "sidecar.config"
+CONFIG_USERS = ("sidecar.cli", "sidecar.service", "sidecar.tools", "sidecar.lab")
+
+
+def test_the_rooms_read_settings_from_the_leaf() -> None:
+    users = sorted(name for name, targets in import_graph().items()
+                   if CONFIG in targets and not _within(name, CONFIG_USERS))
+    assert users == []

@@ -23,13 +23,13 @@ from typing import Any
 import structlog
 
 from .. import logs
-from ..config import Settings
 from ..etcd.client import Etcd
 from ..etcd.election import CampaignResult, Election
 from ..etcd.errors import EtcdAccessDenied, EtcdError, LeaseGone
 from ..etcd.lease import Lease, LeaseLost
 from ..etcd.records import SWITCHOVER_TTL, LeaderInfo, MemberRecord, SwitchoverRequest
 from ..etcd.retry import retry_policy
+from ..settings import Settings
 from . import rules
 from .collaborators import NodeParts
 from .lease import (

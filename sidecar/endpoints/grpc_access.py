@@ -42,8 +42,8 @@ from typing import Any
 import grpc
 import structlog
 
-from ..config import ConfigError, Settings
 from ..host.accounts import group_id
+from ..settings import ConfigError, Settings
 
 log = structlog.get_logger(__name__)
 

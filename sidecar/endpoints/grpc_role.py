@@ -32,12 +32,12 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from ..api import role_pb2, role_pb2_grpc
-from ..config import NAME_PATTERN, ConfigError
 from ..core.node import Node
 from ..core.roles import Role, Status
 from ..core.rules import SwitchoverRefused
 from ..core.switchover import SwitchoverFailed
 from ..etcd.errors import EtcdError
+from ..settings import NAME_PATTERN, ConfigError
 from .grpc_access import AccessGuard, AccessPolicy, prepare_socket, secure_socket, unix_path
 
 log = structlog.get_logger(__name__)

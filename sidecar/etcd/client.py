@@ -19,7 +19,7 @@ import etcd3
 import grpc
 from etcd3 import etcdrpc
 
-from ..config import Settings
+from ..settings import Settings
 from .connection import endpoints, fail_over, password, revive_if_all_failed
 from .errors import ClientClosed, EtcdAccessDenied, EtcdUnavailable, translate
 from .watch import Watch

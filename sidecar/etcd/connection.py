@@ -10,7 +10,7 @@ from urllib.parse import urlsplit
 import etcd3
 import grpc
 
-from ..config import Settings
+from ..settings import Settings
 from .errors import TRANSIENT_CODES
 
 # How long an endpoint that failed is skipped before it is tried again.

@@ -27,7 +27,7 @@ from typing import Any
 import structlog
 from etcd3 import etcdrpc
 
-from ..config import Settings
+from ..settings import Settings
 from .client import Etcd, kv_call, lease_ttl_elsewhere, member_versions
 from .errors import EtcdError, EtcdUnavailable
 from .keys import Keys, epoch_guard, prefix_end

@@ -12,7 +12,7 @@ from typing import Any
 
 import structlog
 
-from ..config import NAME_PATTERN
+from ..settings import NAME_PATTERN
 
 log = structlog.get_logger(__name__)
 

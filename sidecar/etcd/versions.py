@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-from ..config import Settings
+from ..settings import Settings
 
 # -- etcd-io/etcd#15247 ----------------------------------------------------------------------
 #

@@ -31,13 +31,13 @@ from urllib.parse import urlsplit
 
 import structlog
 
-from ..config import Settings
 from ..core.reports import FILE_BEHIND, ON_PRIMARY, REPLICATED
 from ..etcd.client import Etcd
 from ..etcd.errors import EtcdError
 from ..etcd.keys import Keys
 from ..etcd.records import load_json
 from ..etcd.retry import quiet, reconnect_policy
+from ..settings import Settings
 from . import hiveconf
 
 log = structlog.get_logger(__name__)

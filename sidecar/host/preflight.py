@@ -11,7 +11,7 @@ import socket
 import stat
 from pathlib import Path
 
-from ..config import ConfigError, Settings
+from ..settings import ConfigError, Settings
 
 
 def check_host(settings: Settings) -> None:

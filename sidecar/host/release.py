@@ -18,13 +18,13 @@ from dataclasses import dataclass
 
 import structlog
 
-from ..config import Settings
 from ..core.lease import forget_lease, recorded_lease
 from ..etcd.client import Etcd
 from ..etcd.election import Election
 from ..etcd.errors import LeaseGone
 from ..etcd.lease import Lease
 from ..resource.controller import ResourceController
+from ..settings import Settings
 from . import datalock
 
 log = structlog.get_logger(__name__)

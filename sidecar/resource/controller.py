@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import structlog
 
-from ..config import ConfigError, Settings
+from ..settings import ConfigError, Settings
 from .actuator import ResourceIP
 from .address import parse_vip as parse_vip
 from .announce import AnnounceSettings

@@ -16,11 +16,11 @@ import sys
 from pathlib import Path
 
 from ..atomicfile import atomic_write
-from ..config import Settings
 from ..etcd.client import Etcd
 from ..etcd.errors import EtcdError
 from ..etcd.keys import Keys
 from ..host.targets import ProbeFailed, parse_target
+from ..settings import Settings
 from .adapter import ChunkError
 from .mirror import Copy, EtcdCopy
 
