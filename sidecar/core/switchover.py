@@ -15,8 +15,8 @@ import asyncio
 
 from ..etcd.client import Etcd
 from ..etcd.election import Election
-from ..etcd.records import SWITCHOVER_TTL, SwitchoverRequest, decode_leader, load_json
-from ..etcd.watch import EventType
+from ..etcd.records import SWITCHOVER_TTL, SwitchoverRequest, decode_leader, decode_member
+from ..etcd.watch import Event, EventType
 from .rules import SwitchoverRefused, choose_target
 
 
@@ -54,17 +54,18 @@ async def request_move(election: Election, etcd: Etcd, requester: str,
                             new = decode_leader(event.value, event.create_revision, 0,
                                                 event.mod_revision)
                             epoch = new.epoch if new.node_id == chosen else 0
-                        elif event.key == member_key and epoch and _serving(event.value, epoch):
+                        elif event.key == member_key and epoch and _serving(event, epoch):
                             return chosen, epoch
         except TimeoutError:
             pass
     raise SwitchoverFailed(f"{chosen} did not take over within {SWITCHOVER_TTL + 1} s")
 
 
-def _serving(record: bytes, epoch: int) -> bool:
+def _serving(event: Event, epoch: int) -> bool:
+    """Whether a put of the chosen node's member record says it serves as PRIMARY at
+    ``epoch`` (a record that does not decode says nothing)."""
     try:
-        data = load_json(record)
+        member = decode_member(event.key.rpartition(b"/")[2], event.value, event.lease)
     except ValueError:
         return False
-    return isinstance(data, dict) and data.get("role") == "ROLE_PRIMARY" and \
-        data.get("epoch") == epoch
+    return member.role == "ROLE_PRIMARY" and member.epoch == epoch

@@ -47,6 +47,7 @@ class Event:
     value: bytes
     create_revision: int
     mod_revision: int
+    lease: int = 0  # the lease the key was put on (0 for none, and for a delete)
 
 
 @dataclass(frozen=True)
@@ -159,4 +160,4 @@ class Watch:
 def _event(raw: Any) -> Event:
     kind = EventType.DELETE if raw.type == kv_pb2.Event.DELETE else EventType.PUT
     kv = raw.kv
-    return Event(kind, kv.key, kv.value, kv.create_revision, kv.mod_revision)
+    return Event(kind, kv.key, kv.value, kv.create_revision, kv.mod_revision, kv.lease)

@@ -35,7 +35,7 @@ from ..core.reports import FILE_BEHIND, ON_PRIMARY, REPLICATED
 from ..etcd.client import Etcd
 from ..etcd.errors import EtcdError
 from ..etcd.keys import Keys
-from ..etcd.records import load_json
+from ..etcd.records import MemberRecord, decode_member, load_json
 from ..etcd.retry import quiet, reconnect_policy
 from ..settings import Settings
 from . import hiveconf
@@ -248,13 +248,13 @@ def check_sessions_copy(settings: Settings, etcd: Etcd) -> list[Check]:
     member_key = keys.member(settings.node_id)
     manifest_key = keys.prefix.encode() + b"vsmfile/manifest"
     try:
-        member, _ = etcd.run_sync(lambda client: client.get(member_key), "read member")
+        member, meta = etcd.run_sync(lambda client: client.get(member_key), "read member")
         manifest, _ = etcd.run_sync(lambda client: client.get(manifest_key), "read manifest")
     except EtcdError as exc:
         return [Check(FAIL, f"the sessions file's copy could not be read: {exc}")]
     checks = []
-    record = _json_object(member)
-    report = record.get("sessions_file") if record else None
+    record = _member(settings.node_id, member, meta)
+    report = record.extras.get("sessions_file") if record else None
     if record is None:
         checks.append(Check(WARN, f"no sidecar for node {settings.node_id} runs now: its view "
                             "of the copy is unknown", "start vsm-sidecar"))
@@ -278,6 +278,16 @@ def check_sessions_copy(settings: Settings, etcd: Etcd) -> list[Check]:
                         f"{'equals' if same else 'differs from'} etcd's copy "
                         f"({str(stored.get('sha256'))[:12]})"))
     return checks
+
+
+def _member(node_id: str, value: bytes | None, meta: Any) -> MemberRecord | None:
+    """This node's member record, or None when there is none (or garbage: no sidecar wrote it)."""
+    if value is None or meta is None:
+        return None
+    try:
+        return decode_member(node_id.encode(), value, meta.lease_id)
+    except ValueError:
+        return None
 
 
 def _json_object(value: bytes | None) -> dict[str, Any] | None:
