@@ -91,6 +91,10 @@ def _add_operator_commands(commands: Commands) -> None:
     status.add_argument("--grpc", default="127.0.0.1:50051", metavar="ADDR",
                         help="the sidecar's gRPC address [127.0.0.1:50051]")
     status.add_argument("--json", action="store_true", help="print JSON")
+    status.add_argument("--all", action="store_true",
+                        help="every member of the cluster as this sidecar sees it in etcd: "
+                             "role, epoch, health, applied revision and lag, resource IP; "
+                             "and whether the cluster is paused")
     status.add_argument("--timeout", type=float, default=3.0, help="seconds to wait [3]")
     _add_client_tls(status)
     status.set_defaults(func=_cmd_status)
@@ -104,6 +108,7 @@ def _add_operator_commands(commands: Commands) -> None:
     _add_client_tls(move)
     move.set_defaults(func=_cmd_switchover)
 
+    _add_maintenance_commands(commands)
     release = commands.add_parser(
         "release", help="after a sidecar died: remove this node's resource IPs and revoke its "
                         "lease so the standby takes over at once (exit 1 if one is running)",
@@ -116,6 +121,24 @@ def _add_operator_commands(commands: Commands) -> None:
                       help="stop after this long (default: run the scenes, then until Ctrl-C)")
     demo.add_argument("--ttl", type=int, default=2, help="lease TTL of the demo sidecars [2]")
     demo.set_defaults(func=_cmd_demo)
+
+
+def _add_maintenance_commands(commands: Commands) -> None:
+    """pause and resume: they write to etcd directly, so they work on any node, with the
+    primary dead or no sidecar running at all."""
+    pause = commands.add_parser(
+        "pause", help="maintenance mode: nothing moves by itself (no takeover, failback or "
+                      "health handover) until resume or --for ends; switchover still works")
+    pause.add_argument("--for", dest="pause_for", metavar="DURATION", default=None,
+                       help="end by itself after this long (etcd deletes the key): 90, 90s, "
+                            "15m, 2h, 1h30m [until resume]")
+    pause.add_argument("--reason", dest="pause_reason", default="", metavar="TEXT",
+                       help="why, shown by status, GetRole and /health")
+    config.add_arguments(pause)
+    pause.set_defaults(func=_cmd_pause)
+    resume = commands.add_parser("resume", help="end maintenance mode")
+    config.add_arguments(resume)
+    resume.set_defaults(func=_cmd_resume)
 
 
 def _add_thinlinc_commands(commands: Commands) -> None:
@@ -231,11 +254,40 @@ def _cmd_status(args: argparse.Namespace) -> int:
     except client.Unreachable as exc:
         print(f"vsm-sidecar: {config.printable(str(exc))}", file=sys.stderr)
         return EXIT_FAILED
-    if args.json:
+    if args.all:
+        cluster = client.cluster_view(status)
+        print(json.dumps(cluster, indent=2, sort_keys=True) if args.json
+              else client.format_cluster(cluster))
+    elif args.json:
         print(json.dumps(status, indent=2, sort_keys=True))
     else:
         print(client.format_status(status))
     return EXIT_DONE
+
+
+def _cmd_pause(args: argparse.Namespace) -> int:
+    from . import maintenance
+
+    seconds = maintenance.parse_duration(args.pause_for) if args.pause_for else None
+    if args.pause_for and seconds is None:
+        print(f"vsm-sidecar: error: --for: {config.printable(repr(args.pause_for))} is not a "
+              "duration (e.g. 90, 90s, 15m, 2h, 1h30m)", file=sys.stderr)
+        return EXIT_CONFIG
+    if len(args.pause_reason) > maintenance.MAX_REASON:
+        print(f"vsm-sidecar: error: --reason: at most {maintenance.MAX_REASON} characters",
+              file=sys.stderr)
+        return EXIT_CONFIG
+    settings = config.load(vars(args))
+    logs.configure("console", "error")
+    return maintenance.run(maintenance.pause(settings, seconds, args.pause_reason))
+
+
+def _cmd_resume(args: argparse.Namespace) -> int:
+    from . import maintenance
+
+    settings = config.load(vars(args))
+    logs.configure("console", "error")
+    return maintenance.run(maintenance.resume(settings))
 
 
 def _cmd_switchover(args: argparse.Namespace) -> int:

@@ -136,7 +136,58 @@ def format_status(status: dict[str, Any]) -> str:
         rows.append(("resource IP", f"{', '.join(status['resource_ips'])} ({held})"))
     members = ", ".join(f"{m.get('node_id')}={role_name(m)}" for m in status.get("members", []))
     rows.append(("members", members or "-"))
+    rows.append(("paused", pause_line(status.get("pause"))))
     return "\n".join(f"{key:<11} {value}" for key, value in rows)
+
+
+def pause_line(pause: dict[str, Any] | None) -> str:
+    """The ``pause`` of a status in one line: "no", or who, since, until, why."""
+    if not pause:
+        return "no"
+    until = _short_time(pause["until"]) if "until" in pause else "resume"
+    text = f"PAUSED by {pause.get('by') or '?'} since {_short_time(pause.get('since', ''))}, " \
+           f"until {until}"
+    return f"{text}: {pause['reason']}" if pause.get("reason") else text
+
+
+def cluster_view(status: dict[str, Any]) -> dict[str, Any]:
+    """The cluster as one sidecar sees it (``status --all``): every member with its lag, in
+    revisions, behind the member whose copy is newest (as each last published it)."""
+    members = status.get("members", [])
+    newest = max((int(m.get("applied_revision", 0)) for m in members), default=0)
+    rows = []
+    for m in sorted(members, key=lambda m: str(m.get("node_id"))):
+        applied = int(m.get("applied_revision", 0))
+        ip = ("held" if m.get("resource_ip_held") else "not held") \
+            if m.get("has_resource_ip") else "none"
+        rows.append({"node_id": m.get("node_id", ""), "role": role_name(m),
+                     "epoch": int(m.get("epoch", 0)), "health": m.get("health", ""),
+                     "applied_revision": applied, "lag": newest - applied if applied else None,
+                     "resource_ip": ip, "version": m.get("version", ""),
+                     "address": m.get("address", "")})
+    return {"cluster": status.get("cluster", ""), "asked": status.get("node_id", ""),
+            "leader_id": status.get("leader_id", ""), "epoch": int(status.get("epoch", 0)),
+            "pause": status.get("pause"), "members": rows,
+            "resource_ip_holders": [r["node_id"] for r in rows if r["resource_ip"] == "held"]}
+
+
+def format_cluster(view: dict[str, Any]) -> str:
+    """``status --all`` as a table (``patronictl list``'s shape)."""
+    head = ("MEMBER", "ROLE", "EPOCH", "HEALTH", "APPLIED", "LAG", "RESOURCE IP", "VERSION")
+    rows = [head] + [(r["node_id"], r["role"], str(r["epoch"]), r["health"] or "-",
+                      str(r["applied_revision"] or "-"),
+                      "-" if r["lag"] is None else str(r["lag"]), r["resource_ip"],
+                      r["version"] or "-") for r in view["members"]]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    table = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+             for row in rows]
+    holders = ", ".join(view["resource_ip_holders"]) or "nobody"
+    if all(r["resource_ip"] == "none" for r in view["members"]):
+        holders = "nobody (none configured)"
+    leader = view["leader_id"] or "none"
+    return "\n".join([f"cluster {view['cluster']} (as seen by {view['asked']}): primary "
+                      f"{leader}, epoch {view['epoch']}; resource IP held by {holders}",
+                      f"paused: {pause_line(view['pause'])}", *table])
 
 
 def _short_time(stamp: str) -> str:

@@ -150,7 +150,9 @@ class Service:
         # Others judge us as a handover target by these (sidecar.core.rules.ineligibility).
         fields: dict[str, Callable[[], object]] = {
             "copy_current": lambda: follower.connected,
-            "preferred_primary": lambda: settings.preferred_primary}
+            "preferred_primary": lambda: settings.preferred_primary,
+            # Shown by `status --all` (not judged by the rules).
+            "applied_revision": lambda: follower.revision}
         health: HealthView = no_verdict
         server_report = None
         if settings.vsm_server_mode == ON_PRIMARY:
@@ -169,6 +171,8 @@ class Service:
             health = _checked_health(self.health)
             fields["health"] = _member_health(self.health)
         resource = self.resource
+        if resource is not None:
+            fields["resource_ip_held"] = lambda: resource.view()[1]
         return NodeParts(
             promotion_gates=gates, member_fields=fields, health=health,
             health_configured=self.health is not None,

@@ -27,33 +27,33 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19thinlinc/ha/v1/role.proto\x12\x0ethinlinc.ha.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x10\n\x0eGetRoleRequest\"\x12\n\x10WatchRoleRequest\"]\n\x06Member\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\"\n\x04role\x18\x03 \x01(\x0e\x32\x14.thinlinc.ha.v1.Role\x12\r\n\x05\x65poch\x18\x04 \x01(\x03\"\xda\x04\n\nRoleStatus\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\"\n\x04role\x18\x02 \x01(\x0e\x32\x14.thinlinc.ha.v1.Role\x12\x11\n\tleader_id\x18\x03 \x01(\t\x12\x16\n\x0eleader_address\x18\x04 \x01(\t\x12\r\n\x05\x65poch\x18\x05 \x01(\x03\x12.\n\nrole_since\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0flease_time_left\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0e\n\x06reason\x18\x08 \x01(\t\x12\x0f\n\x07\x63luster\x18\t \x01(\t\x12\'\n\x07members\x18\n \x03(\x0b\x32\x16.thinlinc.ha.v1.Member\x12\x14\n\x0cresource_ips\x18\x0b \x03(\t\x12\x18\n\x10resource_ip_held\x18\x0c \x01(\x08\x12\x35\n\x11last_announcement\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06health\x18\x0e \x01(\t\x12\x19\n\x11preferred_primary\x18\x0f \x01(\x08\x12\x33\n\rsessions_file\x18\x10 \x01(\x0b\x32\x1c.thinlinc.ha.v1.SessionsFile\x12-\n\nvsm_server\x18\x11 \x01(\x0b\x32\x19.thinlinc.ha.v1.VsmServer\x12$\n\x05pause\x18\x12 \x01(\x0b\x32\x15.thinlinc.ha.v1.Pause\x12\x13\n\x0b\x65tcd_alarms\x18\x13 \x03(\t\"y\n\x05Pause\x12\n\n\x02\x62y\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12)\n\x05since\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05until\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xb9\x01\n\x0cSessionsFile\x12\r\n\x05state\x18\x01 \x01(\t\x12\x14\n\x0clocal_sha256\x18\x02 \x01(\t\x12\x13\n\x0b\x65tcd_sha256\x18\x03 \x01(\t\x12\x15\n\retcd_revision\x18\x04 \x01(\x03\x12\x30\n\x0c\x62\x65hind_since\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\x17\n\x0fupload_failures\x18\x07 \x01(\x03\"\x83\x01\n\tVsmServer\x12\r\n\x05state\x18\x01 \x01(\t\x12)\n\x05since\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x16\n\x0estart_failures\x18\x04 \x01(\x03\x12\x15\n\rstop_failures\x18\x05 \x01(\x03\"(\n\x11SwitchoverRequest\x12\x13\n\x0btarget_node\x18\x01 \x01(\t\"]\n\x12SwitchoverResponse\x12\x0f\n\x07primary\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\x12\'\n\x04took\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration*w\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x11\n\rROLE_STARTING\x10\x01\x12\x10\n\x0cROLE_STANDBY\x10\x02\x12\x10\n\x0cROLE_PRIMARY\x10\x03\x12\x0f\n\x0bROLE_FENCED\x10\x04\x12\x11\n\rROLE_STOPPING\x10\x05\x32\xf6\x01\n\x0bRoleService\x12\x45\n\x07GetRole\x12\x1e.thinlinc.ha.v1.GetRoleRequest\x1a\x1a.thinlinc.ha.v1.RoleStatus\x12K\n\tWatchRole\x12 .thinlinc.ha.v1.WatchRoleRequest\x1a\x1a.thinlinc.ha.v1.RoleStatus0\x01\x12S\n\nSwitchover\x12!.thinlinc.ha.v1.SwitchoverRequest\x1a\".thinlinc.ha.v1.SwitchoverResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19thinlinc/ha/v1/role.proto\x12\x0ethinlinc.ha.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x10\n\x0eGetRoleRequest\"\x12\n\x10WatchRoleRequest\"\xcb\x01\n\x06Member\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\"\n\x04role\x18\x03 \x01(\x0e\x32\x14.thinlinc.ha.v1.Role\x12\r\n\x05\x65poch\x18\x04 \x01(\x03\x12\x0e\n\x06health\x18\x05 \x01(\t\x12\x18\n\x10\x61pplied_revision\x18\x06 \x01(\x03\x12\x18\n\x10resource_ip_held\x18\x07 \x01(\x08\x12\x17\n\x0fhas_resource_ip\x18\x08 \x01(\x08\x12\x0f\n\x07version\x18\t \x01(\t\"\xda\x04\n\nRoleStatus\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\"\n\x04role\x18\x02 \x01(\x0e\x32\x14.thinlinc.ha.v1.Role\x12\x11\n\tleader_id\x18\x03 \x01(\t\x12\x16\n\x0eleader_address\x18\x04 \x01(\t\x12\r\n\x05\x65poch\x18\x05 \x01(\x03\x12.\n\nrole_since\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0flease_time_left\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0e\n\x06reason\x18\x08 \x01(\t\x12\x0f\n\x07\x63luster\x18\t \x01(\t\x12\'\n\x07members\x18\n \x03(\x0b\x32\x16.thinlinc.ha.v1.Member\x12\x14\n\x0cresource_ips\x18\x0b \x03(\t\x12\x18\n\x10resource_ip_held\x18\x0c \x01(\x08\x12\x35\n\x11last_announcement\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06health\x18\x0e \x01(\t\x12\x19\n\x11preferred_primary\x18\x0f \x01(\x08\x12\x33\n\rsessions_file\x18\x10 \x01(\x0b\x32\x1c.thinlinc.ha.v1.SessionsFile\x12-\n\nvsm_server\x18\x11 \x01(\x0b\x32\x19.thinlinc.ha.v1.VsmServer\x12$\n\x05pause\x18\x12 \x01(\x0b\x32\x15.thinlinc.ha.v1.Pause\x12\x13\n\x0b\x65tcd_alarms\x18\x13 \x03(\t\"y\n\x05Pause\x12\n\n\x02\x62y\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12)\n\x05since\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05until\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xb9\x01\n\x0cSessionsFile\x12\r\n\x05state\x18\x01 \x01(\t\x12\x14\n\x0clocal_sha256\x18\x02 \x01(\t\x12\x13\n\x0b\x65tcd_sha256\x18\x03 \x01(\t\x12\x15\n\retcd_revision\x18\x04 \x01(\x03\x12\x30\n\x0c\x62\x65hind_since\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\x17\n\x0fupload_failures\x18\x07 \x01(\x03\"\x83\x01\n\tVsmServer\x12\r\n\x05state\x18\x01 \x01(\t\x12)\n\x05since\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x16\n\x0estart_failures\x18\x04 \x01(\x03\x12\x15\n\rstop_failures\x18\x05 \x01(\x03\"(\n\x11SwitchoverRequest\x12\x13\n\x0btarget_node\x18\x01 \x01(\t\"]\n\x12SwitchoverResponse\x12\x0f\n\x07primary\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\x12\'\n\x04took\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration*w\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x11\n\rROLE_STARTING\x10\x01\x12\x10\n\x0cROLE_STANDBY\x10\x02\x12\x10\n\x0cROLE_PRIMARY\x10\x03\x12\x0f\n\x0bROLE_FENCED\x10\x04\x12\x11\n\rROLE_STOPPING\x10\x05\x32\xf6\x01\n\x0bRoleService\x12\x45\n\x07GetRole\x12\x1e.thinlinc.ha.v1.GetRoleRequest\x1a\x1a.thinlinc.ha.v1.RoleStatus\x12K\n\tWatchRole\x12 .thinlinc.ha.v1.WatchRoleRequest\x1a\x1a.thinlinc.ha.v1.RoleStatus0\x01\x12S\n\nSwitchover\x12!.thinlinc.ha.v1.SwitchoverRequest\x1a\".thinlinc.ha.v1.SwitchoverResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'thinlinc.ha.v1.role_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ROLE']._serialized_start=1430
-  _globals['_ROLE']._serialized_end=1549
+  _globals['_ROLE']._serialized_start=1541
+  _globals['_ROLE']._serialized_end=1660
   _globals['_GETROLEREQUEST']._serialized_start=110
   _globals['_GETROLEREQUEST']._serialized_end=126
   _globals['_WATCHROLEREQUEST']._serialized_start=128
   _globals['_WATCHROLEREQUEST']._serialized_end=146
-  _globals['_MEMBER']._serialized_start=148
-  _globals['_MEMBER']._serialized_end=241
-  _globals['_ROLESTATUS']._serialized_start=244
-  _globals['_ROLESTATUS']._serialized_end=846
-  _globals['_PAUSE']._serialized_start=848
-  _globals['_PAUSE']._serialized_end=969
-  _globals['_SESSIONSFILE']._serialized_start=972
-  _globals['_SESSIONSFILE']._serialized_end=1157
-  _globals['_VSMSERVER']._serialized_start=1160
-  _globals['_VSMSERVER']._serialized_end=1291
-  _globals['_SWITCHOVERREQUEST']._serialized_start=1293
-  _globals['_SWITCHOVERREQUEST']._serialized_end=1333
-  _globals['_SWITCHOVERRESPONSE']._serialized_start=1335
-  _globals['_SWITCHOVERRESPONSE']._serialized_end=1428
-  _globals['_ROLESERVICE']._serialized_start=1552
-  _globals['_ROLESERVICE']._serialized_end=1798
+  _globals['_MEMBER']._serialized_start=149
+  _globals['_MEMBER']._serialized_end=352
+  _globals['_ROLESTATUS']._serialized_start=355
+  _globals['_ROLESTATUS']._serialized_end=957
+  _globals['_PAUSE']._serialized_start=959
+  _globals['_PAUSE']._serialized_end=1080
+  _globals['_SESSIONSFILE']._serialized_start=1083
+  _globals['_SESSIONSFILE']._serialized_end=1268
+  _globals['_VSMSERVER']._serialized_start=1271
+  _globals['_VSMSERVER']._serialized_end=1402
+  _globals['_SWITCHOVERREQUEST']._serialized_start=1404
+  _globals['_SWITCHOVERREQUEST']._serialized_end=1444
+  _globals['_SWITCHOVERRESPONSE']._serialized_start=1446
+  _globals['_SWITCHOVERRESPONSE']._serialized_end=1539
+  _globals['_ROLESERVICE']._serialized_start=1663
+  _globals['_ROLESERVICE']._serialized_end=1909
 # @@protoc_insertion_point(module_scope)

@@ -36,16 +36,26 @@ class WatchRoleRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Member(_message.Message):
-    __slots__ = ("node_id", "address", "role", "epoch")
+    __slots__ = ("node_id", "address", "role", "epoch", "health", "applied_revision", "resource_ip_held", "has_resource_ip", "version")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
+    HEALTH_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_REVISION_FIELD_NUMBER: _ClassVar[int]
+    RESOURCE_IP_HELD_FIELD_NUMBER: _ClassVar[int]
+    HAS_RESOURCE_IP_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     address: str
     role: Role
     epoch: int
-    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., epoch: _Optional[int] = ...) -> None: ...
+    health: str
+    applied_revision: int
+    resource_ip_held: bool
+    has_resource_ip: bool
+    version: str
+    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., epoch: _Optional[int] = ..., health: _Optional[str] = ..., applied_revision: _Optional[int] = ..., resource_ip_held: _Optional[bool] = ..., has_resource_ip: _Optional[bool] = ..., version: _Optional[str] = ...) -> None: ...
 
 class RoleStatus(_message.Message):
     __slots__ = ("node_id", "role", "leader_id", "leader_address", "epoch", "role_since", "lease_time_left", "reason", "cluster", "members", "resource_ips", "resource_ip_held", "last_announcement", "health", "preferred_primary", "sessions_file", "vsm_server", "pause", "etcd_alarms")

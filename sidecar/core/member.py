@@ -8,6 +8,8 @@ etcd election code only stores and reads it (and leaves out garbage).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import time
 from collections.abc import Callable, Mapping
 
 import structlog
@@ -22,6 +24,10 @@ from .roles import Status
 log = structlog.get_logger("sidecar.core.node")  # its events are the node's
 
 MEMBERS_REFRESH_SECONDS = 1.0
+# A change of the applied revision alone is published at most this often (Patroni's loop_wait):
+# every node's copy follows the whole cluster prefix, member records included, so publishing
+# each change at once would have two nodes answer each other's puts for ever.
+APPLIED_REVISION_REFRESH_SECONDS = 10.0
 
 
 def member_record(status: Status, address: str,
@@ -31,13 +37,29 @@ def member_record(status: Status, address: str,
     health = extras.pop("health", None)
     copy_current = extras.pop("copy_current", None)
     preferred_primary = extras.pop("preferred_primary", None)
+    applied = extras.pop("applied_revision", None)
+    ip_held = extras.pop("resource_ip_held", None)
     return MemberRecord(
         status.node_id, address, status.role.value, status.epoch, __version__,
         member_since(status.role_since),
         health=health if isinstance(health, str) else None,
         copy_current=copy_current if isinstance(copy_current, bool) else None,
         preferred_primary=preferred_primary if isinstance(preferred_primary, bool) else None,
+        applied_revision=applied if type(applied) is int else None,
+        resource_ip_held=ip_held if isinstance(ip_held, bool) else None,
         extras=extras)
+
+
+def _due(current: MemberRecord, published: MemberRecord | None, published_at: float,
+         now: float) -> bool:
+    """Whether ``current`` must be put: a field others judge us by changed, or only the
+    applied revision did and the last put is APPLIED_REVISION_REFRESH_SECONDS old."""
+    if published is None:
+        return True
+    if dataclasses.replace(current, applied_revision=published.applied_revision) != published:
+        return True
+    return current.applied_revision != published.applied_revision and \
+        now - published_at >= APPLIED_REVISION_REFRESH_SECONDS
 
 
 async def publish_member(election: Election, lease: Lease, record: Callable[[], MemberRecord],
@@ -47,13 +69,14 @@ async def publish_member(election: Election, lease: Lease, record: Callable[[], 
 
     ``dirty`` set means publish again now (a field others judge us by has changed)."""
     published: MemberRecord | None = None
+    published_at = 0.0
     while True:
         try:
             current = record()
-            if dirty.is_set() or current != published:
+            if dirty.is_set() or _due(current, published, published_at, time.monotonic()):
                 dirty.clear()
                 await election.put_member(lease, current)
-                published = current
+                published, published_at = current, time.monotonic()
             members = await election.read_members()
             members_read(members)
             if published is not None and published not in members:

@@ -27,7 +27,13 @@ from ..etcd.client import Etcd
 from ..etcd.election import CampaignResult, Election
 from ..etcd.errors import EtcdAccessDenied, EtcdError, LeaseGone
 from ..etcd.lease import Lease, LeaseLost
-from ..etcd.records import SWITCHOVER_TTL, LeaderInfo, MemberRecord, SwitchoverRequest
+from ..etcd.records import (
+    SWITCHOVER_TTL,
+    LeaderInfo,
+    MemberRecord,
+    PauseRecord,
+    SwitchoverRequest,
+)
 from ..etcd.retry import retry_policy
 from ..settings import Settings
 from . import rules
@@ -52,6 +58,7 @@ from .watches import (
     follow,
     guard_key,
     wait_request,
+    watch_pause,
 )
 
 log = structlog.get_logger(__name__)
@@ -182,9 +189,21 @@ class Node:
 
     def _publish(self) -> None:
         self._member_dirty.set()
+        self._tell_subscribers()
+
+    def _tell_subscribers(self) -> None:
         snapshot = self._snapshot()
         for queue in self._subscribers:
             queue.put_nowait(snapshot)
+
+    @property
+    def paused(self) -> bool:
+        """Maintenance mode: nothing moves by itself (sidecar.core.rules)."""
+        return self._status.pause is not None
+
+    def _pause_changed(self, pause: PauseRecord | None) -> None:
+        self._status = replace(self._status, pause=pause)
+        self._tell_subscribers()  # WatchRole shows the pause; the role itself did not change
 
     # -- the lifecycle ----------------------------------------------------------------------
 
@@ -262,7 +281,8 @@ class Node:
         tasks = {"keepalive": self.election.keep_alive(lease),
                  "member": publish_member(self.election, lease, self._member_record,
                                           self._member_dirty, self._members_read),
-                 "leadership": self._leadership(lease)}
+                 "leadership": self._leadership(lease),
+                 "pause": watch_pause(self.etcd, self.election, self._pause_changed)}
         if self.settings.preferred_primary and self.settings.failback:
             tasks["failback"] = self._failback()
         return tasks
@@ -284,7 +304,7 @@ class Node:
                 held_back = await self._held_back(request)
                 if held_back is not None:
                     self._set_role(Role.STANDBY, held_back)
-                    wait = SWITCHOVER_TTL if request else 0.5
+                    wait = SWITCHOVER_TTL if request and not self.paused else 0.5
                     await follow(self.etcd, self.election, revision, wait)
                     continue
                 result = await self._campaign(lease)
@@ -333,7 +353,7 @@ class Node:
             log.warning("switchover_target_unknown", target=target,
                         decision="not held back: it is no member")
         return rules.held_back(request, self.settings.node_id, known, self.health_configured,
-                               self.health())
+                               self.health(), self.paused)
 
     async def _is_member(self, node_id: str) -> bool:
         """Whether ``node_id`` has a members/ record, read again if we do not know it yet."""
@@ -421,7 +441,8 @@ class Node:
             _, request, revision = await self._read_state()
             if request is not None and request.target != me:
                 self._members_read(await self.election.read_members())
-            decision = rules.handover(request, me, self._status.members, self.health())
+            decision = rules.handover(request, me, self._status.members, self.health(),
+                                      self.paused)
             if decision.action == rules.CLEAR:
                 if decision.reason:
                     log.warning("switchover_ignored", target=decision.target,
@@ -453,9 +474,11 @@ class Node:
     def _member(self, node_id: str) -> MemberRecord | None:
         return rules.member(self._status.members, node_id)
 
-    def _failback_state(self) -> rules.FailbackState:
+    def _failback_state(self) -> tuple[rules.FailbackState, bool]:
+        """What a failback depends on, and whether the cluster is paused (a resume restarts
+        the delay as any other change does)."""
         current = self.member_fields.get("copy_current", lambda: True)()
-        return rules.failback_state(self._status, self.health(), current)
+        return rules.failback_state(self._status, self.health(), current), self.paused
 
     async def _failback(self) -> None:
         """The preferred primary asks for the role back once it has been a healthy, caught-up
@@ -469,8 +492,9 @@ class Node:
             if current != state:
                 state, since = current, now
                 continue
-            if rules.failback_due(state, me, self.health_configured, since, now, delay):
-                log.info("failback", decision="ask for the leadership back", leader=state[1],
+            if rules.failback_due(state[0], me, self.health_configured, since, now, delay,
+                                  paused=state[1]):
+                log.info("failback", decision="ask for the leadership back", leader=state[0][1],
                          stable_for=round(now - since, 1))
                 try:
                     await self.election.request_switchover(

@@ -15,7 +15,7 @@ from enum import Enum
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # only a type here: a leaf imports nothing of the package at run time
-    from ..etcd.records import LeaderInfo, MemberRecord
+    from ..etcd.records import LeaderInfo, MemberRecord, PauseRecord
 
 
 class Role(Enum):
@@ -39,6 +39,7 @@ class Status:
     role_since: float = field(default_factory=time.time)
     deadline: float | None = None  # monotonic; PRIMARY only
     members: tuple[MemberRecord, ...] = ()
+    pause: PauseRecord | None = None  # maintenance mode, as last read from etcd
 
     def lease_time_left(self, now: float | None = None) -> float | None:
         if self.role is not Role.PRIMARY or self.deadline is None:

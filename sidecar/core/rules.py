@@ -2,7 +2,8 @@
 (``now`` is passed in). :class:`~sidecar.core.node.Node` reads the state, calls these, and acts;
 ``tests/core/test_rules.py`` is their specification.
 
-- may this node campaign (:func:`held_back`),
+- may this node campaign (:func:`held_back`; maintenance mode holds every node back but the
+  target of a switchover),
 - is a failback due (:func:`failback_state`, :func:`failback_due`),
 - who may take over a handover (:func:`ineligibility`, :func:`choose_target`),
 - what a primary does about a switchover request or its own ill health (:func:`handover`),
@@ -42,14 +43,20 @@ def waits_for(request: SwitchoverRequest | None, me: str) -> str | None:
 
 
 def held_back(request: SwitchoverRequest | None, me: str, target_known: bool,
-              health_configured: bool, health: bool | None) -> str | None:
+              health_configured: bool, health: bool | None,
+              paused: bool = False) -> str | None:
     """Why this node must not campaign now, or None.
 
     Only a live member is waited for (``target_known``): a request naming anyone else (a node
-    long gone, a typo) must not keep the cluster without a primary. With a health check
-    configured, only a node known to be healthy campaigns."""
+    long gone, a typo) must not keep the cluster without a primary. While ``paused`` no node
+    takes the role by itself (no takeover when the primary's lease ends); the target of a
+    switchover request still does, since the primary decided that move (handover) and
+    stepped down for it. With a health check configured, only a node known to be healthy
+    campaigns."""
     if request is not None and waits_for(request, me) is not None and target_known:
         return f"holding back: {request.target} takes over ({request.reason})"
+    if paused and (request is None or request.target != me):
+        return "paused (maintenance mode): no takeover until `vsm-sidecar resume`"
     if health_configured and health is not True:
         state = "unhealthy" if health is False else "not yet known healthy"
         return f"not campaigning: the local VSM server is {state}"
@@ -69,19 +76,21 @@ def failback_state(status: Status, health: bool | None, copy_current: object) ->
     return (status.role, leader, health, copy_current)
 
 
-def failback_ready(state: FailbackState, me: str, health_configured: bool) -> bool:
+def failback_ready(state: FailbackState, me: str, health_configured: bool,
+                   paused: bool = False) -> bool:
     """The preferred primary may ask for the role back: a healthy, caught-up STANDBY of
-    someone else."""
+    someone else, and the cluster is not paused (no failback in maintenance mode)."""
     role, leader, health, copy_current = state
     healthy = health is True or not health_configured
     return role is Role.STANDBY and leader not in (None, me) and healthy \
-        and copy_current is True
+        and copy_current is True and not paused
 
 
 def failback_due(state: FailbackState, me: str, health_configured: bool, stable_since: float,
-                 now: float, delay: float) -> bool:
+                 now: float, delay: float, paused: bool = False) -> bool:
     """Ready, and unchanged for ``delay`` seconds (a flapping node never fails back)."""
-    return failback_ready(state, me, health_configured) and now - stable_since >= delay
+    return failback_ready(state, me, health_configured, paused) and \
+        now - stable_since >= delay
 
 
 # -- handover targets --------------------------------------------------------------------------
@@ -144,18 +153,28 @@ class Handover:
     reason: str = ""
 
 
+OPERATOR = "operator"  # the reason of a request an operator made (Switchover, the CLI)
+
+
 def handover(request: SwitchoverRequest | None, me: str,
-             members: Iterable[MemberRecord], health: bool | None) -> Handover:
+             members: Iterable[MemberRecord], health: bool | None,
+             paused: bool = False) -> Handover:
     """The primary's decision: hand over for an eligible switchover request, or when it is
     unhealthy and a standby can take over; otherwise keep serving. ``members`` must be fresh
-    when the request names another node."""
+    when the request names another node. While ``paused`` only an operator's request moves
+    the role: a failback request is cleared, ill health does not hand over."""
     if request is not None and request.target == me:
         return Handover(CLEAR)  # a failback that raced a failover: already ours
+    if request is not None and paused and request.reason != OPERATOR:
+        return Handover(CLEAR, request.target,
+                        f"paused (maintenance mode): a {request.reason} request moves nothing")
     if request is not None:
         reason = ineligibility(member(members, request.target), request.target)
         if reason is None:
             return Handover(HAND_OVER, request.target, request.reason)
         return Handover(CLEAR, request.target, reason)
+    if health is False and paused:
+        return Handover(STUCK, None, "paused (maintenance mode): no handover for ill health")
     if health is False:
         try:
             target = choose_target(members, me, None)

@@ -17,7 +17,7 @@ from ..etcd.client import Etcd
 from ..etcd.election import Election
 from ..etcd.records import SWITCHOVER_TTL, SwitchoverRequest, decode_leader, decode_member
 from ..etcd.watch import Event, EventType
-from .rules import SwitchoverRefused, choose_target
+from .rules import OPERATOR, SwitchoverRefused, choose_target
 
 
 class SwitchoverFailed(Exception):
@@ -42,7 +42,7 @@ async def request_move(election: Election, etcd: Etcd, requester: str,
     prefix = election.keys.prefix.encode()
     member_key = election.keys.member(chosen)
     async with etcd.watch(prefix, prefix=True, start_revision=revision + 1) as watch:
-        await election.request_switchover(SwitchoverRequest(chosen, requester, "operator"))
+        await election.request_switchover(SwitchoverRequest(chosen, requester, OPERATOR))
         epoch = 0
         try:
             async with asyncio.timeout(SWITCHOVER_TTL + 1):

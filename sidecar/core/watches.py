@@ -1,11 +1,13 @@
 """The etcd watches the node waits on: the leader key while following (:func:`follow`) or
-while primary (:func:`guard_key`), and the switchover key while primary
-(:func:`wait_request`). They only wait and tell; the node decides what follows.
+while primary (:func:`guard_key`), the switchover key while primary (:func:`wait_request`),
+and the pause key always (:func:`watch_pause`). They only wait and tell; the node decides what
+follows.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 
 import structlog
@@ -13,7 +15,8 @@ import structlog
 from ..etcd.client import Etcd
 from ..etcd.election import Election
 from ..etcd.errors import EtcdError, EtcdUnavailable
-from ..etcd.records import LeaderInfo, decode_leader
+from ..etcd.pause import read_pause
+from ..etcd.records import LeaderInfo, PauseRecord, decode_leader
 from ..etcd.retry import reconnect_policy
 from ..etcd.watch import EventType
 
@@ -24,6 +27,8 @@ log = structlog.get_logger("sidecar.core.node")  # their events are the node's
 LEADER_REREAD_SECONDS = 10.0
 REQUEST_POLL_SECONDS = 1.0  # a primary looks at its health at least this often
 GUARD_RECONNECT_SECONDS = 0.1  # a primary's guard of its key is never long without a watch
+PAUSE_REREAD_SECONDS = 10.0  # as LEADER_REREAD_SECONDS, for the pause key
+PAUSED_LOG_SECONDS = 60.0  # while paused, say so this often: a forgotten pause is an outage
 
 
 class Deposed(Exception):
@@ -65,8 +70,10 @@ async def wait_request(etcd: Etcd, election: Election, revision: int) -> None:
                 async for batch in watch:
                     if batch.events:
                         return
-    except (TimeoutError, EtcdError):
+    except TimeoutError:
         return
+    except EtcdError:
+        await asyncio.sleep(0.5)  # read again soon, but never spin against a failing watch
 
 
 async def guard_key(etcd: Etcd, election: Election, epoch: int, revision: int,
@@ -121,3 +128,46 @@ def report_overwrite(election: Election, value: bytes, revision: int) -> None:
     problem = info.problem if info is not None and not info.valid else \
         "a put over this node's key by someone else"
     election.garbage.report("leader", election.keys.leader, revision, problem, value)
+
+
+async def watch_pause(etcd: Etcd, election: Election,
+                      on_change: Callable[[PauseRecord | None], None]) -> None:
+    """Keep the node told of the pause key (maintenance mode), for ever: read it, tell, wait
+    for a change (or PAUSE_REREAD_SECONDS), again. While paused, log it once a minute. An etcd
+    error keeps what was last read (a pause is not dropped because etcd is unreachable, nor
+    invented), and the loop reads again."""
+    current: PauseRecord | None = None
+    logged = 0.0
+    while True:
+        try:
+            pause, revision = await read_pause(etcd, election.keys, election.garbage)
+        except EtcdError as exc:
+            log.info("pause_not_read", error=str(exc), decision="keep the last state, retry")
+            await asyncio.sleep(1.0)
+            continue
+        if pause != current:
+            if pause is not None:
+                log.warning("paused", pause=pause.describe())
+            else:
+                log.warning("resumed", decision="automatic moves allowed again")
+            current, logged = pause, time.monotonic()
+            on_change(pause)
+        elif pause is not None and time.monotonic() - logged >= PAUSED_LOG_SECONDS:
+            log.warning("still_paused", pause=pause.describe(),
+                        note="no takeover, failback or health handover until resumed")
+            logged = time.monotonic()
+        await _wait_key(etcd, election.keys.pause, revision, PAUSE_REREAD_SECONDS)
+
+
+async def _wait_key(etcd: Etcd, key: bytes, revision: int, wait: float) -> None:
+    """Until ``key`` changes after ``revision``, a watch error, or ``wait`` seconds."""
+    try:
+        async with asyncio.timeout(wait):
+            async with etcd.watch(key, start_revision=revision + 1) as watch:
+                async for batch in watch:
+                    if batch.events:
+                        return
+    except TimeoutError:
+        return
+    except EtcdError:
+        await asyncio.sleep(0.5)  # read again soon, but never spin against a failing watch

@@ -37,6 +37,7 @@ from ..core.roles import Role, Status
 from ..core.rules import SwitchoverRefused
 from ..core.switchover import SwitchoverFailed
 from ..etcd.errors import EtcdError
+from ..etcd.records import PauseRecord
 from ..settings import NAME_PATTERN, ConfigError
 from .grpc_access import AccessGuard, AccessPolicy, prepare_socket, secure_socket, unix_path
 
@@ -88,8 +89,20 @@ def status_message(status: Status, resource: ResourceView | None = None,
     for member in status.members:
         message.members.add(
             node_id=member.node_id, address=member.address or "",
-            role=_role_value(member.role), epoch=member.epoch or 0)
+            role=_role_value(member.role), epoch=member.epoch or 0,
+            health=member.health or "", applied_revision=member.applied_revision or 0,
+            resource_ip_held=member.resource_ip_held is True,
+            has_resource_ip=member.resource_ip_held is not None, version=member.version or "")
+    if status.pause is not None:
+        _pause_field(message, status.pause)
     return message
+
+
+def _pause_field(message: role_pb2.RoleStatus, pause: PauseRecord) -> None:
+    message.pause.CopyFrom(role_pb2.Pause(by=pause.by, reason=pause.reason,
+                                          since=_timestamp(pause.since)))
+    if pause.until is not None:
+        message.pause.until.CopyFrom(_timestamp(pause.until))
 
 
 def _thinlinc_fields(message: role_pb2.RoleStatus, node: Node) -> None:

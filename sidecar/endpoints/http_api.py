@@ -221,6 +221,8 @@ class HttpServer:
             return Response(HTTPStatus.SERVICE_UNAVAILABLE, b"status unreadable\n")
         ok = status.role is not Role.STOPPING
         body = _describe(status) + _thinlinc_lines(self.node)
+        if status.pause is not None:  # loud, but no failure: the node itself is fine
+            body += f"pause: {status.pause.describe()}\n".encode()
         return Response(HTTPStatus.OK if ok else HTTPStatus.SERVICE_UNAVAILABLE, body)
 
 

@@ -118,6 +118,8 @@ class SidecarCollector:
                        self.node.role_changes)
         yield _gauge("lease_time_left_seconds", "Seconds until the local lease deadline while "
                      "PRIMARY; 0 in any other role.", status.lease_time_left() or 0.0)
+        yield _gauge("paused", "1 while the cluster is paused (maintenance mode: nothing "
+                     "moves by itself), else 0.", 1.0 if status.pause is not None else 0.0)
 
     def _etcd(self) -> Iterator[Metric]:
         yield _gauge("keepalive_latency_seconds", "Round-trip time of the last successful "

@@ -16,6 +16,7 @@ class Keys:
         self.members = f"{prefix}members/".encode()
         self.sessions = f"{prefix}sessions/".encode()
         self.switchover = f"{prefix}switchover".encode()
+        self.pause = f"{prefix}pause".encode()  # maintenance mode (`vsm-sidecar pause`)
 
     def member(self, node_id: str) -> bytes:
         return self.members + node_id.encode()

@@ -24,7 +24,7 @@ log = structlog.get_logger(__name__)
 # held whatever it holds (never two primaries), a member record or a switchover request that
 # cannot be read is left out (it can only hold a move back, never cause one).
 
-GARBAGE_KINDS = ("leader", "member", "switchover")
+GARBAGE_KINDS = ("leader", "member", "switchover", "pause")
 # Distinct bad values remembered so that each is logged and counted once, not on every re-read.
 GARBAGE_MEMORY = 1024
 LOG_VALUE_CHARS = 200
@@ -64,6 +64,7 @@ _GARBAGE_DECISIONS = {
     "leader": "counted as held: nobody campaigns while it exists",
     "member": "skipped: that record is no member",
     "switchover": "ignored: no move is made, nobody is held back",
+    "pause": "ignored: the cluster is not paused (nothing is held back)",
 }
 
 
@@ -174,6 +175,7 @@ class SwitchoverRequest:
 MEMBER_FIELDS: dict[str, type] = {
     "address": str, "role": str, "epoch": int, "version": str, "role_since": str,
     "health": str, "copy_current": bool, "preferred_primary": bool,
+    "applied_revision": int, "resource_ip_held": bool,
 }
 
 
@@ -196,6 +198,10 @@ class MemberRecord:
     health: str | None = None
     copy_current: bool | None = None
     preferred_primary: bool | None = None
+    # Up to which etcd revision the member's session copy is current, and whether every
+    # resource IP it is configured with is on its interface (None: none configured).
+    applied_revision: int | None = None
+    resource_ip_held: bool | None = None
     extras: Mapping[str, object] = field(default_factory=dict)
 
     def encode(self) -> dict[str, Any]:
@@ -234,8 +240,9 @@ def decode_member(name: bytes, value: bytes, lease: int) -> MemberRecord:
             raise ValueError(f"{field_name} must be {kind.__name__}")
         if kind is str and field_name in data:
             _text(data, field_name)
-    if not 0 <= data.get("epoch", 0) <= MAX_EPOCH:
-        raise ValueError("epoch out of range")
+    for number in ("epoch", "applied_revision"):
+        if not 0 <= data.get(number, 0) <= MAX_EPOCH:
+            raise ValueError(f"{number} out of range")
     if lease == 0:
         raise ValueError("no lease: not written by a live sidecar")
     extras = {k: v for k, v in data.items() if k != "node_id" and k not in MEMBER_FIELDS}
@@ -243,4 +250,69 @@ def decode_member(name: bytes, value: bytes, lease: int) -> MemberRecord:
         node_id, address=data.get("address"), role=data.get("role"), epoch=data.get("epoch"),
         version=data.get("version"), role_since=data.get("role_since"),
         health=data.get("health"), copy_current=data.get("copy_current"),
-        preferred_primary=data.get("preferred_primary"), extras=extras)
+        preferred_primary=data.get("preferred_primary"),
+        applied_revision=data.get("applied_revision"),
+        resource_ip_held=data.get("resource_ip_held"), extras=extras)
+
+
+# -- maintenance mode --------------------------------------------------------------------------
+
+PAUSE_FORMAT = 1
+
+
+def _utc_text(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="milliseconds").replace(
+        "+00:00", "Z")
+
+
+def _utc_seconds(data: dict[str, Any], name: str) -> float:
+    text = _text(data, name)
+    try:
+        stamp = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"{name} must be an ISO 8601 time") from None
+    if stamp.tzinfo is None:
+        raise ValueError(f"{name} must name its time zone")
+    return stamp.timestamp()
+
+
+@dataclass(frozen=True)
+class PauseRecord:
+    """``pause`` in etcd: while it exists nothing moves by itself (``vsm-sidecar pause``).
+
+    ``until`` (wall clock) is what ``--for`` asked for, for people to read: the pause ends when
+    the key's lease does, whether or not any sidecar runs; without a lease it lasts until
+    ``vsm-sidecar resume``."""
+
+    by: str
+    reason: str
+    since: float  # time.time()
+    until: float | None = None
+
+    def encode(self) -> bytes:
+        data: dict[str, Any] = {"v": PAUSE_FORMAT, "by": self.by, "reason": self.reason,
+                                "since": _utc_text(self.since)}
+        if self.until is not None:
+            data["until"] = _utc_text(self.until)
+        return json.dumps(data, sort_keys=True).encode()
+
+    @staticmethod
+    def decode(value: bytes) -> PauseRecord:
+        """The pause; raises ValueError for garbage. A record without ``v`` is format 1 (an
+        operator's etcdctl put); unknown fields are ignored; an unknown ``v`` is refused."""
+        data = load_json(value)
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        version = data.get("v", PAUSE_FORMAT)
+        if type(version) is not int or version != PAUSE_FORMAT:
+            raise ValueError(f"unknown format v={str(version)[:20]}")
+        until = _utc_seconds(data, "until") if "until" in data else None
+        since = _utc_seconds(data, "since") if "since" in data else 0.0
+        return PauseRecord(_text(data, "by"), _text(data, "reason"), since, until)
+
+    def describe(self) -> str:
+        """One line: who, since when, until when, why."""
+        text = f"paused by {self.by or '?'} since {_utc_text(self.since)}"
+        text += f" until {_utc_text(self.until)}" if self.until is not None else \
+            " until resumed"
+        return f"{text}: {self.reason}" if self.reason else text

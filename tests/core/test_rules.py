@@ -210,3 +210,55 @@ def test_an_unowned_leader_key_is_removed_once_the_grace_has_passed() -> None:
 
 def test_a_change_of_the_unowned_key_restarts_its_grace() -> None:
     assert rules.unowned_leader((40, 100.0), 41, now=120.0, ttl=5) == ((41, 120.0), 10.0)
+
+
+# -- maintenance mode (paused) ------------------------------------------------------------------
+
+PAUSED = "paused (maintenance mode): no takeover until `vsm-sidecar resume`"
+
+
+def test_paused_no_node_campaigns_by_itself() -> None:
+    """No takeover when the primary's lease ends: a node with no request does not campaign."""
+    assert rules.held_back(None, ME, False, False, None, paused=True) == PAUSED
+
+
+def test_paused_the_target_of_a_switchover_still_campaigns() -> None:
+    """An operator's switchover works while paused: its target takes the key."""
+    assert rules.held_back(request(ME), ME, False, False, None, paused=True) is None
+
+
+def test_paused_a_request_for_a_node_that_is_gone_still_holds_back() -> None:
+    """A request naming someone else never frees a paused node to campaign."""
+    assert rules.held_back(request("gone"), ME, False, False, None, paused=True) == PAUSED
+
+
+def test_paused_the_health_check_still_holds_the_target_back() -> None:
+    assert rules.held_back(request(ME), ME, False, True, False, paused=True) == \
+        "not campaigning: the local VSM server is unhealthy"
+
+
+def test_paused_no_failback() -> None:
+    state = (Role.STANDBY, "b", None, True)
+    assert rules.failback_ready(state, ME, health_configured=False)
+    assert not rules.failback_ready(state, ME, health_configured=False, paused=True)
+    assert not rules.failback_due(state, ME, False, stable_since=0.0, now=1e9, delay=0.0,
+                                  paused=True)
+
+
+def test_paused_an_operator_switchover_is_handed_over() -> None:
+    assert rules.handover(request("b"), ME, [member("b")], True, paused=True) == \
+        rules.Handover(rules.HAND_OVER, "b", "operator")
+
+
+def test_paused_a_failback_request_is_cleared() -> None:
+    decision = rules.handover(request("b", "failback"), ME, [member("b")], True, paused=True)
+    assert (decision.action, decision.target) == (rules.CLEAR, "b")
+    assert decision.reason.startswith("paused")
+
+
+def test_paused_an_unhealthy_primary_keeps_the_role() -> None:
+    """No health-triggered handover while paused, though a standby could take over."""
+    decision = rules.handover(None, ME, [member("b")], False, paused=True)
+    assert decision == rules.Handover(
+        rules.STUCK, None, "paused (maintenance mode): no handover for ill health")
+    assert rules.handover(None, ME, [member("b")], False).action == rules.ASK_AND_HAND_OVER

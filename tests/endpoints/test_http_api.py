@@ -42,6 +42,7 @@ ROLE_METRICS = {
     "vsm_sidecar_session_write_transactions", "vsm_sidecar_mirror_revision",
     "vsm_sidecar_mirror_age_seconds", "vsm_sidecar_mirror_connected",
     "vsm_sidecar_mirror_garbage_records", "vsm_sidecar_mirror_resyncs", "vsm_sidecar_handovers",
+    "vsm_sidecar_paused",
 }
 RESOURCE_METRICS = {
     "vsm_sidecar_resource_ip_held", "vsm_sidecar_resource_ip_announcements_sent",

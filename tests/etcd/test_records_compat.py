@@ -20,7 +20,8 @@ from sidecar.sessions import record as sessions
 from sidecar.vsmfile import adapter as fileadapter
 
 FIXTURES = Path(__file__).parent.parent / "fixtures" / "records"
-KINDS = ("session", "leader", "member", "switchover", "manifest", "manifest-v2")
+KINDS = ("session", "leader", "member", "member-ops", "switchover", "manifest", "manifest-v2",
+         "pause")
 SESSION_ID = "agent1:10"
 LEASE = 7587869183741521930
 
@@ -47,11 +48,13 @@ def decoded(kind: str, raw: bytes) -> Any:
         info = records.decode_leader(raw, epoch=3, lease=LEASE, revision=3)
         assert info.valid, info.problem
         return info
-    if kind == "member":
+    if kind.startswith("member"):
         record = records.decode_member(b"vsm-a", raw, LEASE)
         return {name: record.get(name) for name in ("node_id", *records.MEMBER_FIELDS)}
     if kind == "switchover":
         return records.SwitchoverRequest.decode(raw, LEASE)
+    if kind == "pause":
+        return records.PauseRecord.decode(raw)
     return fileadapter.Manifest.from_json(raw)
 
 
@@ -72,6 +75,12 @@ def test_stored_records_decode_to_their_values() -> None:
     assert decoded("switchover", stored("switchover")).target == "vsm-b"
     assert decoded("manifest", stored("manifest")).size == 1000
     assert decoded("manifest-v2", stored("manifest-v2")).size == 1000
+    ops = decoded("member-ops", stored("member-ops"))
+    assert (ops["applied_revision"], ops["resource_ip_held"]) == (1234, False)
+    assert (member["applied_revision"], member["resource_ip_held"]) == (None, None)
+    pause = decoded("pause", stored("pause"))
+    assert (pause.by, pause.reason, pause.until - pause.since) == (
+        "root@vsm-a", "kernel update on vsm-a", 3600.0)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -80,13 +89,13 @@ def test_unknown_fields_are_ignored(kind: str) -> None:
     assert decoded(kind, with_unknown_field(stored(kind))) == decoded(kind, stored(kind))
 
 
-@pytest.mark.parametrize("kind", ["session", "manifest"])
+@pytest.mark.parametrize("kind", ["session", "manifest", "pause"])
 def test_an_unknown_format_version_is_refused_not_misread(kind: str) -> None:
     """A record whose `v` this version does not know (a change old readers would misread)
     is refused as garbage, which the mirror logs and skips, never guessed at."""
     doc = json.loads(stored(kind))
     doc["v"] = 99
-    with pytest.raises((sessions.SessionDecodeError, fileadapter.ChunkError)):
+    with pytest.raises((sessions.SessionDecodeError, fileadapter.ChunkError, ValueError)):
         decoded(kind, json.dumps(doc).encode())
 
 
@@ -107,5 +116,8 @@ def test_todays_encoders_write_the_stored_forms() -> None:
     assert shape(leader) == shape(stored("leader"))
     request = records.SwitchoverRequest("vsm-b", "vsm-a", "operator").encode()
     assert shape(request) == shape(stored("switchover"))
-    member = json.loads(stored("member"))
-    assert json.dumps(member, sort_keys=True).encode() == stored("member")  # put_member's form
+    for kind in ("member", "member-ops"):
+        member = json.loads(stored(kind))
+        assert json.dumps(member, sort_keys=True).encode() == stored(kind)  # put_member's form
+    pause = records.PauseRecord.decode(stored("pause"))
+    assert pause.encode() == stored("pause")
