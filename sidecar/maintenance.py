@@ -17,12 +17,12 @@ import time
 from collections.abc import Coroutine
 from typing import Any
 
-from .settings import Settings
 from .etcd.client import Etcd
 from .etcd.errors import EtcdError
 from .etcd.keys import Keys
 from .etcd.pause import delete_pause, put_pause, read_pause
 from .etcd.records import MAX_TEXT, PauseRecord
+from .settings import Settings
 
 MAX_REASON = MAX_TEXT
 # About 3 years, well under etcd's longest lease TTL; a longer pause is "until resume".
