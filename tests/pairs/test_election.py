@@ -272,4 +272,4 @@ def test_garbage_log_counts_each_value_once() -> None:
     garbage = GarbageLog()
     for revision in (5, 5, 5, 6):
         garbage.report("member", b"/p/members/x", revision, "bad", b"x")
-    assert garbage.counts == {"leader": 0, "member": 2, "switchover": 0}
+    assert garbage.counts == {"leader": 0, "member": 2, "pause": 0, "switchover": 0}
