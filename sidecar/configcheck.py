@@ -60,8 +60,9 @@ def validate(s: Settings) -> None:
 
 
 def _validate_compaction(s: Settings) -> None:
-    if s.compaction_interval != 0 and not 1 <= s.compaction_interval <= 7 * 86400:
-        raise ConfigError("compaction_interval", "must be 0 (off) or 1-604800 seconds "
+    # Checked every second (sidecar.core.compaction.CHECK_PERIOD): less acts as 1 s.
+    if not 0 <= s.compaction_interval <= 7 * 86400:
+        raise ConfigError("compaction_interval", "must be 0-604800 seconds, 0 for off "
                                                  f"(got {s.compaction_interval})")
     if not 0 <= s.compaction_keep <= 100_000_000:
         raise ConfigError("compaction_keep", f"must be 0-100000000 (got {s.compaction_keep})")

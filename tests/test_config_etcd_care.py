@@ -29,7 +29,6 @@ def test_compaction_bounds_are_taken(raw: dict[str, Any]) -> None:
 
 
 @pytest.mark.parametrize(("raw", "setting"), [
-    ({"compaction_interval": 0.5}, "compaction_interval"),
     ({"compaction_interval": -1}, "compaction_interval"),
     ({"compaction_interval": 8 * 86400}, "compaction_interval"),
     ({"compaction_keep": -1}, "compaction_keep"),
