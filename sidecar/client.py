@@ -134,6 +134,8 @@ def format_status(status: dict[str, Any]) -> str:
     if status.get("resource_ips"):
         held = "held" if status.get("resource_ip_held") else "not held"
         rows.append(("resource IP", f"{', '.join(status['resource_ips'])} ({held})"))
+    if status.get("etcd_alarms"):
+        rows.append(("etcd alarms", f"{' '.join(status['etcd_alarms'])} (etcd refuses writes)"))
     members = ", ".join(f"{m.get('node_id')}={role_name(m)}" for m in status.get("members", []))
     rows.append(("members", members or "-"))
     rows.append(("paused", pause_line(status.get("pause"))))

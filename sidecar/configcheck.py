@@ -22,6 +22,9 @@ from .host.targets import parse_target
 from .settings import MAX_TTL, MIN_TTL, NAME_PATTERN, ConfigError, Settings
 
 MIN_MARGIN = 0.1
+# compaction_max_bytes: 1 MiB, and 1/8 of etcd's largest recommended quota (8 GiB).
+MIN_COMPACTION_BYTES = 1 << 20
+MAX_COMPACTION_BYTES = 1 << 30
 # sun_path holds 108 bytes, the terminating NUL included.
 MAX_SOCKET_PATH = 107
 
@@ -53,6 +56,21 @@ def validate(s: Settings) -> None:
         raise ConfigError("vsm_sessions_file",
                           f"the folder of {s.vsm_sessions_file} does not exist")
     _validate_vsm_server(s)
+    _validate_compaction(s)
+
+
+def _validate_compaction(s: Settings) -> None:
+    # Checked every second (sidecar.core.compaction.CHECK_PERIOD): less acts as 1 s.
+    if not 0 <= s.compaction_interval <= 7 * 86400:
+        raise ConfigError("compaction_interval", "must be 0-604800 seconds, 0 for off "
+                                                 f"(got {s.compaction_interval})")
+    if not 0 <= s.compaction_keep <= 100_000_000:
+        raise ConfigError("compaction_keep", f"must be 0-100000000 (got {s.compaction_keep})")
+    if not MIN_COMPACTION_BYTES <= s.compaction_max_bytes <= MAX_COMPACTION_BYTES:
+        raise ConfigError("compaction_max_bytes", f"must be {MIN_COMPACTION_BYTES}-"
+                                                  f"{MAX_COMPACTION_BYTES} bytes (1 MiB-1 GiB, "
+                                                  "at most 1/8 of etcd's quota; got "
+                                                  f"{s.compaction_max_bytes})")
 
 
 def _validate_vsm_server(s: Settings) -> None:

@@ -20,7 +20,9 @@ import structlog
 from . import logs
 from .api import session_pb2_grpc
 from .config import ConfigError, Settings
+from .core.alarms import AlarmMonitor
 from .core.collaborators import HealthView, NodeParts, PromotionGate, no_verdict
+from .core.compaction import Compactor
 from .core.node import Node
 from .core.reports import ON_PRIMARY, ServerReport
 from .core.roles import RoleView
@@ -28,7 +30,12 @@ from .endpoints.grpc_role import GrpcServer
 from .endpoints.grpc_sessions import SERVICE_NAME as SESSION_SERVICE
 from .endpoints.grpc_sessions import SessionServicer
 from .endpoints.http_api import HttpServer
-from .endpoints.metrics import SidecarCollector, ThinLincCollector, create_registry
+from .endpoints.metrics import (
+    EtcdCareCollector,
+    SidecarCollector,
+    ThinLincCollector,
+    create_registry,
+)
 from .etcd.client import Etcd
 from .etcd.errors import EtcdError
 from .etcd.keys import Keys
@@ -95,6 +102,9 @@ class Service:
         self.resource = ResourceController(settings, self.role.is_primary) if settings.vip \
             else None
         self.health = _health_check(settings)
+        self.alarms = AlarmMonitor(self.etcd, [self.etcd, self.data_etcd])
+        self.compactor = Compactor(self.etcd, settings, self.role.is_primary) \
+            if settings.compaction_interval else None
         self.node = Node(settings, self.etcd, parts=self._node_parts(), view=self.role)
         self.vsm_server = self._vsm_server()
         if self.health is not None:
@@ -178,7 +188,8 @@ class Service:
             health_configured=self.health is not None,
             release_actions=[resource.release] if resource else [],
             promote_actions=[resource.claim] if resource else [],
-            file_report=mirror.report if mirror else None, server_report=server_report)
+            file_report=mirror.report if mirror else None, server_report=server_report,
+            etcd_alarms=self.alarms.active)
 
     def _grpc(self) -> GrpcServer:
         grpc = GrpcServer(self.node, self.settings.grpc_listen,
@@ -197,6 +208,7 @@ class Service:
                                      self.health, self.node.election.garbage)
         registry = create_registry(collector)
         registry.register(ThinLincCollector(self.file_mirror, self.vsm_server))
+        registry.register(EtcdCareCollector(self.alarms, self.compactor))
         return HttpServer(self.node, registry, self.settings.http_listen)
 
     def _on_signal(self, signum: int) -> None:
@@ -238,6 +250,9 @@ class Service:
         if self.vsm_server is not None:
             tasks["vsm-server"] = self.vsm_server.run()
         tasks["etcd-version"] = watch_etcd_version(self.etcd)
+        tasks["etcd-alarms"] = self.alarms.run()
+        if self.compactor is not None:
+            tasks["compaction"] = self.compactor.run()
         if self.hooks is not None:
             tasks["hooks"] = self.hooks.run()
             tasks["hook-feed"] = self.hooks.follow(self.node)

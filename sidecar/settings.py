@@ -182,6 +182,16 @@ class Settings:
     etcd_timeout: float = _setting(
         0.5, _number(float), "deadline in seconds of each etcd call on the control path",
         metavar="SECONDS")
+    compaction_interval: float = _setting(
+        300.0, _number(float), "the primary compacts etcd's history this often (0: never; "
+        "then etcd's own auto-compaction must)", metavar="SECONDS")
+    compaction_keep: int = _setting(
+        10_000, _number(int), "revisions of history kept behind the current one when "
+        "compacting on the interval", metavar="REVISIONS")
+    compaction_max_bytes: int = _setting(
+        64 * 1024 * 1024, _number(int), "compact at once, keeping no history, when etcd's "
+        "database in use has grown this much since the last compaction; at most 1/8 of etcd's "
+        "--quota-backend-bytes", metavar="BYTES")
     ttl: int = _setting(
         3, _number(int), f"lease TTL in whole seconds ({MIN_TTL}-{MAX_TTL}): how long etcd keeps "
         "a silent primary's leadership", metavar="SECONDS")

@@ -384,6 +384,9 @@ def table(files: Files) -> dict[str, tuple[st.SearchStrategy[Case], st.SearchStr
     t["garp_repeat"] = numbers("garp_repeat", int, 1, 100)
     for name in ("garp_interval", "garp_delay", "garp_refresh", "failback_delay"):
         t[name] = numbers(name, float, 0, 3600)
+    t["compaction_interval"] = numbers("compaction_interval", float, 0, 7 * 86400)
+    t["compaction_keep"] = numbers("compaction_keep", int, 0, 100_000_000)
+    t["compaction_max_bytes"] = numbers("compaction_max_bytes", int, 1 << 20, 1 << 30)
     t["vip_probe_timeout"] = numbers("vip_probe_timeout", float, 0, 1)
     t["vsm_sessions_file"] = (
         st.one_of(one("vsm_sessions_file", st.just(str(files.dir / "sessions")), Path),

@@ -63,3 +63,5 @@ class NodeParts:
     # on-primary mode), shown by GetRole and /health.
     file_report: Callable[[], FileReport] | None = None
     server_report: Callable[[], ServerReport] | None = None
+    # The etcd alarms active now ("NOSPACE", "CORRUPT"), shown by GetRole.
+    etcd_alarms: Callable[[], tuple[str, ...]] = tuple

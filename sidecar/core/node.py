@@ -101,6 +101,7 @@ class Node:
         self.health_configured = parts.health_configured
         self.file_report = parts.file_report
         self.server_report = parts.server_report
+        self.etcd_alarms = parts.etcd_alarms
         self.role_changes = 0
         self.handovers = 0
         self._unowned: rules.Unowned | None = None  # see _unowned_leader

@@ -86,6 +86,7 @@ def status_message(status: Status, resource: ResourceView | None = None,
                 "healthy" if health else "unhealthy")
     if node is not None:
         _thinlinc_fields(message, node)
+        message.etcd_alarms.extend(node.etcd_alarms())
     for member in status.members:
         message.members.add(
             node_id=member.node_id, address=member.address or "",

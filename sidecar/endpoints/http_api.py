@@ -219,8 +219,11 @@ class HttpServer:
         except Exception:  # a status that cannot be read is the unhealthy answer, not a crash
             log.exception("http_health_status_failed")
             return Response(HTTPStatus.SERVICE_UNAVAILABLE, b"status unreadable\n")
+        # An etcd alarm is shown, not judged: it stops writes on every node at once, and a
+        # supervisor that restarted a primary for it would take away the lease that etcd,
+        # refusing grants while full, gives to no one else (docs/DESIGN.md, etcd alarms).
         ok = status.role is not Role.STOPPING
-        body = _describe(status) + _thinlinc_lines(self.node)
+        body = _describe(status) + _thinlinc_lines(self.node) + _alarm_line(self.node)
         if status.pause is not None:  # loud, but no failure: the node itself is fine
             body += f"pause: {status.pause.describe()}\n".encode()
         return Response(HTTPStatus.OK if ok else HTTPStatus.SERVICE_UNAVAILABLE, body)
@@ -228,6 +231,14 @@ class HttpServer:
 
 def _describe(status: Status) -> bytes:
     return f"{status.role.name} node={status.node_id} epoch={status.epoch}\n".encode()
+
+
+def _alarm_line(node: Node) -> bytes:
+    alarms = node.etcd_alarms()
+    if not alarms:
+        return b""
+    return (f"etcd_alarms: {' '.join(alarms)} (etcd refuses writes; see docs/OPERATIONS.md, "
+            "Caring for etcd)\n").encode()
 
 
 def _thinlinc_lines(node: Node) -> bytes:

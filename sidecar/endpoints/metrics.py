@@ -22,6 +22,8 @@ from prometheus_client.core import (
 )
 
 from .. import __version__
+from ..core.alarms import KNOWN_TYPES, AlarmMonitor
+from ..core.compaction import Compactor
 from ..core.node import Node
 from ..core.roles import Role
 from ..etcd.client import Etcd
@@ -195,6 +197,37 @@ class ThinLincCollector:
                            "out.", report.start_failures)
             yield _counter("vsm_server_stop_failures", "VSM server stops that failed or timed "
                            "out.", report.stop_failures)
+
+
+class EtcdCareCollector:
+    """etcd's alarms as this node reads them, and the primary's compactions."""
+
+    def __init__(self, alarms: AlarmMonitor, compactor: Compactor | None) -> None:
+        self.alarms = alarms
+        self.compactor = compactor
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(PREFIX + "etcd_alarm", "1 while etcd has an alarm of this "
+                                   "type active (it refuses writes), 0 otherwise.",
+                                   labels=["type"])
+        active = self.alarms.active()
+        for kind in sorted({*KNOWN_TYPES, *active}):
+            family.add_metric([kind], 1.0 if kind in active else 0.0)
+        yield family
+        compactor = self.compactor
+        if compactor is None:
+            return
+        yield _counter("etcd_compactions", "etcd history compactions done by this node (as "
+                       "primary).", compactor.compactions)
+        yield _counter("etcd_compaction_failures", "etcd history compactions that failed "
+                       "(tried again).", compactor.failures)
+        yield _gauge("etcd_compacted_revision", "The revision this node last compacted etcd's "
+                     "history to; 0 before the first.", compactor.compacted_revision)
+        db = compactor.db
+        yield _gauge("etcd_db_size_bytes", "Size of etcd's database file (what its quota "
+                     "counts), as the primary last read it.", db.db_size if db else None)
+        yield _gauge("etcd_db_size_in_use_bytes", "Bytes of etcd's database file that hold "
+                     "data, as the primary last read it.", db.db_size_in_use if db else None)
 
 
 def create_registry(collector: SidecarCollector, *, process: bool = True) -> CollectorRegistry:

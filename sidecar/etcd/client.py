@@ -21,7 +21,7 @@ from etcd3 import etcdrpc
 
 from ..settings import Settings
 from .connection import endpoints, fail_over, password, revive_if_all_failed
-from .errors import ClientClosed, EtcdAccessDenied, EtcdUnavailable, translate
+from .errors import ClientClosed, EtcdAccessDenied, EtcdUnavailable, NoSpace, translate
 from .watch import Watch
 
 T = TypeVar("T")
@@ -43,6 +43,8 @@ class Etcd:
         self._client: Any = None
         self._lock = threading.Lock()
         self.errors = 0
+        # Writes etcd refused for want of space: the alarm monitor reads the alarms at once.
+        self.no_space_errors = 0
 
     def _get_client(self) -> Any:
         with self._lock:
@@ -75,6 +77,8 @@ class Etcd:
         except Exception as exc:
             self.errors += 1
             error = translate(exc, what)
+            if isinstance(error, NoSpace):
+                self.no_space_errors += 1
             if isinstance(exc, grpc.RpcError) and client is not None:
                 fail_over(client, exc)  # the client does this only for its own methods
             if isinstance(error, EtcdAccessDenied):

@@ -47,6 +47,17 @@ class Compacted(EtcdError):
         self.compact_revision = compact_revision
 
 
+class NoSpace(EtcdError):
+    """etcd refused a write because its database reached its quota (the NOSPACE alarm): no
+    write, no lease grant, no election succeeds until an operator frees space and disarms."""
+
+    transient = False
+
+
+# What etcd says when a write hits its quota (RESOURCE_EXHAUSTED).
+NO_SPACE_MARK = "database space exceeded"
+
+
 class ClientClosed(EtcdUnavailable):
     """The client was closed (by another thread) while a call was on its way."""
 
@@ -64,6 +75,8 @@ def translate(exc: BaseException, what: str) -> EtcdError:
             return EtcdAccessDenied(f"{what}: {detail}")
         if code in TRANSIENT_CODES:
             return EtcdUnavailable(f"{what}: {code.name if code else '?'} {detail}")
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED and NO_SPACE_MARK in (detail or ""):
+            return NoSpace(f"{what}: {code.name} {detail}")
         if code == grpc.StatusCode.NOT_FOUND and "lease not found" in (detail or ""):
             return LeaseGone(f"{what}: {detail}")
         error = EtcdError(f"{what}: {code.name if code else '?'} {detail}")
