@@ -81,6 +81,10 @@ class LocalSidecar:
                 "--log-format", "json",
                 "--data-dir", str(self.data_dir),
                 "--http-listen", f"{self.host}:{self.http_port}" if self.http_port else "",
+                # A test's etcd is often shared by the whole run, and a compaction is
+                # cluster-wide: no lab sidecar compacts unless its extra_args say so (the last
+                # flag wins).
+                "--compaction-interval", "0",
                 *self.extra_args]
 
     def start(self, wait: bool = True, timeout: float = 15.0) -> LocalSidecar:
