@@ -58,24 +58,24 @@ def test_release_after_kill9_removes_the_address_and_the_standby_takes_over(
     #15247 wait (the holder is proved dead), no TTL. The client reaches b through the resource
     IP, without anyone flushing its ARP cache."""
     a, b = start_pair(vip_pair)
-    killed = time.monotonic()
     a.kill()
     assert vip_pair.holds("a"), "kill -9 itself removed the address: nothing left to test"
     done = release(a)
     released = time.monotonic()
     assert done.returncode == 0, done.stderr
     assert f"removed {vip_pair.vip}/24" in done.stdout
+    # Revoked, not found expired: the lease ended by release, long before its TTL (no time
+    # bound from the kill: a loaded machine's interpreter start is not the release's doing).
     assert "revoked lease" in done.stdout
     assert not vip_pair.holds("a")
-    # Both bounds lie below what the takeover would take without release: the guard from the
-    # win, or the TTL from the kill.
     wait_for(lambda: vip_pair.ask(timeout=0.2) == "b", timeout=TTL)
     reached = time.monotonic()
-    assert reached - released < GUARD, "the standby waited: the release looked involuntary"
-    assert reached - killed < TTL - 1, "took the TTL: the lease was not revoked"
+    # Had the release looked like a lost lease, b would have waited the #15247 guard from its
+    # win (which comes before release exits, so the time alone cannot always tell).
+    assert "takeover_delayed" not in b.log_tail(400), "the release looked involuntary"
+    assert reached - released < GUARD
     assert b.role()["role"] == "ROLE_PRIMARY"
     assert vip_pair.holds("b")
-    assert "takeover_delayed" not in b.log_tail(400)
 
 
 def test_release_while_the_sidecar_runs_keeps_its_address_and_role(vip_pair: VipPair) -> None:
