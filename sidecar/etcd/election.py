@@ -200,7 +200,8 @@ class Election:
         """Why the last leader's key may have gone without its holder knowing, or None for a
         planned move: a switchover request named us, or the key was deleted in a revision of
         its own while its holder's member record (on the same lease) lived on. Only the
-        holder deletes its key and keeps its lease (handover, step-down, resign); a lease that
+        holder deletes its key and keeps its lease (handover, step-down, resign), or
+        `vsm-sidecar release` for a holder whose death the data_dir lock proved; a lease that
         ends, early or not, takes both keys in one revision."""
         if self._handover_to_me:
             return None

@@ -73,8 +73,10 @@ class LocalSidecar:
         """The address for calls that change something (open to root and our own user)."""
         return f"unix:{self.control_socket}"
 
-    def command(self) -> list[str]:
-        return [*self.command_prefix, self.python, "-m", "sidecar", "run",
+    def command(self, subcommand: str = "run") -> list[str]:
+        """``vsm-sidecar run`` as this node runs it; another subcommand (``release``) gets the
+        very same settings, as the systemd unit's ExecStopPost does."""
+        return [*self.command_prefix, self.python, "-m", "sidecar", subcommand,
                 "--node-id", self.node_id, "--cluster", self.cluster,
                 "--etcd-endpoints", self.endpoints, "--ttl", str(self.ttl),
                 "--grpc-listen", self.address, "--grpc-socket", str(self.control_socket),

@@ -24,6 +24,7 @@ from sidecar.etcd.election import Election
 from sidecar.etcd.lease import LeaseLost
 from sidecar.etcd.records import MemberRecord
 from sidecar.etcd.versions import affected_by_15247, takeover_wait, upgrade_target
+from sidecar.host import release
 from sidecar.lab.etcdmember import EtcdMember
 from sidecar.lab.localcluster import LocalEtcdCluster
 from sidecar.lab.localnode import LocalSidecar, RoleRecorder
@@ -170,6 +171,30 @@ def test_after_a_handover_the_new_primary_does_not_wait(
             assert await a.step_down(leader.epoch)
 
         return await take_over(a, b, step_down)
+
+    held, events = run(etcd_cluster.endpoints_arg, cluster_name, body)
+    assert [e for e in events if e["event"] == "takeover_delayed"] == []
+    assert held < takeover_wait(config.build({"node_id": "b", "ttl": 2}))
+
+
+@pytest.mark.etcd
+def test_after_a_release_of_a_dead_holder_the_new_primary_does_not_wait(
+        etcd_cluster: LocalEtcdCluster, cluster_name: str) -> None:
+    """`vsm-sidecar release` knows only the dead holder's lease id; it deletes the holder's key
+    in a revision of its own before it revokes the lease, so the winner reads a planned move
+    and serves at once. (It may: it runs only with the data_dir lock free, which proves the
+    holder dead; tests/pairs/test_release.py.) A plain revoke would cost takeover_wait."""
+
+    async def body(make: Callable[[str], Election]) -> tuple[float, list[dict[str, Any]]]:
+        a, b = make("a"), make("b")
+
+        async def release_dead_holder() -> None:
+            leader, _ = await b.read_leader()
+            assert leader is not None
+            await release._revoke(builders.settings("a", cluster=cluster_name,
+                                                    etcd=etcd_cluster), leader.lease)
+
+        return await take_over(a, b, release_dead_holder)
 
     held, events = run(etcd_cluster.endpoints_arg, cluster_name, body)
     assert [e for e in events if e["event"] == "takeover_delayed"] == []
