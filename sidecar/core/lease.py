@@ -107,6 +107,23 @@ async def revoke_stale(election: Election, lease: Lease) -> None:
         log.info("stale_lease_not_revoked", error=str(exc))
 
 
+async def revoke_previous(election: Election, data_dir: Path, ttl: int) -> None:
+    """At start-up: a lease still recorded in data_dir is a dead predecessor's (the caller
+    holds data_dir's lock, which no live process does): revoke it, as `vsm-sidecar release`
+    would, so nobody waits for its TTL. Its resource IP went at start-up already (rule 4)."""
+    try:
+        previous = recorded_lease(data_dir)
+    except ValueError as exc:
+        log.warning("lease_record_unreadable", error=str(exc), decision="leave it to its TTL")
+        return
+    if previous is None:
+        return
+    log.info("previous_lease_found", lease=hex(previous),
+             decision="revoke it: the process that held it is gone")
+    # Only the id matters to a resign; the deadline is not used.
+    await revoke_stale(election, Lease(previous, ttl, deadline=0.0, margin=0.0))
+
+
 async def pass_gates(lease: Lease, revision: int, gates: Sequence[PromotionGate]) -> None:
     """Await every promotion gate within the lease's time left (rule 5, then rule 3)."""
     started = time.monotonic()

@@ -45,6 +45,7 @@ from .lease import (
     pass_gates,
     record_lease,
     resume,
+    revoke_previous,
     revoke_stale,
     watch_deadline,
 )
@@ -245,6 +246,7 @@ class Node:
                 forget_lease(self.settings.data_dir)
 
     async def _lifecycle(self) -> None:
+        await revoke_previous(self.election, self.settings.data_dir, self.settings.ttl)
         stale: Lease | None = None
         while True:
             lease = await resume(self.election, stale) if stale is not None else None

@@ -50,7 +50,7 @@ def test_release_after_kill_hands_over_at_once(pair: Pair) -> None:
     done = release(a)
     assert done.returncode == 0, done.stderr
     assert "revoked lease" in done.stdout
-    b.wait_role("PRIMARY", timeout=1.5)
+    b.wait_role("PRIMARY", timeout=TTL)  # (the bound below is what counts)
     assert time.monotonic() - killed < TTL - 1, "took the TTL: the lease was not revoked"
     assert not (a.data_dir / "lease").exists()
     # Run again (systemd may run it after a release already did): nothing is left to do.
@@ -105,3 +105,20 @@ def test_a_bad_setting_is_one_line_and_exit_2(pair: Pair, tmp_path: Path) -> Non
     assert done.returncode == 2
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert "ttl" in done.stderr
+
+
+def test_a_restart_after_a_crash_revokes_the_dead_process_lease(pair: Pair) -> None:
+    """No release ran (a container restarted by its runtime, `--network host`): the new process
+    finds its dead predecessor's lease recorded in data_dir (it holds the lock, so that process
+    is gone) and revokes it at start-up, so a new primary (either node: both campaign then)
+    serves at once, not after the TTL."""
+    a, b, epoch = start_pair(pair)
+    dead_lease = recorded_lease(a)
+    a.kill()
+    killed = time.monotonic()
+    a.start()
+    primary, _ = pair.wait_split(timeout=TTL)
+    assert time.monotonic() - killed < TTL - 1, "took the TTL: the dead lease was not revoked"
+    assert int(primary.role()["epoch"]) > epoch
+    assert "previous_lease_found" in a.log_tail(200)
+    assert recorded_lease(a) != dead_lease  # the new process's own lease
