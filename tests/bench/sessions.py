@@ -21,9 +21,10 @@ JSON, shaped like ThinLinc sessions. In order:
    each process used per write (from /proc/<pid>/stat; "client" is this program), and for the
    sidecar the writes per etcd transaction (writes / revisions used). Then the ceiling: the
    same writers against a PutSession that does nothing (tests/bench/echo_server.py, grpcio's
-   asyncio server in its own process), the most any sidecar on this gRPC stack could answer on
-   this machine; with 1 writer also that exchange and a raw put in series, since a lone
-   writer waits for both.
+   asyncio server in its own process, asked over a Unix socket as the primary's control socket
+   is), the most any sidecar on this gRPC stack could answer on this machine; with 1 writer
+   also that exchange and a raw put in series, since a lone writer waits for both. The
+   primary's CPU per write over that server's CPU per call is the ratio issue 17 sets goals on.
 4. Full re-read: the standby is stopped, the sessions range is cleared and --records records
    are written straight to etcd in 128-put transactions; the standby is started again with an
    empty data dir. Time from its process start to its ``mirror_resynced`` log line (the log
@@ -124,6 +125,7 @@ class Bench:
         self.workdir = workdir
         self.args = args
         self.rows: list[Row] = []
+        self.figures: dict[str, float] = {}  # for --json: the issue-17 ratios, as numbers
         self.echo: subprocess.Popen[str] | None = None
         self.echo_address = ""
         self.prefix = f"/thinlinc-ha/{CLUSTER}/sessions/".encode()
@@ -137,11 +139,16 @@ class Bench:
     # -- set-up ---------------------------------------------------------------------------------
 
     def start(self) -> None:
+        # Session writes go to the primary's control socket (Unix), so the do-nothing server is
+        # asked on a Unix socket too: TCP on loopback costs each side more CPU per call.
+        socket = self.workdir / "echo.sock"
         self.echo = subprocess.Popen(
-            [sys.executable, "-m", "tests.bench.echo_server"], stdout=subprocess.PIPE, text=True
+            [sys.executable, "-m", "tests.bench.echo_server", str(socket)],
+            stdout=subprocess.PIPE, text=True,
         )
         assert self.echo.stdout is not None
-        self.echo_address = f"127.0.0.1:{self.echo.stdout.readline().strip()}"
+        self.echo.stdout.readline()  # its TCP port, once it serves
+        self.echo_address = f"unix:{socket}"
         self.primary.start()
         self.primary.wait_role("PRIMARY", timeout=15)
         self.standby.start()
@@ -283,13 +290,15 @@ class Bench:
             raw, raw_cpu, _ = self._measured(threads, self._raw_writer)
             echo, echo_cpu, _ = self._measured(threads, self._echo_writer)
             ratio = sidecar / raw
-            goal = {1: 0.8, 32: 3.0}.get(threads)
+            goal = {32: 0.7}.get(threads)
+            self.figures[f"throughput_ratio_{threads}"] = ratio
             self.row(
                 f"throughput, {threads} writer(s): sidecar / raw etcd put",
                 f"{sidecar:,.0f} / {raw:,.0f} writes/s = {ratio:.2f}",
                 f">= {goal}" if goal else "",
                 ratio >= goal if goal else None,
             )
+            self._cpu_ratios(threads, cpu, echo_cpu)
             self.row(
                 f"CPU per write, {threads} writer(s): sidecar path (raw etcd put)",
                 f"client {cpu['client']:.0f} ({raw_cpu['client']:.0f}), primary "
@@ -299,6 +308,30 @@ class Bench:
             self.row(
                 f"ceiling, {threads} writer(s): a PutSession that does nothing (gRPC alone)",
                 self._ceiling(threads, raw, echo, echo_cpu),
+            )
+
+    def _cpu_ratios(self, threads: int, cpu: dict[str, float], echo_cpu: dict[str, float]
+                    ) -> None:
+        """The primary's CPU per write against the do-nothing server's CPU per call, both
+        asked over a Unix socket in this run; and the standby's CPU per applied write."""
+        primary, floor = cpu["primary"], echo_cpu["echo"]
+        goal = {1: 1.5, 32: 1.3}.get(threads)
+        self.figures[f"primary_cpu_{threads}"] = primary
+        self.figures[f"echo_cpu_{threads}"] = floor
+        self.figures[f"cpu_ratio_{threads}"] = primary / floor
+        self.figures[f"standby_cpu_{threads}"] = cpu["standby"]
+        self.row(
+            f"primary CPU per write / do-nothing server CPU per call, {threads} writer(s)",
+            f"{primary:.0f} / {floor:.0f} µs = {primary / floor:.2f}",
+            f"<= {goal}" if goal else "",
+            primary / floor <= goal if goal else None,
+        )
+        if threads == 32:
+            self.row(
+                f"standby CPU per applied write, {threads} writers",
+                f"{cpu['standby']:.0f} µs",
+                "<= 100 µs",
+                cpu["standby"] <= 100,
             )
 
     def _measured(
@@ -473,7 +506,8 @@ class Bench:
                 call.cancel()
             return records, ""
 
-        self._read_back(f"WatchSessions snapshot of {total:,} records on the standby", total, read)
+        self._read_back(f"WatchSessions snapshot of {total:,} records on the standby", total, read,
+                        goal=3.0, name="snapshot_seconds")
 
     def _list_pages(self, stub: session_pb2_grpc.SessionServiceStub, total: int) -> None:
         """ListSessions on the standby page by page (1,000 a page): time and memory after."""
@@ -490,10 +524,12 @@ class Bench:
                     return records, f" for {pages} pages"
 
         self._read_back(
-            f"ListSessions of {total:,} records on the standby, 1,000 a page", total, read
+            f"ListSessions of {total:,} records on the standby, 1,000 a page", total, read,
+            goal=2.0, name="list_pages_seconds",
         )
 
-    def _read_back(self, what: str, total: int, read: Callable[[], tuple[int, str]]) -> None:
+    def _read_back(self, what: str, total: int, read: Callable[[], tuple[int, str]], *,
+                   goal: float, name: str) -> None:
         """Time ``read`` (records seen, a note), check it saw every record, and report the
         standby's memory after it."""
         asked = time.monotonic()
@@ -502,7 +538,9 @@ class Bench:
         if records != total:
             raise RuntimeError(f"{what}: {records} records, not {total}")
         rss, _ = memory(self.standby.pid)
-        self.row(what, f"{took:.2f} s{note}; standby VmRSS after it {rss / 1024:.1f} MB")
+        self.figures[name] = took
+        self.row(what, f"{took:.2f} s{note}; standby VmRSS after it {rss / 1024:.1f} MB",
+                 f"<= {goal:g} s", took <= goal)
 
     def _bulk_load(self, total: int, threads: int = 4) -> None:
         def load(part: int) -> None:
@@ -614,6 +652,7 @@ def main(argv: list[str] | None = None) -> int:
         default=list(PHASES),
         help=f"which parts to run, comma-separated (default {','.join(PHASES)})",
     )
+    parser.add_argument("--json", type=Path, help="also write the rows and figures here")
     args = parser.parse_args(argv)
     if unknown := set(args.phases) - set(PHASES):
         parser.error(f"unknown phase(s) {', '.join(sorted(unknown))}")
@@ -635,6 +674,11 @@ def main(argv: list[str] | None = None) -> int:
     today = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     print(f"Measured {today} with `{command.strip()}`\n\nMachine: {note}\n")
     print(table(bench.rows))
+    if args.json is not None:
+        args.json.write_text(json.dumps({
+            "when": today, "machine": note, "load_after": os.getloadavg(),
+            "figures": bench.figures, "rows": [vars(row) for row in bench.rows],
+        }, indent=1))
     return 0
 
 
