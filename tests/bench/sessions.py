@@ -128,6 +128,7 @@ class Bench:
         self.figures: dict[str, float] = {}  # for --json: the issue-17 ratios, as numbers
         self.echo: subprocess.Popen[str] | None = None
         self.echo_address = ""
+        self.echo_tcp = ""
         self.prefix = f"/thinlinc-ha/{CLUSTER}/sessions/".encode()
         self.primary = LocalSidecar("a", CLUSTER, etcd.endpoints_arg, workdir, ttl=TTL)
         self.standby = LocalSidecar("b", CLUSTER, etcd.endpoints_arg, workdir, ttl=TTL)
@@ -147,7 +148,8 @@ class Bench:
             stdout=subprocess.PIPE, text=True,
         )
         assert self.echo.stdout is not None
-        self.echo.stdout.readline()  # its TCP port, once it serves
+        # Its TCP port, once it serves: for the reads, asked over TCP as the standby's are.
+        self.echo_tcp = f"127.0.0.1:{self.echo.stdout.readline().strip()}"
         self.echo_address = f"unix:{socket}"
         self.primary.start()
         self.primary.wait_role("PRIMARY", timeout=15)
@@ -481,6 +483,7 @@ class Bench:
             stub = session_pb2_grpc.SessionServiceStub(channel)
             self._watch_snapshot(stub, total)
             self._list_pages(stub, total)
+            self._read_floors(total)
             asked = time.monotonic()
             listed = stub.ListSessions(ListSessionsRequest(), timeout=120)
             took = time.monotonic() - asked
@@ -490,12 +493,38 @@ class Bench:
         rss, _ = memory(self.standby.pid)
         self.row("standby VmRSS after that ListSessions", f"{rss / 1024:.1f} MB")
 
+    def _read_floors(self, total: int) -> None:
+        """The same two reads from the do-nothing server (ready-made records, no store): what
+        gRPC alone costs for that many records, server and client on this machine."""
+        with grpc.insecure_channel(self.echo_tcp, options=BIG_MESSAGES) as channel:
+            stub = session_pb2_grpc.SessionServiceStub(channel)
+            for name, read in (("snapshot_floor_seconds", self._snapshot_reader(stub, total)),
+                               ("list_pages_floor_seconds", self._pages_reader(stub, str(total)))):
+                asked = time.monotonic()
+                records, _ = read()
+                took = time.monotonic() - asked
+                if records != total:
+                    raise RuntimeError(f"the do-nothing server sent {records} records")
+                self.figures[name] = took
+                what = ("WatchSessions snapshot" if "snapshot" in name
+                        else "100 pages of ListSessions")
+                self.row(f"floor: {what} of {total:,} ready-made records from the do-nothing "
+                         "server", f"{took:.2f} s")
+
     def _watch_snapshot(self, stub: session_pb2_grpc.SessionServiceStub, total: int) -> None:
         """WatchSessions(0) on the standby until SNAPSHOT_DONE: time and memory after."""
+        read = self._snapshot_reader(stub, 0)
+        self._read_back(f"WatchSessions snapshot of {total:,} records on the standby", total, read,
+                        goal=3.0, name="snapshot_seconds")
+
+    def _snapshot_reader(self, stub: session_pb2_grpc.SessionServiceStub, start: int
+                         ) -> Callable[[], tuple[int, str]]:
+        """Reads a WatchSessions(start) until SNAPSHOT_DONE (the do-nothing server takes the
+        start revision as the number of records to send)."""
 
         def read() -> tuple[int, str]:
             done = session_pb2.SESSION_EVENT_TYPE_SNAPSHOT_DONE
-            call = stub.WatchSessions(WatchSessionsRequest(start_revision=0), timeout=120)
+            call = stub.WatchSessions(WatchSessionsRequest(start_revision=start), timeout=120)
             records = 0
             try:
                 for event in call:
@@ -506,14 +535,23 @@ class Bench:
                 call.cancel()
             return records, ""
 
-        self._read_back(f"WatchSessions snapshot of {total:,} records on the standby", total, read,
-                        goal=3.0, name="snapshot_seconds")
+        return read
 
     def _list_pages(self, stub: session_pb2_grpc.SessionServiceStub, total: int) -> None:
         """ListSessions on the standby page by page (1,000 a page): time and memory after."""
+        self._read_back(
+            f"ListSessions of {total:,} records on the standby, 1,000 a page", total,
+            self._pages_reader(stub), goal=2.0, name="list_pages_seconds",
+        )
+
+    @staticmethod
+    def _pages_reader(stub: session_pb2_grpc.SessionServiceStub, first: str = ""
+                      ) -> Callable[[], tuple[int, str]]:
+        """Reads ListSessions 1,000 a page from page token ``first`` (the do-nothing server
+        takes it as the number of records to send) to the end."""
 
         def read() -> tuple[int, str]:
-            token, records, pages = "", 0, 0
+            token, records, pages = first, 0, 0
             while True:
                 page = stub.ListSessions(
                     ListSessionsRequest(page_size=1000, page_token=token), timeout=30
@@ -523,10 +561,7 @@ class Bench:
                 if not token:
                     return records, f" for {pages} pages"
 
-        self._read_back(
-            f"ListSessions of {total:,} records on the standby, 1,000 a page", total, read,
-            goal=2.0, name="list_pages_seconds",
-        )
+        return read
 
     def _read_back(self, what: str, total: int, read: Callable[[], tuple[int, str]], *,
                    goal: float, name: str) -> None:
