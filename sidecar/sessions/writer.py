@@ -165,6 +165,8 @@ class Writer:
                 # An earlier attempt of this very transaction landed; its per-record answers
                 # are lost, so a delete reports that it deleted (the record is gone anyway).
                 results = [(revision, True) for _ in batch]
+            elif time.monotonic() >= deadline:
+                raise WriteUnavailable("the writer sequence kept moving on")
             else:
                 continue  # the sequence moved on (an abandoned attempt landed): go again
             self._sequence = revision
