@@ -28,9 +28,8 @@ from ..etcd.errors import Compacted, EtcdError
 from ..sessions.follower import Change, Follower
 from ..sessions.record import (
     NOT_PRIMARY_METADATA_KEY,
-    SessionDecodeError,
     SessionValidationError,
-    decode_session,
+    decode_checked,
     encode_session,
     validate_session_id,
 )
@@ -234,12 +233,10 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
 
 def _session(session_id: str, raw: bytes, revision: int) -> Session:
     try:
-        session = decode_session(raw, session_id)
-    except SessionDecodeError:  # the copy only holds records that decoded when applied
+        return decode_checked(raw, session_id, revision)
+    except (ValueError, TypeError, KeyError):  # the copy holds only records checked when applied
         log.exception("stored_record_invalid", session_id=session_id)
-        session = Session(session_id=session_id)
-    session.revision = revision
-    return session
+        return Session(session_id=session_id, revision=revision)
 
 
 def _event(change: Change) -> SessionEvent:

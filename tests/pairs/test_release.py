@@ -112,7 +112,7 @@ def test_a_restart_after_a_crash_revokes_the_dead_process_lease(pair: Pair) -> N
     finds its dead predecessor's lease recorded in data_dir (it holds the lock, so that process
     is gone) and revokes it at start-up, so a new primary (either node: both campaign then)
     serves at once, not after the TTL."""
-    a, b, epoch = start_pair(pair)
+    a, _b, epoch = start_pair(pair)
     dead_lease = recorded_lease(a)
     a.kill()
     killed = time.monotonic()

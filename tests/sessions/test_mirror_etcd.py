@@ -25,7 +25,7 @@ from sidecar.sessions import follower as follower_module
 from sidecar.sessions.follower import Follower
 from sidecar.sessions.record import encode_session
 from sidecar.sessions.store import SessionStore
-from sidecar.sessions.writer import Writer
+from sidecar.sessions.writer import Writer, _Op
 
 from .. import builders
 from ..aio import running
@@ -201,6 +201,51 @@ def test_delete_reports_whether_a_record_was_deleted(
 
 
 # -- the follower -------------------------------------------------------------------------------
+
+
+def test_a_late_attempt_cannot_undo_a_newer_acknowledged_write(
+    etcd_cluster: LocalEtcdCluster, cluster_name: str, etcd_client: Any
+) -> None:
+    """A write attempt that reaches etcd late (a paused member forwarding it after the writer
+    gave up on it and went on) changes nothing once a newer write was acknowledged: the
+    newer record stays. An abandoned attempt that lands before the next write does not
+    stop that write, which lands after it. And a retry whose earlier attempt did land is
+    acknowledged at that attempt's revision, without writing twice."""
+    s = builders.settings(cluster=cluster_name, etcd=etcd_cluster)
+    keys = Keys(s.prefix)
+
+    def attempt(writer: Writer, epoch: int, username: str, token: bytes) -> Any:
+        raw = encode_session(record("k", username=username))
+        op = _Op(keys.sessions + b"k", raw, asyncio.get_running_loop().create_future())
+        return writer.request([op], epoch, token)
+
+    def send(request: Any) -> Any:
+        return etcd_client.kvstub.Txn(request, 5)
+
+    async def body() -> None:
+        async with primary_writer(s) as writer:
+            epoch = writer.epoch()
+            await writer.put(record("k", username="first"))
+            late = attempt(writer, epoch, "late", b"late")  # sent now, arrives below
+            acknowledged = await writer.put(record("k", username="newer"))
+            assert send(late).succeeded is False
+            assert etcd_sessions(etcd_client, keys)["k"] == (
+                encode_session(record("k", username="newer")), acknowledged)
+
+            landed = send(attempt(writer, epoch, "abandoned", b"abandoned")).header.revision
+            after = await writer.put(record("k", username="after"))
+            assert after > landed
+            assert etcd_sessions(etcd_client, keys)["k"][0] == \
+                encode_session(record("k", username="after"))
+
+            first_try = send(attempt(writer, epoch, "retried", b"retried"))
+            writer._tokens = iter([b"retried"])  # the retry of that very attempt
+            before = writer.transactions
+            revision = await writer.put(record("k", username="retried"))
+            assert revision == first_try.header.revision == current_revision(etcd_client)
+            assert writer.transactions == before + 1
+
+    run(body)
 
 
 def test_follower_applies_changes_and_skips_garbage(

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sidecar.api.session_pb2 import Session
-from sidecar.sessions import record as sessions
+from sidecar.sessions import codec, recordcheck, validation
 from sidecar.sessions.record import (
     MAX_ATTRIBUTE_VALUE_LENGTH,
     MAX_ATTRIBUTES,
@@ -22,6 +22,7 @@ from sidecar.sessions.record import (
     SessionDecodeError,
     SessionValidationError,
     check_record,
+    decode_checked,
     decode_session,
     encode_session,
     format_timestamp,
@@ -421,20 +422,20 @@ def test_the_encoders_records_are_checked_as_text() -> None:
     """A record as encode_session writes it is accepted by matching its text, without parsing
     it as JSON; the same record pretty-printed is not matched, and left to the other checks."""
     raw = encode_session(make_session())
-    assert sessions._canonically_valid(raw, KEY_ID)
-    assert not sessions._canonically_valid(raw, "other:11")
+    assert recordcheck._canonically_valid(raw, KEY_ID)
+    assert not recordcheck._canonically_valid(raw, "other:11")
     pretty = json.dumps(json.loads(raw), indent=1).encode()
-    assert not sessions._canonically_valid(pretty, KEY_ID)
+    assert not recordcheck._canonically_valid(pretty, KEY_ID)
     assert _verdict(check_record, pretty) is None
 
 
 def test_the_texts_pattern_refuses_the_control_characters_of_the_rules() -> None:
     """The characters that a string matched as text may hold are exactly those the validation
     allows in text, less the quote and the backslash (which JSON escapes)."""
-    allowed = sessions._CANONICAL_RECORD.pattern.split('"username":"', 1)[1].split("{", 1)[0]
+    allowed = recordcheck._CANONICAL_RECORD.pattern.split('"username":"', 1)[1].split("{", 1)[0]
     for code in [*range(0x300), 0x2028, 0xFEFF, 0x10FFFF]:
         char = chr(code)
-        expected = char not in '"\\' and sessions._CONTROL.search(char) is None
+        expected = char not in '"\\' and validation._CONTROL.search(char) is None
         assert (re.fullmatch(allowed, char) is not None) == expected, hex(code)
 
 
@@ -678,7 +679,7 @@ def test_valid_sessions_are_checked_as_text_unless_escaped(session: Session) -> 
     quote or a backslash (escaped in JSON): the quick way is the common one."""
     raw = encode_session(session)
     escaped = b"\\" in raw
-    assert sessions._canonically_valid(raw, session.session_id) is not escaped
+    assert recordcheck._canonically_valid(raw, session.session_id) is not escaped
 
 
 def test_canonical_growth_bound_holds_at_the_limit() -> None:
@@ -694,4 +695,59 @@ def test_canonical_growth_bound_holds_at_the_limit() -> None:
     assert len(raw) == MAX_RECORD_BYTES
     with pytest.raises(SessionDecodeError, match="more than"):
         decode_session(raw, KEY_ID)  # canonical form adds the missing keys: over the limit
-    assert sessions._CANONICAL_GROWTH > 0
+    assert codec._CANONICAL_GROWTH > 0
+
+
+def _checked_decodes(raw: bytes, key_id: str = KEY_ID) -> None:
+    """A record the mirror's check accepts decodes the same through decode_checked (the way a
+    snapshot or a listing reads the copy) as through decode_session."""
+    try:
+        check_record(raw, key_id)
+    except SessionDecodeError:
+        return
+    expected = decode_session(raw, key_id)
+    expected.revision = 42
+    assert decode_checked(raw, key_id, 42) == expected
+
+
+@properties
+@given(valid_sessions())
+def test_checked_decoding_equals_decoding_for_every_valid_session(session: Session) -> None:
+    """Every record a primary may write decodes through decode_checked as decode_session
+    decodes it, timestamps and attributes included."""
+    _checked_decodes(encode_session(session), session.session_id)
+
+
+@settings(properties, max_examples=300)
+@given(st.dictionaries(st.sampled_from(_FIELDS), json_values, max_size=4))
+def test_checked_decoding_equals_decoding_on_mangled_records(changes: dict[str, object]) -> None:
+    """For a valid record with any fields replaced by any JSON that the check still accepts
+    (missing keys, other spellings of a time, unknown keys), decode_checked gives the message
+    that decode_session gives."""
+    doc = json.loads(encode_session(make_session()))
+    doc.update(changes)
+    _checked_decodes(json.dumps(doc, allow_nan=True).encode())
+
+
+_CHECKED_CASES: dict[str, dict[str, object]] = {
+    **_QUICK_PATH_CASES,
+    "one fraction digit": {"created_at": "2024-05-01T08:00:00.5Z"},
+    "seven fraction digits": {"last_connection_at": "1999-12-31T23:59:59.1234567Z"},
+    "before 1970": {"created_at": "1969-07-20T20:17:40Z"},
+    "unknown key": {"shoe_size": 44},
+    "null time": {"last_connection_at": None},
+}
+
+
+@pytest.mark.parametrize("changes", _CHECKED_CASES.values(), ids=_CHECKED_CASES.keys())
+def test_checked_decoding_equals_decoding_at_the_edges(changes: dict[str, object]) -> None:
+    """At each rule's edge (years 1 and 9999, fractions of any length, before 1970, leap
+    days, unknown keys), the same."""
+    doc = json.loads(encode_session(make_session()))
+    doc.update(changes)
+    _checked_decodes(json.dumps(doc, ensure_ascii=False).encode())
+
+
+def test_checked_decoding_fills_missing_keys_as_decoding_does() -> None:
+    """A hand-written record without the optional keys decodes to the same message."""
+    _checked_decodes(json.dumps({"v": 1, "session_id": KEY_ID, "username": "u"}).encode())
