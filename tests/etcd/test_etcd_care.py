@@ -23,7 +23,7 @@ from sidecar.etcd.maintenance import active_alarms, db_status, disarm
 from sidecar.lab.localcluster import LocalEtcdCluster
 from sidecar.lab.localnode import LocalSidecar
 
-from ..sidecars import make_pair
+from ..sidecars import Pair, make_pair
 
 pytestmark = [pytest.mark.etcd]
 
@@ -91,13 +91,26 @@ def quota_etcd() -> Iterator[LocalEtcdCluster]:
         yield cluster
 
 
+@pytest.fixture
+def quota_pair(quota_etcd: LocalEtcdCluster, cluster_name: str, tmp_path: Path,
+               request: pytest.FixtureRequest) -> Iterator[Pair]:
+    """Two sidecars on the 64 MB etcd, stopped when the test ends (pass or fail)."""
+    yield from make_pair(quota_etcd, cluster_name, tmp_path, request)
+
+
+@pytest.fixture
+def tiny_pair(tiny_etcd: LocalEtcdCluster, cluster_name: str, tmp_path: Path,
+              request: pytest.FixtureRequest) -> Iterator[Pair]:
+    """Two sidecars on the tiny etcd, stopped when the test ends (pass or fail)."""
+    yield from make_pair(tiny_etcd, cluster_name, tmp_path, request)
+
+
 def test_compaction_keeps_a_64mb_quota_from_filling_under_a_1mib_sessions_file(
-        quota_etcd: LocalEtcdCluster, cluster_name: str, tmp_path: Path,
-        request: pytest.FixtureRequest) -> None:
+        quota_etcd: LocalEtcdCluster, quota_pair: Pair) -> None:
     """A 1 MiB sessions file changed 150 times by the primary (each change uploaded, ~1 MB of
     etcd history each: without compaction NOSPACE comes after ~60) never raises NOSPACE against
     a 64 MB quota; the primary's compactions are counted, and a failover afterwards works."""
-    pair = next(make_pair(quota_etcd, cluster_name, tmp_path, request))
+    pair, tmp_path = quota_pair, quota_pair.workdir
     paths = {}
     for node_id in ("a", "b"):
         (tmp_path / f"vsm-{node_id}").mkdir()
@@ -144,13 +157,12 @@ def tiny_etcd() -> Iterator[LocalEtcdCluster]:
 
 
 def test_nospace_is_reported_everywhere_and_clears_after_compact_defrag_disarm(
-        tiny_etcd: LocalEtcdCluster, cluster_name: str, tmp_path: Path,
-        request: pytest.FixtureRequest) -> None:
+        tiny_etcd: LocalEtcdCluster, tiny_pair: Pair) -> None:
     """etcd filled until NOSPACE (junk written directly): the pair keeps its roles, and GetRole,
     /health (still 200), `status` and the vsm_sidecar_etcd_alarm gauge say NOSPACE on both
     nodes; after the operator's compact, defrag of each member and alarm disarm, the alarm
     clears everywhere and writes work again (a switchover, which writes, succeeds)."""
-    pair = next(make_pair(tiny_etcd, cluster_name, tmp_path, request))
+    pair = tiny_pair
     # The sidecar's own compaction is off: here the operator recovers, as the guide says.
     pair.start(ttl=2, extra_args=["--compaction-interval", "0"])
     primary, standby = pair.wait_split()
@@ -180,7 +192,7 @@ def test_nospace_is_reported_everywhere_and_clears_after_compact_defrag_disarm(
             with member.client(timeout=30) as one:
                 one.defragment()
         disarm(etcd, active_alarms(etcd))
-        etcd.put(f"/{cluster_name}-after", b"writes work")
+        etcd.put(f"/{pair.cluster}-after", b"writes work")
     for node in (primary, standby):
         eventually(lambda n=node: _clear(n), timeout=15)  # type: ignore[misc]
     moved = client.switchover(primary.control_address, standby.node_id)
