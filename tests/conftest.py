@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import uuid
 from collections.abc import Generator, Iterator
 from pathlib import Path
@@ -12,6 +14,35 @@ import pytest
 from sidecar.lab.localcluster import LocalEtcdCluster
 
 from .sidecars import PAIR_KEY, Pair, make_pair
+
+
+def running_children() -> list[tuple[int, str]]:
+    """This process's children that still run (not zombies): pid and command line."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        state, ppid = stat.rpartition(")")[2].split()[:2]
+        if int(ppid) == os.getpid() and state != "Z":
+            found.append((int(entry.name), command.strip()))
+    return found
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_process_left_behind() -> Iterator[None]:
+    """Every sidecar, stand-in and etcd member a test starts is stopped by its own clean-up,
+    pass or fail: a child still running when the whole session is done is a leak. It is killed,
+    and the run fails naming it. (Session-wide, so torn down after every other fixture.)"""
+    yield
+    left = running_children()
+    for pid, _ in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"processes left running by the tests: {left}"
 
 
 @pytest.fixture(scope="session")
