@@ -12,7 +12,9 @@ import urllib.request
 import pytest
 
 from sidecar import client
+from sidecar.core.member import MEMBERS_REFRESH_SECONDS
 from sidecar.lab.localnode import LocalSidecar
+from sidecar.lab.netns import wait_for
 
 from ..builders import takeover_guard
 from ..sidecars import Pair
@@ -53,6 +55,14 @@ def wait_paused(node: LocalSidecar, paused: bool = True, timeout: float = 5.0) -
             return status
         assert time.monotonic() < deadline, f"{node.node_id}: pause={paused} not seen: {status}"
         time.sleep(0.05)
+
+
+def _member_role(node: LocalSidecar, member: str) -> tuple[str, str] | None:
+    """The role and epoch ``node`` reports for ``member`` in GetRole's members."""
+    for row in node.role().get("members", []):
+        if row["node_id"] == member:
+            return row.get("role", ""), row.get("epoch", "0")
+    return None
 
 
 def http(node: LocalSidecar, path: str) -> str:
@@ -172,6 +182,10 @@ def test_status_all_lists_every_member_and_the_pause(pair: Pair) -> None:
     pause(pair, "--reason", "upgrade")
     wait_paused(standby)
     epoch = int(primary.role()["epoch"])
+    # Each node reads the member records every MEMBERS_REFRESH_SECONDS: the standby's view
+    # of the primary's record may still be the one from before it won.
+    wait_for(lambda: _member_role(standby, primary.node_id) == ("ROLE_PRIMARY", str(epoch)),
+             timeout=5 * MEMBERS_REFRESH_SECONDS)
     shown = cli(pair, "status", "--all", "--grpc", standby.address)
     assert shown.returncode == 0, shown.stderr
     lines = shown.stdout.splitlines()
