@@ -68,8 +68,12 @@ class BenchError(Exception):
 
 
 class Lab:
-    def __init__(self, lab: NetnsLab, endpoints: str, workdir: Path, ttl: int) -> None:
+    def __init__(self, lab: NetnsLab, endpoints: str, workdir: Path, ttl: int,
+                 release_program: str | None = None) -> None:
         self.lab, self.ttl = lab, ttl
+        # The cold release as installed (`vsm-sidecar` of a venv with the package installed,
+        # not editable), run from "/": no source tree on its path. None: `python -m sidecar`.
+        self.release_program = release_program
         self.vip = f"{lab.subnet}.50"
         self.nodes = {host: LocalSidecar(host, "crash", endpoints, workdir, ttl=ttl,
                                          command_prefix=lab.exec_prefix(host), unix_socket=True,
@@ -113,8 +117,12 @@ class Lab:
         node.kill()
         started = time.monotonic()
         if warm is None:
-            done = subprocess.run(node.command("release"), capture_output=True, text=True,
-                                  timeout=30)
+            command = node.command("release")
+            if self.release_program is not None:
+                at = command.index("-m")
+                command[at - 1:at + 2] = [self.release_program]
+            done = subprocess.run(command, capture_output=True, text=True, timeout=30,
+                                  cwd="/" if self.release_program else None)
         else:
             out, err = warm.communicate("go\n", timeout=30)
             done = subprocess.CompletedProcess(warm.args, warm.returncode, out, err)
@@ -176,7 +184,8 @@ def one_run(lab: Lab, prober: Prober, kind: str) -> dict[str, float]:
     return figures
 
 
-def measure(runs: int, ttl: int) -> tuple[dict[str, list[dict[str, float]]], str, int]:
+def measure(runs: int, ttl: int, release_program: str | None = None,
+            ) -> tuple[dict[str, list[dict[str, float]]], str, int]:
     samples: dict[str, list[dict[str, float]]] = {kind: [] for kind in KINDS}
     with tempfile.TemporaryDirectory(prefix="vsm-bench-") as tmp, \
             NetnsLab(subnet=free_subnet()) as netns:
@@ -186,7 +195,7 @@ def measure(runs: int, ttl: int) -> tuple[dict[str, list[dict[str, float]]], str
         with LocalEtcdCluster(host=root) as etcd:
             with etcd.client() as client:
                 version = client.status().version
-            lab = Lab(netns, etcd.endpoints_arg, Path(tmp), ttl)
+            lab = Lab(netns, etcd.endpoints_arg, Path(tmp), ttl, release_program)
             prober = Prober(netns, lab.vip, 0.05)
             try:
                 lab.start()
@@ -239,13 +248,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=10, help="rounds (one of each fault) [10]")
     parser.add_argument("--ttl", type=int, default=2, help="lease TTL of the sidecars [2]")
+    parser.add_argument("--release-program", metavar="PATH",
+                        help="the cold release runs this installed vsm-sidecar (e.g. "
+                             "/opt/vsm-sidecar/bin/vsm-sidecar) from / instead of "
+                             "`python -m sidecar` from the source tree")
     args = parser.parse_args(argv)
     if args.runs < 1:
         parser.error("--runs must be at least 1")
     require_netns()
-    print(f"{args.runs} rounds, TTL {args.ttl} s", flush=True)
+    print(f"{args.runs} rounds, TTL {args.ttl} s, cold release: "
+          f"{args.release_program or 'python -m sidecar'}", flush=True)
     try:
-        samples, version, late = measure(args.runs, args.ttl)
+        samples, version, late = measure(args.runs, args.ttl, args.release_program)
     except BenchError as exc:
         print(f"failed: {exc}", file=sys.stderr)
         return 1
