@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
 from sidecar import client
 from sidecar.lab.localcluster import LocalEtcdCluster
 from sidecar.lab.localnode import LocalSidecar, RoleRecorder
+
+T = TypeVar("T")
 
 
 class Pair:
@@ -134,3 +136,16 @@ def make_pair(etcd: LocalEtcdCluster, cluster: str, tmp_path: Path,
 
 
 PAIR_KEY = pytest.StashKey[Pair]()
+
+
+def eventually(check: Callable[[], T], timeout: float = 30.0, interval: float = 0.1) -> T:
+    """The first result of ``check`` that raises no AssertionError (nor a sidecar that does
+    not answer or refuses yet); the last such error once ``timeout`` has passed."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return check()
+        except (AssertionError, client.Unreachable, client.Refused):
+            if time.monotonic() > deadline:
+                raise
+        time.sleep(interval)

@@ -63,17 +63,7 @@ async def follow(etcd: Etcd, election: Election, revision: int,
 
 async def wait_request(etcd: Etcd, election: Election, revision: int) -> None:
     """Until the switchover key changes, or a second passes (health is polled)."""
-    try:
-        async with asyncio.timeout(REQUEST_POLL_SECONDS):
-            async with etcd.watch(election.keys.switchover,
-                                  start_revision=revision + 1) as watch:
-                async for batch in watch:
-                    if batch.events:
-                        return
-    except TimeoutError:
-        return
-    except EtcdError:
-        await asyncio.sleep(0.5)  # read again soon, but never spin against a failing watch
+    await _wait_key(etcd, election.keys.switchover, revision, REQUEST_POLL_SECONDS)
 
 
 async def guard_key(etcd: Etcd, election: Election, epoch: int, revision: int,

@@ -10,9 +10,9 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -23,11 +23,10 @@ from sidecar.etcd.maintenance import active_alarms, db_status, disarm
 from sidecar.lab.localcluster import LocalEtcdCluster
 from sidecar.lab.localnode import LocalSidecar
 
-from ..sidecars import Pair, make_pair
+from ..sidecars import Pair, eventually, make_pair
 
 pytestmark = [pytest.mark.etcd]
 
-T = TypeVar("T")
 OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 MB = 1_000_000
 MIB = 1 << 20
@@ -39,15 +38,6 @@ COMPACTION = ["--compaction-interval", "5", "--compaction-keep", "10",
               "--compaction-max-bytes", str(8 * MIB)]
 
 
-def eventually(check: Callable[[], T], timeout: float = 30.0) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return check()
-        except (AssertionError, client.Unreachable):
-            if time.monotonic() > deadline:
-                raise
-        time.sleep(0.1)
 
 
 def http(node: LocalSidecar, path: str) -> tuple[int, str]:

@@ -21,10 +21,10 @@ import json
 import random
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -33,11 +33,10 @@ from sidecar import client
 from sidecar.etcd.records import SWITCHOVER_TTL
 from sidecar.lab.localnode import LocalSidecar
 
-from ..sidecars import Pair
+from ..sidecars import Pair, eventually
 
 pytestmark = [pytest.mark.etcd]
 
-T = TypeVar("T")
 TTL = 2
 WAIT = 20.0  # generous: the machine is shared
 FAILBACK_DELAY = 4.0
@@ -58,16 +57,6 @@ JUNK: dict[str, bytes] = {
 # -- helpers ------------------------------------------------------------------------------------
 
 
-def eventually(check: Callable[[], T], timeout: float = WAIT) -> T:
-    """The first result of ``check`` that raises no AssertionError (or a client error)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return check()
-        except (AssertionError, client.Unreachable, client.Refused):
-            if time.monotonic() > deadline:
-                raise
-        time.sleep(0.05)
 
 
 def garbage_counts(node: LocalSidecar) -> dict[str, float]:

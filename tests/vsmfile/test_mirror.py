@@ -12,15 +12,14 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from sidecar import client
 from sidecar.atomicfile import atomic_write
 from sidecar.etcd.client import Etcd
 from sidecar.etcd.keys import Keys
@@ -31,11 +30,10 @@ from sidecar.vsmfile.mirror import EtcdCopy
 
 from .. import builders
 from ..netns_lab import wait_for
-from ..sidecars import Pair, make_pair
+from ..sidecars import Pair, eventually, make_pair
 
 pytestmark = [pytest.mark.etcd]
 
-T = TypeVar("T")
 OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 # In on-primary mode the sidecar runs these on promotion and demotion; "true" stands in for
 # systemctl here (the stand-in VSM server tests run a real one).
@@ -111,16 +109,6 @@ def test_promotion_makes_the_file_current_before_the_role_is_primary(pair: Pair)
 # -- large files, bounded transactions, and the never-silent copy --------------------------------
 
 
-def eventually(check: Callable[[], T], timeout: float = 30.0) -> T:
-    """The first result of ``check`` that raises no AssertionError (or a client error)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return check()
-        except (AssertionError, client.Unreachable):
-            if time.monotonic() > deadline:
-                raise
-        time.sleep(0.1)
 
 
 def stored(etcd_client: Any, pair: Pair) -> dict[str, Any]:
