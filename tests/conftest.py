@@ -12,25 +12,10 @@ from typing import Any
 import pytest
 
 from sidecar.lab.localcluster import LocalEtcdCluster
+from sidecar.lab.localnode import LocalSidecar
 
+from .processes import running_children
 from .sidecars import PAIR_KEY, Pair, make_pair
-
-
-def running_children() -> list[tuple[int, str]]:
-    """This process's children that still run (not zombies): pid and command line."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        state, ppid = stat.rpartition(")")[2].split()[:2]
-        if int(ppid) == os.getpid() and state != "Z":
-            found.append((int(entry.name), command.strip()))
-    return found
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -43,6 +28,15 @@ def no_process_left_behind() -> Iterator[None]:
     for pid, _ in left:
         os.kill(pid, signal.SIGKILL)
     assert not left, f"processes left running by the tests: {left}"
+
+
+@pytest.fixture
+def nodes() -> Iterator[list[LocalSidecar]]:
+    """Sidecars a test starts one by one (appending each): closed when it ends."""
+    started: list[LocalSidecar] = []
+    yield started
+    for node in started:
+        node.close()
 
 
 @pytest.fixture(scope="session")

@@ -120,8 +120,10 @@ class AccessPolicy:
                 f"grpc_writers; {who} is neither")
 
 
+# A handler's behaviour, and how to build a handler of each kind around a new one (the two
+# interceptors here and in grpc_role.py wrap the behaviour and rebuild the handler).
 Behavior = Callable[..., Any]
-_HANDLER_MAKERS: dict[str, Callable[..., grpc.RpcMethodHandler[Any, Any]]] = {
+HANDLER_MAKERS: dict[str, Callable[..., grpc.RpcMethodHandler[Any, Any]]] = {
     "unary_unary": grpc.unary_unary_rpc_method_handler,
     "unary_stream": grpc.unary_stream_rpc_method_handler,
     "stream_unary": grpc.stream_unary_rpc_method_handler,
@@ -155,7 +157,7 @@ class AccessGuard(grpc.aio.ServerInterceptor):
                 await context.abort(grpc.StatusCode.PERMISSION_DENIED,
                                     self.policy.refusal(method, peer, names))
 
-        for kind, make in _HANDLER_MAKERS.items():
+        for kind, make in HANDLER_MAKERS.items():
             behavior = getattr(handler, kind)
             if behavior is not None:
                 return make(_checked(behavior, check), handler.request_deserializer,

@@ -39,7 +39,15 @@ from ..core.switchover import SwitchoverFailed
 from ..etcd.errors import EtcdError
 from ..etcd.records import PauseRecord
 from ..settings import NAME_PATTERN, ConfigError
-from .grpc_access import AccessGuard, AccessPolicy, prepare_socket, secure_socket, unix_path
+from .grpc_access import (
+    HANDLER_MAKERS,
+    AccessGuard,
+    AccessPolicy,
+    Behavior,
+    prepare_socket,
+    secure_socket,
+    unix_path,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -220,7 +228,7 @@ class RequestGuard(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None or handler.request_deserializer is None:
             return handler
-        for kind, make in _HANDLER_MAKERS.items():
+        for kind, make in HANDLER_MAKERS.items():
             behavior = getattr(handler, kind)
             if behavior is None:
                 continue
@@ -230,15 +238,6 @@ class RequestGuard(grpc.aio.ServerInterceptor):
             return make(guarded, _tolerant(handler.request_deserializer),
                         handler.response_serializer)
         return handler
-
-
-Behavior = Callable[..., Any]
-_HANDLER_MAKERS: dict[str, Callable[..., grpc.RpcMethodHandler[Any, Any]]] = {
-    "unary_unary": grpc.unary_unary_rpc_method_handler,
-    "unary_stream": grpc.unary_stream_rpc_method_handler,
-    "stream_unary": grpc.stream_unary_rpc_method_handler,
-    "stream_stream": grpc.stream_stream_rpc_method_handler,
-}
 
 
 def _guarded(behavior: Behavior, request_streaming: bool) -> Behavior | None:

@@ -16,7 +16,6 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,13 +44,6 @@ Code = grpc.StatusCode
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     return make_pki(tmp_path_factory.mktemp("grpc-pki"))
 
-
-@pytest.fixture
-def nodes() -> Iterator[list[LocalSidecar]]:
-    started: list[LocalSidecar] = []
-    yield started
-    for node in started:
-        node.close()
 
 
 def _tls_args(pki: Pki, *, mtls: bool = False) -> list[str]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import etcd3
@@ -37,13 +36,6 @@ WATCH_S = 4.0
 def pki(tmp_path: Path) -> Pki:
     return make_pki(tmp_path / "pki")
 
-
-@pytest.fixture
-def nodes() -> Iterator[list[LocalSidecar]]:
-    started: list[LocalSidecar] = []
-    yield started
-    for node in started:
-        node.close()
 
 
 def _tls_cluster(pki: Pki, workdir: Path) -> LocalEtcdCluster:

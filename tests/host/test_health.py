@@ -13,6 +13,8 @@ import pytest
 from sidecar.host.health import HealthCheck
 from sidecar.host.targets import CommandTarget, TcpTarget, parse_target
 
+from ..processes import alive
+
 T = TypeVar("T")
 
 
@@ -27,14 +29,6 @@ def run(body: Callable[[], Awaitable[T]]) -> T:
 async def _ignore(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     writer.close()
 
-
-def alive(pid: int) -> bool:
-    """Whether ``pid`` is a running process (a zombie waiting for its reaper counts as dead)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rpartition(")")[2].split()[0] != "Z"
 
 
 def test_tcp_check_rises_falls_and_rises_again() -> None:

@@ -17,6 +17,8 @@ from sidecar.etcd.records import LeaderInfo
 from sidecar.host.hooks import HookRunner
 from sidecar.host.processes import check_program
 
+from ..processes import alive
+
 T = TypeVar("T")
 
 
@@ -52,14 +54,6 @@ async def written(path: Path) -> None:
 def has_line(path: Path) -> bool:
     return path.exists() and path.read_text().endswith("\n")
 
-
-def alive(pid: int) -> bool:
-    """Whether ``pid`` is a running process (a zombie waiting for its reaper counts as dead)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rpartition(")")[2].split()[0] != "Z"
 
 
 def test_hooks_run_one_at_a_time_in_order(tmp_path: Path) -> None:
