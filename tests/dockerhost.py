@@ -212,6 +212,25 @@ class DockerEngine:
             "DOCKER_BUILDKIT": "1",
         }
 
+    @contextlib.contextmanager
+    def bridged_traffic_allowed(self, subnet: str) -> Iterator[None]:
+        """Let containers on this engine's ``subnet`` bridge reach each other while inside.
+
+        Where the host filters bridged frames (``bridge-nf-call-iptables`` = 1, as it is once
+        the host's own dockerd has loaded br_netfilter), they pass the host's FORWARD chain,
+        whose policy that dockerd sets to DROP: our engine, which adds no iptables rules, would
+        see its compose network's members cut off from each other. One ACCEPT rule for the
+        subnet, first in FORWARD, removed again on the way out."""
+        if _sysctl("net.bridge.bridge-nf-call-iptables") != "1":
+            yield
+            return
+        rule = ["FORWARD", "-s", subnet, "-d", subnet, "-j", "ACCEPT"]
+        subprocess.run(["iptables", "-I", *rule], capture_output=True, text=True, check=True)
+        try:
+            yield
+        finally:
+            subprocess.run(["iptables", "-D", *rule], capture_output=True, check=False)
+
     def start(self) -> None:
         CACHE.mkdir(parents=True, exist_ok=True)
         self._take_lock()

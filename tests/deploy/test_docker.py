@@ -245,16 +245,17 @@ def test_compose_pair_fails_over_and_back_on_a_real_docker_engine() -> None:
         with timed(figures, "build"):
             dockerhost.build_sidecar_image(engine, images["PYTHON_IMAGE"])
         cluster = Cluster(engine, images)
-        try:
-            with timed(figures, "up"):
-                cluster.compose("up", "--no-build", "--wait")
-            _run_scenario(cluster, figures)
-        except BaseException as exc:
-            exc.add_note(f"compose logs:\n{cluster.logs()}")
-            raise
-        finally:
-            with timed(figures, "down"):
-                cluster.compose("down", "-v", "--timeout", "20")
+        with engine.bridged_traffic_allowed(SUBNET):
+            try:
+                with timed(figures, "up"):
+                    cluster.compose("up", "--no-build", "--wait")
+                _run_scenario(cluster, figures)
+            except BaseException as exc:
+                exc.add_note(f"compose logs:\n{cluster.logs()}")
+                raise
+            finally:
+                with timed(figures, "down"):
+                    cluster.compose("down", "-v", "--timeout", "20")
         _assert_nothing_left(engine)
         engine.docker("image", "prune", "--force")  # the previous runs' sidecar images
     assert engine.repairs == [], "the daemon changed the host"
