@@ -10,6 +10,12 @@ on etcd, a hook or an RPC. Rule 3 is enforced twice: a watchdog task wakes at th
 and every reader of the role (:meth:`Node.status`, the write path) checks the deadline itself
 first, because after a process pause (SIGSTOP, a VM freeze) other callbacks may run before the
 watchdog does.
+
+The node holds the role and drives the lease's life; the steps it takes live beside it: may it
+campaign (:mod:`.candidacy`), what ends a primary's term of its own accord (:mod:`.handover`),
+the preferred primary's failback (:mod:`.failback`), a leader key without a lease
+(:mod:`.unowned`), the lease's start and end (:mod:`.lease`), the watches it waits on
+(:mod:`.watches`), and the decisions themselves as pure functions (:mod:`.rules`).
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import structlog
 
 from .. import logs
 from ..etcd.client import Etcd
-from ..etcd.election import CampaignResult, Election
+from ..etcd.election import Election
 from ..etcd.errors import EtcdAccessDenied, EtcdError, LeaseGone
 from ..etcd.lease import Lease, LeaseLost
 from ..etcd.records import (
@@ -34,10 +40,12 @@ from ..etcd.records import (
     PauseRecord,
     SwitchoverRequest,
 )
-from ..etcd.retry import retry_policy
+from ..etcd.retry import ERROR_PAUSE, retried
 from ..settings import Settings
-from . import rules
+from . import candidacy, rules
 from .collaborators import NodeParts
+from .failback import ask_for_failback
+from .handover import HandOver, await_handover, clear_request
 from .lease import (
     ACCESS_NOTE,
     acquire_lease,
@@ -53,28 +61,10 @@ from .member import member_record, publish_member
 from .roles import NotPrimary, Role, RoleView, Status
 from .switchover import request_move
 from .tasks import TaskEnded, supervise
-from .watches import (
-    Deposed,
-    Tampered,
-    follow,
-    guard_key,
-    wait_request,
-    watch_pause,
-)
+from .unowned import UnownedLeader
+from .watches import Deposed, Tampered, follow, guard_key, watch_pause
 
 log = structlog.get_logger(__name__)
-
-FAILBACK_POLL = 0.2
-ETCD_ERROR_PAUSE = 0.5
-
-
-class HandOver(Exception):
-    """The primary is to hand over to ``target`` (rule 6)."""
-
-    def __init__(self, target: str, reason: str) -> None:
-        super().__init__(f"handing over to {target} ({reason})")
-        self.target = target
-        self.reason = reason
 
 
 class Node:
@@ -105,7 +95,7 @@ class Node:
         self.etcd_alarms = parts.etcd_alarms
         self.role_changes = 0
         self.handovers = 0
-        self._unowned: rules.Unowned | None = None  # see _unowned_leader
+        self._unowned = UnownedLeader(etcd, self.election, settings.ttl)
         if view is not None:
             view.bind(self.status)
 
@@ -277,7 +267,7 @@ class Node:
                 self._set_role(Role.FENCED, f"etcd error: {exc}")
                 stale = lease
                 log.error("etcd_error", error=str(exc), decision="fence, retry")
-                await asyncio.sleep(ETCD_ERROR_PAUSE)  # never spin against a refusing etcd
+                await asyncio.sleep(ERROR_PAUSE)  # never spin against a refusing etcd
 
     def _lease_tasks(self, lease: Lease) -> dict[str, Coroutine[Any, Any, None]]:
         """What runs for the life of one lease; none of it ends while the lease lives."""
@@ -287,7 +277,9 @@ class Node:
                  "leadership": self._leadership(lease),
                  "pause": watch_pause(self.etcd, self.election, self._pause_changed)}
         if self.settings.preferred_primary and self.settings.failback:
-            tasks["failback"] = self._failback()
+            tasks["failback"] = ask_for_failback(
+                self.election, self.settings.node_id, self.settings.failback_delay,
+                self.health_configured, self._failback_state)
         return tasks
 
     async def _leadership(self, lease: Lease) -> None:
@@ -301,19 +293,24 @@ class Node:
                 await self._serve(lease, leader, revision)
                 continue
             if leader is not None and leader.lease == 0:
-                await self._unowned_leader(leader, revision)
+                await self._unowned.handle(leader, revision, self._hold)
                 continue
             if leader is None:
-                held_back = await self._held_back(request)
+                held_back = await candidacy.held_back(
+                    self.election, self.settings.node_id, request,
+                    members=lambda: self._status.members, members_read=self._members_read,
+                    health_configured=self.health_configured, health=self.health,
+                    paused=lambda: self.paused)
                 if held_back is not None:
                     self._set_role(Role.STANDBY, held_back)
                     wait = SWITCHOVER_TTL if request and not self.paused else 0.5
                     await follow(self.etcd, self.election, revision, wait)
                     continue
-                result = await self._campaign(lease)
+                result = await retried("campaign", lambda: self.election.campaign(lease),
+                                       max_wait=0.5)
                 if result.won and result.leader is not None:
                     if request is not None and request.target == self.settings.node_id:
-                        await self._clear_request()
+                        await clear_request(self.election)
                     await self._serve(lease, result.leader, result.revision)
                     continue
                 leader, revision = result.leader, result.revision
@@ -322,77 +319,12 @@ class Node:
             self._set_role(Role.STANDBY, _following(leader), leader=leader)
             await follow(self.etcd, self.election, revision)
 
-    async def _unowned_leader(self, leader: LeaderInfo, revision: int) -> None:
-        """A leader key without a lease would never expire and would block every election:
-        it counts as held (never two primaries) for rules.UNOWNED_LEADER_TTLS after this node first
-        saw it, unchanged, and then is deleted, guarded on its mod revision."""
-        grace = rules.unowned_grace(self.settings.ttl)
-        seen, left = rules.unowned_leader(self._unowned, leader.revision, time.monotonic(),
-                                          self.settings.ttl)
-        if seen != self._unowned:
-            log.error("leader_key_unowned", problem=leader.problem, revision=leader.revision,
-                      decision=f"counted as held; removed after {grace} s unless it changes")
-        self._unowned = seen
-        if left > 0:
-            reason = (f"the leader key is not a sidecar's ({leader.problem}): counted as held, "
-                      f"removed {grace} s after it appeared unless it changes")
-            self._set_role(Role.STANDBY, reason, leader=leader)
-            await follow(self.etcd, self.election, revision, left)
-            return
-        try:
-            removed = await self.election.remove_unowned_leader(leader.revision)
-        except EtcdError as exc:
-            log.warning("leader_key_not_removed", error=str(exc))
-            await asyncio.sleep(ETCD_ERROR_PAUSE)
-            return
-        log.error("leader_key_removed", revision=leader.revision, removed=removed,
-                  decision="campaign" if removed else "it changed: look again")
-
-    async def _held_back(self, request: SwitchoverRequest | None) -> str | None:
-        """Why this node must not campaign now, or None (see :func:`rules.held_back`)."""
-        target = rules.waits_for(request, self.settings.node_id)
-        known = target is not None and await self._is_member(target)
-        if target is not None and not known:
-            log.warning("switchover_target_unknown", target=target,
-                        decision="not held back: it is no member")
-        return rules.held_back(request, self.settings.node_id, known, self.health_configured,
-                               self.health(), self.paused)
-
-    async def _is_member(self, node_id: str) -> bool:
-        """Whether ``node_id`` has a members/ record, read again if we do not know it yet."""
-        if self._member(node_id) is not None:
-            return True
-        try:
-            members = await self.election.read_members()
-        except EtcdError as exc:
-            log.info("members_not_read", error=str(exc))
-            return True  # cannot tell: wait, as for a member
-        self._members_read(members)
-        return self._member(node_id) is not None
-
     async def _read_state(self) -> tuple[LeaderInfo | None, SwitchoverRequest | None, int]:
-        async for attempt in retry_policy("read leader", max_wait=0.5):
-            with attempt:
-                return await self.election.read_leader_and_request()
-        raise AssertionError("unreachable")
-
-    async def _clear_request(self) -> None:
-        try:
-            await self.election.clear_switchover()
-        except EtcdError as exc:  # it expires with its short lease anyway
-            log.info("switchover_not_cleared", error=str(exc))
-
-    async def _campaign(self, lease: Lease) -> CampaignResult:
-        async for attempt in retry_policy("campaign", max_wait=0.5):
-            with attempt:
-                return await self.election.campaign(lease)
-        raise AssertionError("unreachable")
+        return await retried("read leader", self.election.read_leader_and_request,
+                             max_wait=0.5)
 
     async def _read_leader(self) -> tuple[LeaderInfo | None, int]:
-        async for attempt in retry_policy("read leader", max_wait=0.5):
-            with attempt:
-                return await self.election.read_leader()
-        raise AssertionError("unreachable")
+        return await retried("read leader", self.election.read_leader, max_wait=0.5)
 
     async def _serve(self, lease: Lease, leader: LeaderInfo, revision: int) -> None:
         """Hold the leadership until the lease is lost or the key is taken from us."""
@@ -421,6 +353,12 @@ class Node:
         except HandOver as exc:
             await self._hand_over(leader.epoch, exc)
 
+    def _await_handover(self, revision: int) -> Coroutine[Any, Any, None]:
+        return await_handover(self.etcd, self.election, self.settings.node_id, revision,
+                              read_state=self._read_state, members=lambda: self._status.members,
+                              members_read=self._members_read, health=self.health,
+                              paused=lambda: self.paused)
+
     async def _hand_over(self, epoch: int, handover: BaseException) -> None:
         """Rule 6: stop writes and release the IP (in _set_role), then delete the leader key;
         the request in etcd keeps everyone but the target from campaigning."""
@@ -435,35 +373,8 @@ class Node:
             log.warning("step_down_failed", error=str(exc),
                         note="the key goes with our lease if the node stops")
 
-    async def _await_handover(self, revision: int) -> None:
-        """Raise HandOver for an eligible switchover request, or when this primary is
-        unhealthy and a standby can take over (:func:`rules.handover`); otherwise serve on."""
-        unhealthy_logged = False
-        me = self.settings.node_id
-        while True:
-            _, request, revision = await self._read_state()
-            if request is not None and request.target != me:
-                self._members_read(await self.election.read_members())
-            decision = rules.handover(request, me, self._status.members, self.health(),
-                                      self.paused)
-            if decision.action == rules.CLEAR:
-                if decision.reason:
-                    log.warning("switchover_ignored", target=decision.target,
-                                reason=decision.reason)
-                await self._clear_request()
-            elif decision.action == rules.HAND_OVER and decision.target is not None:
-                raise HandOver(decision.target, decision.reason)
-            elif decision.action == rules.ASK_AND_HAND_OVER and decision.target is not None:
-                await self.election.request_switchover(
-                    SwitchoverRequest(decision.target, me, decision.reason))
-                raise HandOver(decision.target, decision.reason)
-            elif decision.action == rules.STUCK:
-                if not unhealthy_logged:
-                    log.error("primary_unhealthy_keeps_role", reason=decision.reason)
-                    unhealthy_logged = True
-            else:
-                unhealthy_logged = False
-            await wait_request(self.etcd, self.election, revision)
+    def _hold(self, reason: str, leader: LeaderInfo) -> None:
+        self._set_role(Role.STANDBY, reason, leader=leader)
 
     def _member_record(self) -> MemberRecord:
         return member_record(self._status, self.settings.published_address, self.member_fields)
@@ -474,37 +385,11 @@ class Node:
     def _members_read(self, members: list[MemberRecord]) -> None:
         self._status = replace(self._status, members=tuple(members))
 
-    def _member(self, node_id: str) -> MemberRecord | None:
-        return rules.member(self._status.members, node_id)
-
     def _failback_state(self) -> tuple[rules.FailbackState, bool]:
         """What a failback depends on, and whether the cluster is paused (a resume restarts
         the delay as any other change does)."""
         current = self.member_fields.get("copy_current", lambda: True)()
         return rules.failback_state(self._status, self.health(), current), self.paused
-
-    async def _failback(self) -> None:
-        """The preferred primary asks for the role back once it has been a healthy, caught-up
-        STANDBY of someone else for failback_delay (:func:`rules.failback_due`); any change
-        restarts the delay, so a flapping node never causes repeated failbacks."""
-        me, delay = self.settings.node_id, self.settings.failback_delay
-        state, since = self._failback_state(), time.monotonic()
-        while True:
-            await asyncio.sleep(FAILBACK_POLL)
-            now, current = time.monotonic(), self._failback_state()
-            if current != state:
-                state, since = current, now
-                continue
-            if rules.failback_due(state[0], me, self.health_configured, since, now, delay,
-                                  paused=state[1]):
-                log.info("failback", decision="ask for the leadership back", leader=state[0][1],
-                         stable_for=round(now - since, 1))
-                try:
-                    await self.election.request_switchover(
-                        SwitchoverRequest(me, me, "failback"))
-                except EtcdError as exc:
-                    log.warning("failback_request_failed", error=str(exc))
-                since = now + SWITCHOVER_TTL  # let this request run its course first
 
 
 def _following(leader: LeaderInfo) -> str:

@@ -9,7 +9,8 @@ Both retry forever: a caller that must give up at a deadline wraps the retrying 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import structlog
 import tenacity
@@ -18,6 +19,8 @@ from .errors import EtcdError
 
 log = structlog.get_logger(__name__)
 
+T = TypeVar("T")
+
 # A call is retried after 0.1 s, 0.2 s, 0.4 s ... up to MAX_WAIT, each plus up to JITTER.
 FIRST_WAIT = 0.1
 MAX_WAIT = 2.0
@@ -25,6 +28,9 @@ JITTER = 0.1
 # A broken watch is opened again after this pause, whatever the stream did before it broke:
 # the watch is how a node learns of a new leader, so it never backs off further.
 RECONNECT_WAIT = 0.2
+# A loop that handles an etcd error by starting over (the node's lifecycle, its removal of an
+# unowned leader key) pauses this long first: it never spins against a refusing etcd.
+ERROR_PAUSE = 0.5
 
 
 def transient(exc: BaseException) -> bool:
@@ -77,3 +83,12 @@ def reconnect_policy(what: str, *, wait: float = RECONNECT_WAIT,
     growth: a watch that ran for days and broke is opened again as soon as a fresh one)."""
     return retry_policy(what, first_wait=wait, max_wait=wait, jitter=0.0,
                         retry_if=any_etcd_error, on_retry=on_retry)
+
+
+async def retried(what: str, call: Callable[[], Awaitable[T]], *,
+                  max_wait: float = MAX_WAIT) -> T:
+    """``call()``'s result, retried under :func:`retry_policy` until it succeeds."""
+    async for attempt in retry_policy(what, max_wait=max_wait):
+        with attempt:
+            return await call()
+    raise AssertionError("unreachable")  # the policy retries forever or re-raises
