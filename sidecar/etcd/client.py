@@ -165,3 +165,9 @@ def lease_ttl_elsewhere(client: Any, lease_id: int, timeout: float) -> tuple[int
     assert last is not None
     # Translated here: run_sync would take a raw RpcError for a failure of the endpoint in use.
     raise translate(last, f"lease check through {len(others)} other member(s)")
+
+
+def retrieve_outcome(task: asyncio.Future[Any]) -> None:
+    """Retrieve an abandoned call's outcome, so asyncio does not log it as never retrieved."""
+    if not task.cancelled():
+        task.exception()
