@@ -22,7 +22,7 @@ from ..etcd.keys import Keys
 from ..host.targets import ProbeFailed, parse_target
 from ..settings import Settings
 from .adapter import ChunkError
-from .mirror import Copy, EtcdCopy
+from .etcdcopy import Copy, EtcdCopy
 
 EXIT_REFUSED = 1
 EXIT_NO_COPY = 2

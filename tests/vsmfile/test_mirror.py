@@ -26,7 +26,7 @@ from sidecar.etcd.keys import Keys
 from sidecar.lab.localcluster import LocalEtcdCluster
 from sidecar.lab.localnode import LocalSidecar
 from sidecar.vsmfile.adapter import DEFAULT_CHUNK_SIZE
-from sidecar.vsmfile.mirror import EtcdCopy
+from sidecar.vsmfile.etcdcopy import EtcdCopy
 
 from .. import builders
 from ..netns_lab import wait_for
