@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import atexit
 import concurrent.futures
-import contextlib
 import shutil
 import subprocess
 import sys
@@ -34,9 +33,8 @@ from typing import Any, Self
 
 import etcd3
 import structlog
-from etcd3 import etcdrpc
 
-from .etcdauth import AlreadyExists, auth_call, prefix_end
+from .etcdauth import add_prefix_user, enable_root
 from .etcdbinary import find_etcd_binary
 from .etcderrors import EtcdClusterError, EtcdMemberUnavailable, EtcdStartError, rpc_reason
 from .etcdhealth import describe, health_problem, status_or_error
@@ -214,13 +212,7 @@ class LocalEtcdCluster:
         authenticate as root.
         """
         with self.client() as etcd:
-            with contextlib.suppress(AlreadyExists):
-                auth_call(etcd, "RoleAdd", etcdrpc.AuthRoleAddRequest(name="root"))
-            auth_call(etcd, "UserAdd",
-                       etcdrpc.AuthUserAddRequest(name="root", password=root_password))
-            auth_call(etcd, "UserGrantRole",
-                       etcdrpc.AuthUserGrantRoleRequest(user="root", role="root"))
-            auth_call(etcd, "AuthEnable", etcdrpc.AuthEnableRequest())
+            enable_root(etcd, root_password)
         self._root = ("root", root_password)
         for member in self._members:
             member.credentials = self._root
@@ -230,17 +222,7 @@ class LocalEtcdCluster:
         keys under ``prefix`` and nothing else; with ``prefix`` None the role grants nothing.
         """
         with self.client() as etcd:
-            auth_call(etcd, "RoleAdd", etcdrpc.AuthRoleAddRequest(name=name))
-            if prefix is not None:
-                key = prefix.encode()
-                permission = etcdrpc.auth_pb2.Permission(
-                    permType=etcdrpc.auth_pb2.Permission.READWRITE, key=key,
-                    range_end=prefix_end(key))
-                auth_call(etcd, "RoleGrantPermission",
-                           etcdrpc.AuthRoleGrantPermissionRequest(name=name, perm=permission))
-            auth_call(etcd, "UserAdd", etcdrpc.AuthUserAddRequest(name=name, password=password))
-            auth_call(etcd, "UserGrantRole",
-                       etcdrpc.AuthUserGrantRoleRequest(user=name, role=name))
+            add_prefix_user(etcd, name, password, prefix)
 
     def compact(self, revision: int | None = None) -> int:
         """Compact history up to ``revision`` (default: the current one) and return it.
