@@ -79,9 +79,12 @@ def failback_state(status: Status, health: bool | None, copy_current: object) ->
 def failback_ready(state: FailbackState, me: str, health_configured: bool,
                    paused: bool = False) -> bool:
     """The preferred primary may ask for the role back: a healthy, caught-up STANDBY of
-    someone else, and the cluster is not paused (no failback in maintenance mode)."""
+    someone else, and the cluster is not paused (no failback in maintenance mode). A verdict
+    of unhealthy always holds it back, with or without a health check: in ``on-primary``
+    mode a VSM server that would not start says so (the primary would refuse the request,
+    and the node would ask again every time the delay passed)."""
     role, leader, health, copy_current = state
-    healthy = health is True or not health_configured
+    healthy = health is True or (health is None and not health_configured)
     return role is Role.STANDBY and leader not in (None, me) and healthy \
         and copy_current is True and not paused
 

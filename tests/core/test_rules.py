@@ -103,6 +103,12 @@ def test_with_a_health_check_only_a_healthy_node_fails_back() -> None:
     assert not rules.failback_ready((Role.STANDBY, "b", False, True), ME, health_configured=True)
 
 
+def test_an_unhealthy_verdict_holds_failback_back_even_without_a_health_check() -> None:
+    """on-primary: a VSM server that would not start makes the node unhealthy although no
+    health check is configured; the primary would refuse it as a target."""
+    assert not rules.failback_ready((Role.STANDBY, "b", False, True), ME, health_configured=False)
+
+
 def test_failback_is_due_once_ready_and_stable_for_the_delay() -> None:
     state = (Role.STANDBY, "b", None, True)
     assert not rules.failback_due(state, ME, False, stable_since=100.0, now=104.9, delay=5.0)
