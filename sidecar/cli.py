@@ -95,8 +95,13 @@ def _add_operator_commands(commands: Commands) -> None:
                         help="every member of the cluster as this sidecar sees it in etcd: "
                              "role, epoch, health, applied revision and lag, resource IP; "
                              "and whether the cluster is paused")
+    status.add_argument("--etcd", action="store_true",
+                        help="--all read from etcd directly, with this node's settings "
+                             "(--config FILE, VSM_SIDECAR_* or the flags below): works with "
+                             "no sidecar running, from any host that reaches etcd")
     status.add_argument("--timeout", type=float, default=3.0, help="seconds to wait [3]")
     _add_client_tls(status)
+    config.add_arguments(status)
     status.set_defaults(func=_cmd_status)
 
     move = commands.add_parser("switchover", help="move the primary role (a planned handover)")
@@ -245,6 +250,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
     _quiet_grpc()
     from . import client
 
+    if args.etcd:
+        return _status_from_etcd(args)
     try:
         status = client.get_role(args.grpc, timeout=args.timeout, ca=args.grpc_ca,
                                  cert=args.grpc_cert, key=args.grpc_key)
@@ -262,6 +269,23 @@ def _cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(status, indent=2, sort_keys=True))
     else:
         print(client.format_status(status))
+    return EXIT_DONE
+
+
+def _status_from_etcd(args: argparse.Namespace) -> int:
+    from . import client, maintenance
+    from .etcd.errors import EtcdError
+
+    settings = config.load(vars(args))
+    logs.configure("console", "error")
+    try:
+        status = asyncio.run(maintenance.cluster_status(settings))
+    except EtcdError as exc:
+        print(f"vsm-sidecar: error: etcd: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    cluster = client.cluster_view(status)
+    print(json.dumps(cluster, indent=2, sort_keys=True) if args.json
+          else client.format_cluster(cluster))
     return EXIT_DONE
 
 

@@ -1,9 +1,10 @@
-"""``vsm-sidecar pause`` and ``resume``: maintenance mode, written to etcd directly.
+"""The operator's commands that go to etcd directly: ``pause`` and ``resume`` (maintenance
+mode) and ``status --etcd`` (the cluster as etcd holds it).
 
 Straight to etcd rather than through a sidecar's API: a pause is wanted most when the
-primary is dead or about to be stopped, and it must work from any node, with or without a
-sidecar running there. The nodes watch the key (sidecar.core.watches.watch_pause) and the
-rules hold every automatic move back while it exists (sidecar.core.rules).
+primary is dead or about to be stopped, and both must work from any node, with or without a
+sidecar running there. The nodes watch the pause key (sidecar.core.watches.watch_pause) and
+the rules hold every automatic move back while it exists (sidecar.core.rules).
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ import time
 from collections.abc import Coroutine
 from typing import Any
 
+from .client import to_dict
 from .etcd.client import Etcd
+from .etcd.election import Election
 from .etcd.errors import EtcdError
 from .etcd.keys import Keys
 from .etcd.pause import delete_pause, put_pause, read_pause
@@ -73,6 +76,29 @@ async def resume(settings: Settings) -> str:
         return f"cluster {settings.cluster} was not paused: nothing to do"
     was = f" (was {before.describe()})" if before is not None else ""
     return f"cluster {settings.cluster} resumed{was}"
+
+
+async def cluster_status(settings: Settings) -> dict[str, Any]:
+    """The cluster as etcd holds it, in GetRole's shape (for ``status --all``'s view): the
+    leader key, every member's record (as each last published it) and the pause, read with
+    no sidecar. Garbage in any of them is left out, as a sidecar leaves it out."""
+    from .core.roles import Status  # the API's shapes, imported only for this command
+    from .endpoints.grpc_role import status_message
+
+    etcd = Etcd(settings, name="etcd-status")
+    election = Election(etcd, settings)
+    try:
+        leader, _, _ = await election.read_leader_and_request()
+        members = await election.read_members()
+        paused, _ = await read_pause(etcd, election.keys)
+    finally:
+        etcd.close()
+    if leader is not None and not leader.valid:
+        leader = None
+    status = Status("etcd", settings.cluster, reason="read from etcd", leader=leader,
+                    epoch=leader.epoch if leader is not None else 0, members=tuple(members),
+                    pause=paused)
+    return to_dict(status_message(status))
 
 
 def run(command: Coroutine[Any, Any, str]) -> int:

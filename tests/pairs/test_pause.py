@@ -30,7 +30,7 @@ def cli(pair: Pair, *args: str) -> subprocess.CompletedProcess[str]:
     settings only, no sidecar of its own."""
     etcd = ["--cluster", pair.cluster, "--etcd-endpoints", pair.etcd.endpoints_arg,
             "--node-id", "operator"]
-    with_etcd = args[0] in ("pause", "resume")
+    with_etcd = args[0] in ("pause", "resume") or "--etcd" in args
     return subprocess.run([sys.executable, "-m", "sidecar", *args, *(etcd if with_etcd else [])],
                           capture_output=True, text=True, timeout=30)
 
@@ -204,3 +204,37 @@ def test_status_all_lists_every_member_and_the_pause(pair: Pair) -> None:
     assert all(row["applied_revision"] > 0 and row["lag"] >= 0 for row in rows.values())
     assert all(row["resource_ip"] == "none" for row in rows.values())  # none configured
     resume(pair)
+
+
+def test_status_from_etcd_needs_no_sidecar(pair: Pair) -> None:
+    """`status --etcd` reads the leader, the member records and the pause from etcd with no
+    sidecar of its own: the same cluster `status --all` shows through a sidecar, and still an
+    answer once every sidecar is gone (no primary, no member)."""
+    pair.start(ttl=TTL)
+    primary, standby = pair.wait_split()
+    pair.wait_member_record(standby, role="ROLE_STANDBY", copy_current=True)
+    pair.wait_member_record(primary, role="ROLE_PRIMARY")
+    pause(pair, "--reason", "kernel update")
+    epoch = int(primary.role()["epoch"])
+    shown = cli(pair, "status", "--etcd")
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    assert lines[0] == (f"cluster {pair.cluster} (as seen by etcd): primary {primary.node_id}, "
+                        f"epoch {epoch}; resource IP held by nobody (none configured)")
+    assert lines[1].startswith("paused: PAUSED by ")
+    assert lines[1].endswith(": kernel update")
+    table = {line.split()[0]: line.split() for line in lines[3:]}
+    assert table[primary.node_id][1:3] == ["PRIMARY", str(epoch)]
+    assert table[standby.node_id][1:3] == ["STANDBY", str(epoch)]
+    through = json.loads(cli(pair, "status", "--all", "--json", "--grpc",
+                             primary.address).stdout)
+    direct = json.loads(cli(pair, "status", "--etcd", "--json").stdout)
+    assert {r["node_id"]: r["role"] for r in direct["members"]} == \
+        {r["node_id"]: r["role"] for r in through["members"]}
+    assert (direct["leader_id"], direct["epoch"]) == (through["leader_id"], through["epoch"])
+    resume(pair)
+    for node in pair.nodes:
+        node.terminate()
+        node.wait_exit()
+    gone = json.loads(cli(pair, "status", "--etcd", "--json").stdout)
+    assert (gone["leader_id"], gone["members"], gone["pause"]) == ("", [], None)
