@@ -22,7 +22,7 @@ from typing import Any
 import grpc
 
 from .. import client
-from .ports import free_port
+from .ports import free_ports
 
 
 @dataclass(frozen=True)
@@ -53,8 +53,9 @@ class LocalSidecar:
         self.unix_socket = workdir / f"grpc-{node_id}.sock" if unix_socket else None
         # The socket where changes are allowed (grpc_socket): writes and Switchover go there.
         self.control_socket = workdir / f"ctl-{node_id}.sock"
-        self.port = 0 if unix_socket else free_port(host)
-        self.http_port = 0 if unix_socket else free_port(host)
+        # Both in one call: two calls may be handed the same port, and the sidecar would then
+        # fail to start on its own HTTP port.
+        self.port, self.http_port = (0, 0) if unix_socket else free_ports(2, host)
         self.extra_args = list(extra_args)
         self.command_prefix = list(command_prefix)
         self.env = env
