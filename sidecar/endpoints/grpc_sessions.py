@@ -13,7 +13,7 @@ Who may write is decided before a call gets here (:mod:`sidecar.endpoints.grpc_a
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Iterable, Iterator
 from typing import TypeVar
 
 import grpc
@@ -45,8 +45,9 @@ READ_YOUR_WRITES_WAIT = 1.0
 # A WatchSessions stream that sent nothing for this long gets a PROGRESS event, if the copy's
 # revision moved (other keys of the cluster, or changes before the client's start revision).
 PROGRESS_INTERVAL = 5.0
-# A ListSessions page ends early rather than pass this many bytes of records, well inside the
-# 4 MiB a gRPC client accepts by default (a message is about as large as the records' JSON).
+# A ListSessions page or a batched SNAPSHOT event ends early rather than pass this many bytes of
+# records, well inside the 4 MiB a gRPC client accepts by default (a message is about as large
+# as the records' JSON, or smaller).
 PAGE_BYTES = 2 * 1024 * 1024
 
 Context = grpc.aio.ServicerContext[object, object]
@@ -172,17 +173,17 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         if start < 0:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 "start_revision: must be 0 or a revision")
+        if request.snapshot_batch < 0:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                "snapshot_batch: must be 0 (one record per event) or a positive "
+                                "number")
         async with self.follower.subscribe() as changes:
             if start == 0:
                 # Bucket by bucket, in no particular order: sorting by id would hold every
                 # record unpacked at once (~60 MB for 100,000), for as long as the stream.
                 revision, records = self.follower.store.records_at()
-                for session_id, record in records:
-                    # The event's revision is the snapshot's (revisions never decrease along
-                    # a stream); the record's own is session.revision.
-                    yield SessionEvent(type=EventType.SESSION_EVENT_TYPE_SNAPSHOT,
-                                       session_id=session_id, revision=revision,
-                                       session=_session(session_id, record.raw, record.revision))
+                for event in _snapshot(records, revision, request.snapshot_batch):
+                    yield event
                 yield SessionEvent(type=EventType.SESSION_EVENT_TYPE_SNAPSHOT_DONE,
                                    revision=revision)
                 start = revision + 1
@@ -237,6 +238,37 @@ def _session(session_id: str, raw: bytes, revision: int) -> Session:
     except (ValueError, TypeError, KeyError):  # the copy holds only records checked when applied
         log.exception("stored_record_invalid", session_id=session_id)
         return Session(session_id=session_id, revision=revision)
+
+
+def _snapshot(records: Iterable[tuple[str, StoredRecord]], revision: int, batch: int,
+              ) -> Iterator[SessionEvent]:
+    """The SNAPSHOT events of ``records``: one record each, or up to ``batch`` (and
+    PAGE_BYTES) each. Every event's revision is the snapshot's (revisions never decrease along
+    a stream); a record's own is its session.revision."""
+    snapshot = EventType.SESSION_EVENT_TYPE_SNAPSHOT
+    if not batch:
+        for session_id, record in records:
+            yield SessionEvent(type=snapshot, session_id=session_id, revision=revision,
+                               session=_session(session_id, record.raw, record.revision))
+        return
+    for chunk in _batches(records, batch):
+        yield SessionEvent(type=snapshot, revision=revision,
+                           sessions=[_session(i, r.raw, r.revision) for i, r in chunk])
+
+
+def _batches(records: Iterable[tuple[str, StoredRecord]], batch: int,
+             ) -> Iterator[list[tuple[str, StoredRecord]]]:
+    """``records`` in lists of ``batch``, or fewer (at least one) to stay within PAGE_BYTES."""
+    chunk: list[tuple[str, StoredRecord]] = []
+    size = 0
+    for item in records:
+        if chunk and (len(chunk) == batch or size + len(item[1].raw) > PAGE_BYTES):
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(item)
+        size += len(item[1].raw)
+    if chunk:
+        yield chunk
 
 
 def _event(change: Change) -> SessionEvent:
