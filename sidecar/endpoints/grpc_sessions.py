@@ -19,6 +19,8 @@ from typing import TypeVar
 import grpc
 import structlog
 from google.protobuf import duration_pb2
+from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
+from google.protobuf.message import DecodeError
 
 from ..api import session_pb2, session_pb2_grpc
 from ..api.session_pb2 import Session, SessionEvent
@@ -29,7 +31,6 @@ from ..sessions.follower import Change, Follower
 from ..sessions.record import (
     NOT_PRIMARY_METADATA_KEY,
     SessionValidationError,
-    decode_checked,
     encode_session,
     validate_session_id,
 )
@@ -152,8 +153,7 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
             records = [(i, r) for i, r in everything.items() if i > request.page_token]
         response = session_pb2.ListSessionsResponse(revision=revision, stale=self._stale())
         shown = _fit(records, request.page_size) if request.page_size else records
-        response.sessions.extend(_session(i, record.raw, record.revision)
-                                 for i, record in shown)
+        _fill(response.sessions, shown)
         if len(records) > len(shown):
             response.next_page_token = shown[-1][0]
         age = self.follower.age()
@@ -233,11 +233,26 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
 
 
 def _session(session_id: str, raw: bytes, revision: int) -> Session:
+    session = Session(revision=revision)
+    _merge(session, session_id, raw)
+    return session
+
+
+def _fill(sessions: RepeatedCompositeFieldContainer[Session],
+          records: Iterable[tuple[str, StoredRecord]]) -> None:
+    """Add ``records`` to a message's repeated sessions, each parsed from the serialized form
+    the copy keeps (~1 µs a record: no JSON to decode, no message to build field by field)."""
+    add = sessions.add
+    for session_id, record in records:
+        _merge(add(revision=record.revision), session_id, record.raw)
+
+
+def _merge(session: Session, session_id: str, raw: bytes) -> None:
     try:
-        return decode_checked(raw, session_id, revision)
-    except (ValueError, TypeError, KeyError):  # the copy holds only records checked when applied
+        session.MergeFromString(raw)  # the stored form leaves the revision out
+    except DecodeError:  # the copy holds only records checked when applied
         log.exception("stored_record_invalid", session_id=session_id)
-        return Session(session_id=session_id, revision=revision)
+        session.session_id = session_id
 
 
 def _snapshot(records: Iterable[tuple[str, StoredRecord]], revision: int, batch: int,
@@ -252,8 +267,9 @@ def _snapshot(records: Iterable[tuple[str, StoredRecord]], revision: int, batch:
                                session=_session(session_id, record.raw, record.revision))
         return
     for chunk in _batches(records, batch):
-        yield SessionEvent(type=snapshot, revision=revision,
-                           sessions=[_session(i, r.raw, r.revision) for i, r in chunk])
+        event = SessionEvent(type=snapshot, revision=revision)
+        _fill(event.sessions, chunk)
+        yield event
 
 
 def _batches(records: Iterable[tuple[str, StoredRecord]], batch: int,

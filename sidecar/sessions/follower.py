@@ -50,7 +50,8 @@ FLUSH_INTERVAL = 0.05
 
 @dataclass(frozen=True)
 class Change:
-    """One change of the copy: a put (``raw`` set) or a delete, at a revision."""
+    """One change of the copy: a put (``raw`` set: the record as the copy keeps it, see
+    :func:`~sidecar.sessions.recordcheck.check_record`) or a delete, at a revision."""
 
     session_id: str
     raw: bytes | None
@@ -148,10 +149,9 @@ class Follower:
     def _take_valid(self, kvs: Any, fresh: Replacement) -> None:
         """Add the valid records of one page to ``fresh``; skip (and count) the others."""
         for kv in kvs:
-            value = kv.value
-            session_id = self._valid_id_and_record(kv.key, value)
-            if session_id is not None:
-                fresh.add(session_id, value, kv.mod_revision)
+            checked = self._valid_id_and_record(kv.key, kv.value)
+            if checked is not None:
+                fresh.add(checked[0], checked[1], kv.mod_revision)
 
     async def _read_page(self, start: bytes, end: bytes, revision: int) -> Any:
         def read(client: Any) -> Any:
@@ -181,15 +181,15 @@ class Follower:
             self.store.advance(event.mod_revision)
             return
         if event.type is EventType.DELETE:
-            session_id = self._valid_id_and_record(event.key, None)
+            session_id = self._valid_id(event.key)
             if session_id is None:
                 self.store.advance(event.mod_revision)
                 return
             if self.store.apply_delete(session_id, event.mod_revision):
                 self._publish(Change(session_id, None, event.mod_revision))
             return
-        session_id = self._valid_id_and_record(event.key, event.value)
-        if session_id is None:
+        checked = self._valid_id_and_record(event.key, event.value)
+        if checked is None:
             # etcd holds no valid record under this key any more, so neither may the copy (a
             # full re-read would not find one either).
             dropped = self._id_of(event.key)
@@ -198,22 +198,36 @@ class Follower:
             elif self.store.apply_delete(dropped, event.mod_revision):
                 self._publish(Change(dropped, None, event.mod_revision))
             return
-        self.store.apply_put(session_id, event.value, event.mod_revision)
-        self._publish(Change(session_id, event.value, event.mod_revision))
+        session_id, stored = checked
+        self.store.apply_put(session_id, stored, event.mod_revision)
+        self._publish(Change(session_id, stored, event.mod_revision))
 
-    def _valid_id_and_record(self, key: bytes, value: bytes | None) -> str | None:
-        """The session id of a key and a valid record, or None (logged and counted)."""
+    def _valid_id_and_record(self, key: bytes, value: bytes) -> tuple[str, bytes] | None:
+        """The session id of a key and its valid record as the copy keeps it, or None (logged
+        and counted)."""
+        session_id = self._valid_id(key)
+        if session_id is None:
+            return None
+        try:
+            return session_id, check_record(value, session_id)
+        except SessionDecodeError as exc:
+            self._skip(key, str(exc))
+            return None
+
+    def _valid_id(self, key: bytes) -> str | None:
+        """The session id of a key, or None (logged and counted)."""
         session_id = key[len(self.keys.sessions):].decode("utf-8", "replace")
         try:
             validate_session_id(session_id)
-            if value is not None:
-                check_record(value, session_id)
-            return session_id
-        except (ValueError, SessionDecodeError) as exc:
-            self.garbage += 1
-            log.warning("mirror_garbage_skipped", key=key[:200].decode("utf-8", "replace"),
-                        error=str(exc))
+        except ValueError as exc:
+            self._skip(key, str(exc))
             return None
+        return session_id
+
+    def _skip(self, key: bytes, error: str) -> None:
+        self.garbage += 1
+        log.warning("mirror_garbage_skipped", key=key[:200].decode("utf-8", "replace"),
+                    error=error)
 
     def _id_of(self, key: bytes) -> str | None:
         """The session id of a key under ``sessions/``, or None when it is not one."""
@@ -268,10 +282,13 @@ class Follower:
                                    start_revision=start_revision) as watch:
             async for batch in watch:
                 for event in batch.events:
-                    raw = None if event.type is EventType.DELETE else event.value
-                    session_id = self._valid_id_and_record(event.key, raw)
-                    if session_id is not None:
-                        yield Change(session_id, raw, event.mod_revision)
+                    if event.type is EventType.DELETE:
+                        if (session_id := self._valid_id(event.key)) is not None:
+                            yield Change(session_id, None, event.mod_revision)
+                        continue
+                    checked = self._valid_id_and_record(event.key, event.value)
+                    if checked is not None:
+                        yield Change(checked[0], checked[1], event.mod_revision)
                     elif (dropped := self._id_of(event.key)) is not None:
                         yield Change(dropped, None, event.mod_revision)  # as _apply drops it
 

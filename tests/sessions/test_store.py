@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import shutil
 import stat
 import subprocess
 import sys
@@ -11,11 +12,12 @@ import time
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from sidecar.api.session_pb2 import Session
 from sidecar.sessions import replacement as replacement_module
 from sidecar.sessions.journal import JOURNAL_NAME
-from sidecar.sessions.record import encode_session
+from sidecar.sessions.record import check_record, encode_session
 from sidecar.sessions.replacement import Replacement
 from sidecar.sessions.snapshot import SNAPSHOT_NAME
 from sidecar.sessions.store import SessionStore, StoreError
@@ -25,7 +27,9 @@ from .. import builders
 
 
 def record(session_id: str, user: str = "alice") -> bytes:
-    return encode_session(builders.session(session_id, placed=False, username=user))
+    """A record in the form the copy keeps it (what the follower gives the store)."""
+    raw = encode_session(builders.session(session_id, placed=False, username=user))
+    return check_record(raw, session_id)
 
 
 def open_store(data_dir: Path, **options: int) -> SessionStore:
@@ -114,6 +118,26 @@ def test_reads(data_dir: Path) -> None:
             ("b", 1, "alice"),
             ("c", 2, "alice"),
         ]
+
+
+def test_a_copy_of_the_earlier_format_is_removed_and_re_read(data_dir: Path) -> None:
+    """A data directory written by the version before (format 1: JSON records; a stored
+    fixture) loads as an empty copy at revision 0, so the follower re-reads every record from
+    etcd, with one warning that says so; its files are gone, none quarantined, and the next
+    flush writes a copy of the current format that loads back."""
+    shutil.copytree(Path(__file__).parent / "fixtures" / "format1", data_dir)
+    with capture_logs() as logs:
+        store = SessionStore(data_dir)
+        report = store.load()
+    assert (report.records, report.revision, report.quarantined) == (0, 0, ())
+    assert [(e["event"], e["log_level"]) for e in logs] == [("store_format_old", "warning")]
+    assert "re-reading every record from etcd" in logs[0]["consequence"]
+    assert sorted(p.name for p in data_dir.iterdir()) == []
+    store.apply_put("d", record("d"), 9)
+    store.flush()
+    store.close()
+    with open_store(data_dir) as again:
+        assert contents(again) == {"d": (9, record("d"))}
 
 
 def test_delete_tells_whether_the_record_was_held(data_dir: Path) -> None:
