@@ -32,6 +32,7 @@ from ..sessions.record import (
     NOT_PRIMARY_METADATA_KEY,
     SessionValidationError,
     encode_session,
+    merge_kept,
     validate_session_id,
 )
 from ..sessions.table import StoredRecord
@@ -241,7 +242,8 @@ def _session(session_id: str, raw: bytes, revision: int) -> Session:
 def _fill(sessions: RepeatedCompositeFieldContainer[Session],
           records: Iterable[tuple[str, StoredRecord]]) -> None:
     """Add ``records`` to a message's repeated sessions, each parsed from the serialized form
-    the copy keeps (~1 µs a record: no JSON to decode, no message to build field by field)."""
+    the copy keeps (~1 µs a record: no JSON to decode, no message to build field by field;
+    records of a re-read not yet converted are decoded from JSON, as they were before)."""
     add = sessions.add
     for session_id, record in records:
         _merge(add(revision=record.revision), session_id, record.raw)
@@ -249,8 +251,8 @@ def _fill(sessions: RepeatedCompositeFieldContainer[Session],
 
 def _merge(session: Session, session_id: str, raw: bytes) -> None:
     try:
-        session.MergeFromString(raw)  # the stored form leaves the revision out
-    except DecodeError:  # the copy holds only records checked when applied
+        merge_kept(session, session_id, raw)  # the kept form leaves the revision out
+    except (DecodeError, ValueError, TypeError, KeyError):  # the copy holds checked records
         log.exception("stored_record_invalid", session_id=session_id)
         session.session_id = session_id
 

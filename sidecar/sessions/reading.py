@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 
 from sidecar.api.session_pb2 import Session
+from sidecar.sessions.recordcheck import merge_kept
 from sidecar.sessions.table import IdOrder, RecordTable, StoredRecord
 
 
@@ -116,8 +117,8 @@ class StoreReads:
     def sessions(self) -> list[Session]:
         """Every record as a message, with its revision, ordered by session id."""
         result = []
-        for record in self.snapshot().values():
-            session = Session.FromString(record.raw)
-            session.revision = record.revision
+        for session_id, record in self.snapshot().items():
+            session = Session(revision=record.revision)
+            merge_kept(session, session_id, record.raw)
             result.append(session)
         return result

@@ -29,6 +29,7 @@ from .validation import (
     MAX_SESSION_ID_LENGTH,
     MAX_USERNAME_LENGTH,
     SCHEMA_VERSION,
+    SessionDecodeError,
     _attributes_fine,
     _texts_fine,
     _token_problem,
@@ -61,6 +62,45 @@ def check_record(raw: bytes, key_id: str) -> bytes:
     else:
         session = decode_session(raw, key_id)
     return session.SerializeToString()
+
+
+def verify_record(raw: bytes, key_id: str) -> None:
+    """The verdict of :func:`check_record` without the conversion (~3 µs a record against ~9):
+    for a full re-read, whose records the copy takes as JSON, ready sooner, and converts after
+    (:func:`kept_form`)."""
+    if _canonical_match(raw, key_id) is None and not _plainly_valid(raw, key_id):
+        decode_session(raw, key_id)
+
+
+def kept_form(session_id: str, raw: bytes) -> bytes | None:
+    """The form the copy keeps of a record it holds as JSON (from a full re-read, checked, its
+    leading whitespace stripped); None when it is in that form already.
+
+    The two forms never meet at the first byte: a JSON object starts with "{", a serialized
+    Session with a field's tag, none of which is "{" (that would be field 15 as a group).
+    """
+    if not is_json(raw):
+        return None
+    try:
+        return check_record(raw, session_id)
+    except SessionDecodeError:  # cannot happen: the re-read checked it; leave it as it is
+        return None
+
+
+def is_json(raw: bytes) -> bool:
+    """Whether a record the copy holds is still the JSON of a full re-read (see kept_form)."""
+    return raw[:1] == b"{"
+
+
+def merge_kept(session: Session, session_id: str, raw: bytes) -> None:
+    """Merge into ``session`` a record as the copy holds it (either form of :func:`kept_form`).
+
+    Raises DecodeError, ValueError, TypeError or KeyError when ``raw`` is no such record.
+    """
+    if is_json(raw):
+        session.MergeFrom(decode_checked(raw, session_id, 0))
+    else:
+        session.MergeFromString(raw)
 
 
 def _canonical_match(raw: bytes, key_id: str) -> re.Match[str] | None:

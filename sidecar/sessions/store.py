@@ -40,7 +40,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO, Final, Self
@@ -59,7 +59,7 @@ from sidecar.sessions.reading import StoreReads
 from sidecar.sessions.record import validate_session_id
 from sidecar.sessions.replacement import Replacement
 from sidecar.sessions.snapshot import SNAPSHOT_NAME, Image, snapshot_pieces
-from sidecar.sessions.table import DEFAULT_BUCKETS, RecordTable, StoredRecord
+from sidecar.sessions.table import DEFAULT_BUCKETS, RecordTable, StoredRecord, converted
 
 DEFAULT_COMPACT_BYTES: Final = 8 * 1024 * 1024
 
@@ -238,6 +238,29 @@ class SessionStore(StoreReads):
             self._pending = []
             self._needs_snapshot = True
             self._mark_applied(revision)
+
+    def convert(self, convert: Callable[[str, bytes], bytes | None]) -> int:
+        """Re-pack, bucket by bucket, each record that ``convert`` gives another form (the
+        same record: after a full re-read, the JSON it took into the form it keeps); return how
+        many buckets changed. Blocking (~0.7 s for 100,000 records): call it from a worker
+        thread. Applies and reads go on meanwhile; a bucket they changed is left as it is, and
+        a copy replaced meanwhile ends the pass. The next flush writes a whole snapshot."""
+        with self._lock:
+            table = self._table
+        changed = 0
+        for index in range(table.bucket_count):
+            with self._lock:
+                if self._table is not table:
+                    break
+                blob = table.blob(index)
+            new = converted(blob, convert)
+            if new is not None:
+                with self._lock:
+                    changed += table.swap(index, blob, new)
+        if changed:
+            with self._lock:
+                self._needs_snapshot = True
+        return changed
 
     def _check_order(self, revision: int) -> None:
         if revision < 1:

@@ -24,7 +24,7 @@ import struct
 import zlib
 from array import array
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Final
 
@@ -83,6 +83,10 @@ class RecordTable:
             self._size = sum(_bucket_size(blob) for blob in self._buckets)
         return self._size
 
+    @property
+    def bucket_count(self) -> int:
+        return len(self._buckets)
+
     def bucket_list(self) -> list[bytes]:
         """A copy of the buckets (immutable bytes): a consistent image for a snapshot."""
         return list(self._buckets)
@@ -117,6 +121,19 @@ class RecordTable:
             self._size += len(records) - before
         return deleted
 
+    def blob(self, index: int) -> bytes:
+        """Bucket ``index`` as it is packed now."""
+        return self._buckets[index]
+
+    def swap(self, index: int, old: bytes, new: bytes) -> bool:
+        """Put ``new`` in place of bucket ``index`` if it is still ``old`` (the same object):
+        for a bucket re-packed with the same records in another form, which must not undo a
+        change made meanwhile. Tells whether it did."""
+        if self._buckets[index] is not old:
+            return False
+        self._buckets[index] = new
+        return True
+
     def items(self) -> Iterator[tuple[str, StoredRecord]]:
         """Every record, bucket by bucket (no particular order)."""
         for blob in self._buckets:
@@ -147,6 +164,18 @@ class IdOrder:
         """Up to ``limit`` ids that sort after ``key``, in order."""
         first = bisect.bisect_right(range(len(self)), key, key=self._id)
         return [self._id(n).decode() for n in range(first, min(first + limit, len(self)))]
+
+
+def converted(blob: bytes, convert: Callable[[str, bytes], bytes | None]) -> bytes | None:
+    """The bucket ``blob`` with each record that ``convert`` gives another form (the same
+    record) in that form; None when none has one."""
+    records = _unpack(blob)
+    changed = False
+    for session_id, record in records.items():
+        if (new := convert(session_id, record.raw)) is not None:
+            records[session_id] = StoredRecord(record.revision, new)
+            changed = True
+    return _pack(records) if changed else None
 
 
 def _pack(records: dict[str, StoredRecord]) -> bytes:

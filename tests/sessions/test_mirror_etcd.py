@@ -23,7 +23,7 @@ from sidecar.etcd.keys import Keys
 from sidecar.lab.localcluster import LocalEtcdCluster
 from sidecar.sessions import follower as follower_module
 from sidecar.sessions.follower import Follower
-from sidecar.sessions.record import check_record, encode_session
+from sidecar.sessions.record import decode_session, encode_session, merge_kept
 from sidecar.sessions.store import SessionStore
 from sidecar.sessions.writer import Writer, _Op
 
@@ -48,13 +48,24 @@ def etcd_sessions(client: Any, keys: Keys) -> dict[str, tuple[bytes, int]]:
     }
 
 
-def copy_of(store: SessionStore) -> dict[str, tuple[bytes, int]]:
-    return {session_id: (r.raw, r.revision) for session_id, r in store.snapshot().items()}
+def copy_of(store: SessionStore) -> dict[str, tuple[Session, int]]:
+    """The copy's records, read as messages (in whichever form it holds them), and revisions."""
+    held = {}
+    for session_id, r in store.snapshot().items():
+        session = Session()
+        merge_kept(session, session_id, r.raw)
+        held[session_id] = (session, r.revision)
+    return held
 
 
-def kept(held: dict[str, tuple[bytes, int]]) -> dict[str, tuple[bytes, int]]:
-    """Records as etcd holds them (etcd_sessions) in the form the copy keeps them."""
-    return {i: (check_record(raw, i), revision) for i, (raw, revision) in held.items()}
+def kept(held: dict[str, tuple[bytes, int]]) -> dict[str, tuple[Session, int]]:
+    """Records as etcd holds them (etcd_sessions), decoded as copy_of reads the copy's."""
+    return {i: (decode_session(raw, i), revision) for i, (raw, revision) in held.items()}
+
+
+def forms(store: SessionStore) -> set[bool]:
+    """Whether each record of the copy is still the JSON of a re-read (see kept_form)."""
+    return {record.raw[:1] == b"{" for record in store.snapshot().values()}
 
 
 def current_revision(client: Any) -> int:
@@ -387,12 +398,21 @@ def test_follower_behind_a_compaction_re_reads_everything(
                 assert second.resyncs == 1
                 assert copy_of(second.store) == kept(etcd_sessions(client, keys))
                 assert len(second.store) == 14
+                # The re-read's JSON is then converted, after its first flush, to the kept
+                # form, without changing a record.
+                for _ in range(int(WAIT / 0.05)):
+                    if forms(second.store) == {False}:
+                        break
+                    await asyncio.sleep(0.05)
+                assert forms(second.store) == {False}
+                assert copy_of(second.store) == kept(etcd_sessions(client, keys))
         return logs
 
     with fresh_etcd_cluster.client() as client:
         logs = run(lambda: body(client))
     events = [entry["event"] for entry in logs]
     assert "mirror_compacted" in events
+    assert "mirror_converted" in events
     assert events.index("mirror_compacted") < events.index("mirror_resynced")
 
 

@@ -17,7 +17,7 @@ from structlog.testing import capture_logs
 from sidecar.api.session_pb2 import Session
 from sidecar.sessions import replacement as replacement_module
 from sidecar.sessions.journal import JOURNAL_NAME
-from sidecar.sessions.record import check_record, encode_session
+from sidecar.sessions.record import check_record, encode_session, kept_form
 from sidecar.sessions.replacement import Replacement
 from sidecar.sessions.snapshot import SNAPSHOT_NAME
 from sidecar.sessions.store import SessionStore, StoreError
@@ -138,6 +138,47 @@ def test_a_copy_of_the_earlier_format_is_removed_and_re_read(data_dir: Path) -> 
     store.close()
     with open_store(data_dir) as again:
         assert contents(again) == {"d": (9, record("d"))}
+
+
+def test_records_of_a_re_read_are_converted_to_the_kept_form_in_place(data_dir: Path) -> None:
+    """A re-read may hand the store etcd's JSON; convert(kept_form) re-packs every record in
+    the kept form, each read the same message before and after, and the next flush writes the
+    converted copy, which loads back."""
+    taken = [(f"s{n}", encode_session(builders.session(f"s{n}", placed=False)), n + 1)
+             for n in range(40)]
+    with open_store(data_dir, buckets=8) as store:
+        store.replace_all(taken, 50)
+        before = store.sessions()
+        assert {record.raw[:1] for record in store.snapshot().values()} == {b"{"}
+        assert store.convert(kept_form) == 8
+        expected = {i: (revision, check_record(raw, i)) for i, raw, revision in taken}
+        assert contents(store) == expected
+        assert store.sessions() == before
+        assert store.convert(kept_form) == 0
+        store.flush()
+    with open_store(data_dir) as again:
+        assert contents(again) == expected
+
+
+def test_a_change_made_while_a_bucket_is_converted_is_kept(data_dir: Path) -> None:
+    """A record applied while convert() re-packs its bucket is not undone by the conversion:
+    that bucket is left as the change left it (its other records still JSON, read the same),
+    and the next pass converts them."""
+    taken = [(f"s{n}", encode_session(builders.session(f"s{n}", placed=False)), n + 1)
+             for n in range(4)]
+    with open_store(data_dir, buckets=1) as store:
+        store.replace_all(taken, 10)
+
+        def convert_after_a_change(session_id: str, raw: bytes) -> bytes | None:
+            if store.applied_revision == 10:
+                store.apply_put("s0", record("s0", user="bob"), 11)
+            return kept_form(session_id, raw)
+
+        assert store.convert(convert_after_a_change) == 0
+        assert store.get("s0") == StoredRecord(11, record("s0", user="bob"))
+        assert [s.username for s in store.sessions()] == ["bob", "alice", "alice", "alice"]
+        assert store.convert(kept_form) == 1
+        assert store.get("s3") == StoredRecord(4, check_record(taken[3][1], "s3"))
 
 
 def test_delete_tells_whether_the_record_was_held(data_dir: Path) -> None:
