@@ -145,19 +145,23 @@ class ListSessionsResponse(_message.Message):
     def __init__(self, sessions: _Optional[_Iterable[_Union[Session, _Mapping]]] = ..., revision: _Optional[int] = ..., stale: _Optional[bool] = ..., copy_age: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class WatchSessionsRequest(_message.Message):
-    __slots__ = ("start_revision",)
+    __slots__ = ("start_revision", "snapshot_batch")
     START_REVISION_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_BATCH_FIELD_NUMBER: _ClassVar[int]
     start_revision: int
-    def __init__(self, start_revision: _Optional[int] = ...) -> None: ...
+    snapshot_batch: int
+    def __init__(self, start_revision: _Optional[int] = ..., snapshot_batch: _Optional[int] = ...) -> None: ...
 
 class SessionEvent(_message.Message):
-    __slots__ = ("type", "session", "session_id", "revision")
+    __slots__ = ("type", "session", "session_id", "revision", "sessions")
     TYPE_FIELD_NUMBER: _ClassVar[int]
     SESSION_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
+    SESSIONS_FIELD_NUMBER: _ClassVar[int]
     type: SessionEventType
     session: Session
     session_id: str
     revision: int
-    def __init__(self, type: _Optional[_Union[SessionEventType, str]] = ..., session: _Optional[_Union[Session, _Mapping]] = ..., session_id: _Optional[str] = ..., revision: _Optional[int] = ...) -> None: ...
+    sessions: _containers.RepeatedCompositeFieldContainer[Session]
+    def __init__(self, type: _Optional[_Union[SessionEventType, str]] = ..., session: _Optional[_Union[Session, _Mapping]] = ..., session_id: _Optional[str] = ..., revision: _Optional[int] = ..., sessions: _Optional[_Iterable[_Union[Session, _Mapping]]] = ...) -> None: ...

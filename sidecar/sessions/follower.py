@@ -34,7 +34,13 @@ from ..etcd.errors import Compacted
 from ..etcd.keys import Keys, prefix_end
 from ..etcd.retry import reconnect_policy, retry_policy
 from ..etcd.watch import Event, EventType
-from .record import SessionDecodeError, check_record, validate_session_id
+from .record import (
+    SessionDecodeError,
+    check_record,
+    kept_form,
+    validate_session_id,
+    verify_record,
+)
 from .replacement import Replacement
 from .store import SessionStore
 
@@ -50,7 +56,8 @@ FLUSH_INTERVAL = 0.05
 
 @dataclass(frozen=True)
 class Change:
-    """One change of the copy: a put (``raw`` set) or a delete, at a revision."""
+    """One change of the copy: a put (``raw`` set: the record as the copy keeps it, see
+    :func:`~sidecar.sessions.recordcheck.check_record`) or a delete, at a revision."""
 
     session_id: str
     raw: bytes | None
@@ -73,6 +80,7 @@ class Follower:
         self._seen = asyncio.Condition()
         self._subscribers: set[asyncio.Queue[Change]] = set()
         self._flush_needed = asyncio.Event()
+        self._convert_needed = False  # the copy holds records of a re-read still as JSON
 
     @property
     def revision(self) -> int:
@@ -118,6 +126,7 @@ class Follower:
             records = len(fresh)
         _return_free_memory()
         self.resyncs += 1
+        self._convert_needed = True
         self._flush_needed.set()
         log.info("mirror_resynced", records=records, revision=revision,
                  seconds=round(time.monotonic() - started, 3))
@@ -148,10 +157,17 @@ class Follower:
     def _take_valid(self, kvs: Any, fresh: Replacement) -> None:
         """Add the valid records of one page to ``fresh``; skip (and count) the others."""
         for kv in kvs:
-            value = kv.value
-            session_id = self._valid_id_and_record(kv.key, value)
-            if session_id is not None:
-                fresh.add(session_id, value, kv.mod_revision)
+            session_id = self._valid_id(kv.key)
+            if session_id is None:
+                continue
+            try:
+                verify_record(kv.value, session_id)
+            except SessionDecodeError as exc:
+                self._skip(kv.key, str(exc))
+                continue
+            # As JSON, converted after the copy is in place (_flush_loop): a re-read that
+            # converted each record took a third longer. Stripped, so it starts with "{".
+            fresh.add(session_id, kv.value.lstrip(), kv.mod_revision)
 
     async def _read_page(self, start: bytes, end: bytes, revision: int) -> Any:
         def read(client: Any) -> Any:
@@ -181,15 +197,15 @@ class Follower:
             self.store.advance(event.mod_revision)
             return
         if event.type is EventType.DELETE:
-            session_id = self._valid_id_and_record(event.key, None)
+            session_id = self._valid_id(event.key)
             if session_id is None:
                 self.store.advance(event.mod_revision)
                 return
             if self.store.apply_delete(session_id, event.mod_revision):
                 self._publish(Change(session_id, None, event.mod_revision))
             return
-        session_id = self._valid_id_and_record(event.key, event.value)
-        if session_id is None:
+        checked = self._valid_id_and_record(event.key, event.value)
+        if checked is None:
             # etcd holds no valid record under this key any more, so neither may the copy (a
             # full re-read would not find one either).
             dropped = self._id_of(event.key)
@@ -198,22 +214,36 @@ class Follower:
             elif self.store.apply_delete(dropped, event.mod_revision):
                 self._publish(Change(dropped, None, event.mod_revision))
             return
-        self.store.apply_put(session_id, event.value, event.mod_revision)
-        self._publish(Change(session_id, event.value, event.mod_revision))
+        session_id, stored = checked
+        self.store.apply_put(session_id, stored, event.mod_revision)
+        self._publish(Change(session_id, stored, event.mod_revision))
 
-    def _valid_id_and_record(self, key: bytes, value: bytes | None) -> str | None:
-        """The session id of a key and a valid record, or None (logged and counted)."""
+    def _valid_id_and_record(self, key: bytes, value: bytes) -> tuple[str, bytes] | None:
+        """The session id of a key and its valid record as the copy keeps it, or None (logged
+        and counted)."""
+        session_id = self._valid_id(key)
+        if session_id is None:
+            return None
+        try:
+            return session_id, check_record(value, session_id)
+        except SessionDecodeError as exc:
+            self._skip(key, str(exc))
+            return None
+
+    def _valid_id(self, key: bytes) -> str | None:
+        """The session id of a key, or None (logged and counted)."""
         session_id = key[len(self.keys.sessions):].decode("utf-8", "replace")
         try:
             validate_session_id(session_id)
-            if value is not None:
-                check_record(value, session_id)
-            return session_id
-        except (ValueError, SessionDecodeError) as exc:
-            self.garbage += 1
-            log.warning("mirror_garbage_skipped", key=key[:200].decode("utf-8", "replace"),
-                        error=str(exc))
+        except ValueError as exc:
+            self._skip(key, str(exc))
             return None
+        return session_id
+
+    def _skip(self, key: bytes, error: str) -> None:
+        self.garbage += 1
+        log.warning("mirror_garbage_skipped", key=key[:200].decode("utf-8", "replace"),
+                    error=error)
 
     def _id_of(self, key: bytes) -> str | None:
         """The session id of a key under ``sessions/``, or None when it is not one."""
@@ -242,7 +272,24 @@ class Follower:
                 await asyncio.to_thread(self.store.flush)
             except Exception:  # a full disk must not stop the copy in memory
                 log.exception("store_flush_failed")
+            if self._convert_needed:
+                self._convert_needed = False
+                await self._convert()
             await asyncio.sleep(FLUSH_INTERVAL)
+
+    async def _convert(self) -> None:
+        """Bring the records of a re-read from etcd's JSON into the form the copy keeps (reads
+        meanwhile decode the JSON, as they did before), after the first flush has made the
+        re-read durable."""
+        started = time.monotonic()
+        try:
+            buckets = await asyncio.to_thread(self.store.convert, kept_form)
+        except Exception:  # only reads lose speed: they decode the JSON left
+            log.exception("store_convert_failed")
+            return
+        self._flush_needed.set()
+        log.info("mirror_converted", buckets=buckets,
+                 seconds=round(time.monotonic() - started, 3))
 
     def _publish(self, change: Change) -> None:
         for queue in self._subscribers:
@@ -268,10 +315,13 @@ class Follower:
                                    start_revision=start_revision) as watch:
             async for batch in watch:
                 for event in batch.events:
-                    raw = None if event.type is EventType.DELETE else event.value
-                    session_id = self._valid_id_and_record(event.key, raw)
-                    if session_id is not None:
-                        yield Change(session_id, raw, event.mod_revision)
+                    if event.type is EventType.DELETE:
+                        if (session_id := self._valid_id(event.key)) is not None:
+                            yield Change(session_id, None, event.mod_revision)
+                        continue
+                    checked = self._valid_id_and_record(event.key, event.value)
+                    if checked is not None:
+                        yield Change(checked[0], checked[1], event.mod_revision)
                     elif (dropped := self._id_of(event.key)) is not None:
                         yield Change(dropped, None, event.mod_revision)  # as _apply drops it
 

@@ -12,7 +12,9 @@ import zlib
 from collections.abc import Iterator
 from typing import BinaryIO, Final
 
-FORMAT_VERSION: Final = 1
+# 2: the records in the snapshot's buckets and the journal's puts are serialized Session
+# messages; 1 held their JSON.
+FORMAT_VERSION: Final = 2
 _FRAME: Final = struct.Struct("<II")  # payload length, CRC-32 of the payload
 # Larger than any frame written here (records are at most 64 KiB): a bigger length is garbage,
 # and must not make the reader try to allocate it.
@@ -21,6 +23,10 @@ _MAX_FRAME: Final = 64 * 1024 * 1024
 
 class Damaged(Exception):
     """A file does not parse."""
+
+
+class OldFormat(Damaged):
+    """A file is intact but of an earlier format, which this version does not read."""
 
 
 def frame(payload: bytes) -> bytes:
@@ -56,7 +62,12 @@ def parse_header(payload: bytes, required: tuple[str, ...]) -> dict[str, object]
         fields = json.loads(payload)
     except (ValueError, RecursionError):
         raise Damaged("unreadable header") from None
-    if not isinstance(fields, dict) or fields.get("format") != FORMAT_VERSION:
+    if not isinstance(fields, dict):
+        raise Damaged(f"unknown format {fields!r:.100}")
+    version = fields.get("format")
+    if type(version) is int and 0 < version < FORMAT_VERSION:
+        raise OldFormat(f"format {version}, not {FORMAT_VERSION}")
+    if version != FORMAT_VERSION:
         raise Damaged(f"unknown format {fields!r:.100}")
     missing = [name for name in required if name not in fields]
     if missing:

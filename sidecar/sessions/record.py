@@ -24,7 +24,7 @@ this module names them all, with the etcd key helpers.
 from __future__ import annotations
 
 from .codec import decode_checked, decode_session, encode_session, validate_session
-from .recordcheck import check_record
+from .recordcheck import check_record, kept_form, merge_kept, verify_record
 from .timestamps import format_timestamp, parse_timestamp
 from .validation import (
     MAX_ADDRESS_LENGTH,
@@ -47,14 +47,36 @@ from .validation import (
 )
 
 __all__ = [
-    "MAX_ADDRESS_LENGTH", "MAX_ATTRIBUTES", "MAX_ATTRIBUTE_KEY_LENGTH",
-    "MAX_ATTRIBUTE_VALUE_LENGTH", "MAX_DISPLAY", "MAX_HOSTNAME_LENGTH", "MAX_RECORD_BYTES",
-    "MAX_SESSION_ID_LENGTH", "MAX_STATUS_LENGTH", "MAX_SUBCLUSTER_LENGTH",
-    "MAX_TERMINAL_ID_LENGTH", "MAX_USERNAME_LENGTH", "NOT_PRIMARY_METADATA_KEY",
-    "SCHEMA_VERSION", "SessionDecodeError", "SessionValidationError", "check_record",
-    "decode_checked", "decode_session", "encode_session", "format_timestamp", "parse_timestamp",
-    "session_id_from_key", "session_key", "sessions_prefix", "validate_session",
+    "MAX_ADDRESS_LENGTH",
+    "MAX_ATTRIBUTES",
+    "MAX_ATTRIBUTE_KEY_LENGTH",
+    "MAX_ATTRIBUTE_VALUE_LENGTH",
+    "MAX_DISPLAY",
+    "MAX_HOSTNAME_LENGTH",
+    "MAX_RECORD_BYTES",
+    "MAX_SESSION_ID_LENGTH",
+    "MAX_STATUS_LENGTH",
+    "MAX_SUBCLUSTER_LENGTH",
+    "MAX_TERMINAL_ID_LENGTH",
+    "MAX_USERNAME_LENGTH",
+    "NOT_PRIMARY_METADATA_KEY",
+    "SCHEMA_VERSION",
+    "SessionDecodeError",
+    "SessionValidationError",
+    "check_record",
+    "decode_checked",
+    "decode_session",
+    "encode_session",
+    "format_timestamp",
+    "kept_form",
+    "merge_kept",
+    "parse_timestamp",
+    "session_id_from_key",
+    "session_key",
+    "sessions_prefix",
+    "validate_session",
     "validate_session_id",
+    "verify_record",
 ]
 
 

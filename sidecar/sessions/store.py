@@ -23,6 +23,10 @@ would rewrite 14 MB every N ms (disk wear, CPU) and still leave the disk N ms be
 Memory: the records are held packed in compressed buckets (:mod:`sidecar.sessions.table`); a
 full re-read fills a :class:`~sidecar.sessions.replacement.Replacement` swapped in at once.
 
+This module applies changes and writes the files; reading the files back at start-up is
+:mod:`sidecar.sessions.loading`, and the reads of the copy in memory (get, records, pages) are
+:class:`~sidecar.sessions.reading.StoreReads`, which the store is made of.
+
 Thread safety: the apply and read methods may be called from the event loop while ``flush()``
 runs in a worker thread; a lock guards the in-memory state, and ``flush()`` holds it only to take
 the pending batch (or a copy of the bucket list for a snapshot), not while writing.
@@ -36,18 +40,12 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO, Final, Self
 
-import structlog
-
-from sidecar.api.session_pb2 import Session
 from sidecar.atomicfile import atomic_write
-from sidecar.sessions.frames import Damaged
 from sidecar.sessions.journal import (
     JOURNAL_NAME,
     Batch,
@@ -55,14 +53,13 @@ from sidecar.sessions.journal import (
     delete_frame,
     journal_header,
     put_frame,
-    read_journal,
 )
-from sidecar.sessions.record import decode_session, validate_session_id
+from sidecar.sessions.loading import Loaded, LoadReport, load_copy
+from sidecar.sessions.reading import StoreReads
+from sidecar.sessions.record import validate_session_id
 from sidecar.sessions.replacement import Replacement
-from sidecar.sessions.snapshot import SNAPSHOT_NAME, Image, read_snapshot, snapshot_pieces
-from sidecar.sessions.table import DEFAULT_BUCKETS, IdOrder, RecordTable, StoredRecord
-
-log = structlog.get_logger(__name__)
+from sidecar.sessions.snapshot import SNAPSHOT_NAME, Image, snapshot_pieces
+from sidecar.sessions.table import DEFAULT_BUCKETS, RecordTable, StoredRecord, converted
 
 DEFAULT_COMPACT_BYTES: Final = 8 * 1024 * 1024
 
@@ -72,19 +69,14 @@ class StoreError(Exception):
 
 
 
-@dataclass(frozen=True, slots=True)
-class LoadReport:
-    """What ``load()`` found, for the caller to log and count."""
+class SessionStore(StoreReads):
+    """Records (session id -> record and mod revision) and the etcd revision they reflect.
 
-    records: int
-    revision: int
-    quarantined: tuple[Path, ...] = ()  # damaged files moved aside
-    dropped_journal_bytes: int = 0  # the torn end of the journal, ignored
-
-
-
-class SessionStore:
-    """Records (session id -> JSON value and mod revision) and the etcd revision they reflect.
+    The store keeps each record as the bytes it is given; the follower gives it the serialized
+    ``Session`` (:func:`~sidecar.sessions.recordcheck.check_record`), not the JSON etcd holds,
+    so a listing or a snapshot parses ready wire bytes instead of decoding JSON (~1 µs a record
+    against ~25). Files of the earlier form (format 1, JSON records) are not read: see
+    :meth:`load`.
 
     Call ``load()`` once before use. Feed it with ``apply_put`` / ``apply_delete`` (revisions
     never go down; several changes may share one revision) or ``replace`` / ``replace_all``
@@ -92,7 +84,8 @@ class SessionStore:
     ``flush()`` after each complete etcd watch response, so that the revision on disk always
     means "every change up to here": the watch can then resume at ``applied_revision + 1``.
 
-    Measured on the development machine (2 shared cores, virtio disk) with 100,000 records of
+    Measured on the development machine (2 shared cores, virtio disk), with the records still
+    kept as JSON (format 1; format 2's are about 40% of that size), 100,000 records of
     ~510 bytes of JSON (random names and addresses, 40 agents): the copy takes 14 MB in memory
     (143 bytes a record, tracemalloc); a process with the sidecar's libraries imported is at
     53 MB RSS, 66 MB with the copy loaded, 72 MB after replaying a journal at the compaction
@@ -101,7 +94,7 @@ class SessionStore:
     apply_put ~80 µs; flush of a 100-change batch 0.5 ms; replace_all 1.0 s (it may run in a
     worker thread; 0.7 s of it building the copy from a Replacement, which holds the records
     meanwhile in memory maps it gives back: +45 MB at the peak, nothing after); snapshot()
-    0.45 s; sessions() ~4 s (decoding and validating each record).
+    0.45 s.
     """
 
     def __init__(
@@ -122,8 +115,7 @@ class SessionStore:
     def _reset(self) -> None:
         # In-memory state, guarded by _lock.
         self._table = RecordTable.empty(self._bucket_count)
-        # The ids in order for page(), built on demand; for the table and id set of the key.
-        self._order: IdOrder | None = None
+        self._order = None  # see StoreReads
         self._order_key = (-1, -1)
         self._revision = 0
         self._applied_at: float | None = None  # wall clock: it must survive a restart
@@ -155,7 +147,8 @@ class SessionStore:
         """Read the copy from the data directory; an absent one is empty at revision 0.
 
         A damaged snapshot is moved aside (``*.corrupt-<time>``) with an error logged, and the
-        copy starts empty at revision 0. That is safe, because an empty copy makes the caller
+        copy starts empty at revision 0; so does a copy of an earlier format, removed with a
+        warning (``store_format_old``). That is safe, because an empty copy makes the caller
         re-read everything from etcd, and better than refusing to start, which would leave the
         cluster without a standby until someone repairs the file by hand. A damaged journal is
         moved aside too, leaving the snapshot's state; a torn journal end (a crash in the middle
@@ -165,92 +158,32 @@ class SessionStore:
             self._close_journal()
             self._reset()
             try:
-                return self._load()
+                loaded = load_copy(self._dir)
+                self._adopt(loaded)
+                if not self._needs_snapshot:
+                    self._journal = open(self.journal_path, "ab")  # noqa: SIM115 - until close()
             except OSError as exc:
                 self._reset()
                 raise StoreError(f"cannot read the session copy in {self._dir}: {exc}") from exc
+            return loaded.report
 
-    def _load(self) -> LoadReport:
-        if not self._dir.is_dir():
-            return LoadReport(records=0, revision=0)
-        self._remove_temporary_files()
-        if not self.snapshot_path.exists():
-            if self.journal_path.exists():
-                # A journal means nothing without its snapshot; the next flush replaces it.
-                log.warning("store_journal_without_snapshot", path=str(self.journal_path))
-            return LoadReport(records=0, revision=0)
-        try:
-            self._read_snapshot()
-        except Damaged as exc:
-            self._reset()
-            moved = self._quarantine(str(exc), self.snapshot_path, self.journal_path)
-            return LoadReport(records=0, revision=0, quarantined=moved)
-        return self._load_journal()
+    def _adopt(self, loaded: Loaded) -> None:
+        if loaded.table is None:
+            return  # the empty copy of _reset()
+        self._table = loaded.table
+        self._revision = self._durable_revision = loaded.revision
+        self._applied_at = loaded.applied_at
+        self._generation = loaded.generation
+        self._snapshot_bytes, self._journal_bytes = loaded.snapshot_bytes, loaded.journal_bytes
+        self._needs_snapshot = loaded.needs_snapshot
 
-    def _load_journal(self) -> LoadReport:
-        try:
-            dropped = self._read_journal()
-        except Damaged as exc:
-            # The snapshot alone is consistent: carry on from it.
-            self._needs_snapshot = True
-            moved = self._quarantine(str(exc), self.journal_path)
-            return LoadReport(len(self._table), self._revision, quarantined=moved)
-        if dropped:
-            log.warning("store_journal_torn", path=str(self.journal_path), dropped_bytes=dropped)
-        if not self._needs_snapshot:
-            self._journal = open(self.journal_path, "ab")  # noqa: SIM115 - kept open until close()
-        return LoadReport(len(self._table), self._revision, dropped_journal_bytes=dropped)
-
-    def _read_snapshot(self) -> None:
-        snapshot = read_snapshot(self.snapshot_path)
-        self._table = snapshot.table
-        self._revision = self._durable_revision = snapshot.revision
-        self._applied_at = snapshot.applied_at
-        self._generation = snapshot.generation
-        self._snapshot_bytes = self.snapshot_path.stat().st_size
-        self._needs_snapshot = False
-
-    def _read_journal(self) -> int:
-        """Replay the committed batches of the journal; return how many bytes were torn off."""
-        replayed = read_journal(
-            self.journal_path, self._generation, self._table, self._revision, self._applied_at
-        )
-        if replayed is None:  # none, or one that the snapshot holds all of
-            self._needs_snapshot = True
-            return 0
-        self._revision, self._applied_at = replayed.revision, replayed.applied_at
-        self._durable_revision = self._revision
-        self._journal_bytes = replayed.end
-        if replayed.end < replayed.size:
-            self._needs_snapshot = True  # start a clean journal rather than append after garbage
-        return replayed.size - replayed.end
-
-    def _remove_temporary_files(self) -> None:
-        # Left by a crash in atomic_write; never renamed into place, so never part of the copy.
-        for name in (SNAPSHOT_NAME, JOURNAL_NAME):
-            for leftover in self._dir.glob(f".{name}.*.tmp"):
-                leftover.unlink(missing_ok=True)
-
-    def _quarantine(self, reason: str, *paths: Path) -> tuple[Path, ...]:
-        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
-        moved = []
-        for path in paths:
-            if path.exists():
-                target = path.with_name(f"{path.name}.corrupt-{stamp}")
-                path.rename(target)
-                moved.append(target)
-        log.error(
-            "store_damaged",
-            reason=reason,
-            moved_aside=[str(p) for p in moved],
-            consequence="carrying on from the intact part; etcd fills in the rest",
-        )
-        return tuple(moved)
 
     # -- applying changes -----------------------------------------------------------------------
 
     def apply_put(self, session_id: str, raw: bytes, revision: int) -> None:
-        """Record that etcd holds ``raw`` under ``session_id`` since ``revision``."""
+        """Record that etcd holds the record ``raw`` (in the form the copy keeps, see
+        :func:`~sidecar.sessions.recordcheck.check_record`) under ``session_id`` since
+        ``revision``."""
         validate_session_id(session_id)
         with self._lock:
             self._check_order(revision)
@@ -278,7 +211,7 @@ class SessionStore:
             self._mark_applied(revision)
 
     def replace_all(self, records: Iterable[tuple[str, bytes, int]], revision: int) -> None:
-        """Replace the whole copy with ``(session id, raw JSON, mod revision)`` tuples read at
+        """Replace the whole copy with ``(session id, record, mod revision)`` tuples read at
         ``revision`` (a full re-read, e.g. after etcd compacted past ``applied_revision``).
 
         The revision may be lower than before: etcd may have been restored from a backup.
@@ -305,6 +238,29 @@ class SessionStore:
             self._pending = []
             self._needs_snapshot = True
             self._mark_applied(revision)
+
+    def convert(self, convert: Callable[[str, bytes], bytes | None]) -> int:
+        """Re-pack, bucket by bucket, each record that ``convert`` gives another form (the
+        same record: after a full re-read, the JSON it took into the form it keeps); return how
+        many buckets changed. Blocking (~0.7 s for 100,000 records): call it from a worker
+        thread. Applies and reads go on meanwhile; a bucket they changed is left as it is, and
+        a copy replaced meanwhile ends the pass. The next flush writes a whole snapshot."""
+        with self._lock:
+            table = self._table
+        changed = 0
+        for index in range(table.bucket_count):
+            with self._lock:
+                if self._table is not table:
+                    break
+                blob = table.blob(index)
+            new = converted(blob, convert)
+            if new is not None:
+                with self._lock:
+                    changed += table.swap(index, blob, new)
+        if changed:
+            with self._lock:
+                self._needs_snapshot = True
+        return changed
 
     def _check_order(self, revision: int) -> None:
         if revision < 1:
@@ -407,99 +363,3 @@ class SessionStore:
         tb: TracebackType | None,
     ) -> None:
         self.close()
-
-    # -- reading --------------------------------------------------------------------------------
-
-    @property
-    def applied_revision(self) -> int:
-        """Every change up to this etcd revision has been applied (in memory)."""
-        with self._lock:
-            return self._revision
-
-    @property
-    def durable_revision(self) -> int:
-        """The revision of the copy on disk, as of the last successful flush (or load)."""
-        return self._durable_revision
-
-    @property
-    def last_applied_at(self) -> float | None:
-        """Wall-clock time (seconds since the epoch) of the last change applied; None if none."""
-        with self._lock:
-            return self._applied_at
-
-    def age(self) -> float | None:
-        """Seconds since the copy was last brought up to date; None if it never was."""
-        with self._lock:
-            if self._applied_mono is not None:
-                return time.monotonic() - self._applied_mono
-            if self._applied_at is not None:
-                # Only the wall clock links this process to the one that applied the change.
-                return max(0.0, time.time() - self._applied_at)
-            return None
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._table)
-
-    def __contains__(self, session_id: object) -> bool:
-        return isinstance(session_id, str) and self.get(session_id) is not None
-
-    def get(self, session_id: str) -> StoredRecord | None:
-        with self._lock:
-            return self._table.get(session_id)
-
-    def records(self) -> Iterator[tuple[str, StoredRecord]]:
-        """Every record, in no particular order, unpacked one bucket at a time (so the whole
-        set is never in memory at once) from a consistent copy taken at the call."""
-        return self.records_at()[1]
-
-    def records_at(self) -> tuple[int, Iterator[tuple[str, StoredRecord]]]:
-        """The applied revision and, as :meth:`records`, every record at exactly it."""
-        with self._lock:
-            revision, table = self._revision, RecordTable(self._table.bucket_list())
-        return revision, table.items()
-
-    def snapshot(self) -> dict[str, StoredRecord]:
-        """Every record, ordered by session id. Holds them all unpacked: ~60 MB for 100,000."""
-        return self.snapshot_at()[1]
-
-    def snapshot_at(self) -> tuple[int, dict[str, StoredRecord]]:
-        """The applied revision and every record at exactly that revision, ordered by id."""
-        with self._lock:
-            revision, table = self._revision, RecordTable(self._table.bucket_list())
-        records = dict(table.items())
-        return revision, {key: records[key] for key in sorted(records)}
-
-    def page(self, after: str, limit: int) -> tuple[int, list[tuple[str, StoredRecord]]]:
-        """The applied revision and, at exactly that revision, the first ``limit`` records
-        whose id sorts after ``after`` ("" for the first page), in id order.
-
-        The ids in order are kept packed (~1.5 MB for 100,000) from the first page on, until
-        the set of ids changes; a page then costs a bisection and one bucket unpacked per
-        record (~10 ms for 1,000), where :meth:`snapshot_at` unpacks and sorts every record
-        (~0.4 s and ~60 MB for 100,000). Changes to records already held keep the order.
-        """
-        with self._lock:
-            live = self._table
-            revision, table = self._revision, RecordTable(live.bucket_list())
-            key = (live.serial, live.id_changes)
-            order = self._order if self._order_key == key else None
-        if order is None:  # the first page since the set of ids changed: ~0.2 s for 100,000
-            order = IdOrder(session_id.encode() for session_id, _ in table.items())
-            with self._lock:
-                if (self._table.serial, self._table.id_changes) == key:
-                    self._order, self._order_key = order, key
-        chosen = [(i, table.get(i)) for i in order.after(after.encode(), limit)]
-        return revision, [(i, record) for i, record in chosen if record is not None]
-
-    def sessions(self) -> list[Session]:
-        """Every record decoded, with its revision, ordered by session id.
-
-        Raises SessionDecodeError for a record that is not valid, which the mirror never applies.
-        """
-        result = []
-        for session_id, record in self.snapshot().items():
-            session = decode_session(record.raw, session_id)
-            session.revision = record.revision
-            result.append(session)
-        return result

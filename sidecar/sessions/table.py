@@ -2,8 +2,9 @@
 order for paging.
 
 Records are packed into ``buckets`` (default 16,384) chosen by a CRC of the session id;
-each bucket is one bytes object, its records deflate-compressed together with a preset
-dictionary (a template of the record's JSON), and unpacked only to read or change one of them.
+each bucket is one bytes object, its records (serialized ``Session`` messages, see
+:func:`~sidecar.sessions.recordcheck.check_record`) deflate-compressed together with a preset
+dictionary, and unpacked only to read or change one of them.
 One bytes object per record, keyed by a str, would cost ~300 bytes a record even compressed
 (the key, the dict entry and the object headers), ~30 MB for 100,000; the sidecar's libraries
 alone take ~53 MB of the 80 MB budget. A bucket of ~6 records compresses better too, since
@@ -23,32 +24,32 @@ import struct
 import zlib
 from array import array
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Final
 
 DEFAULT_BUCKETS: Final = 16384  # ~6 records a bucket at 100,000; a power of two
 
 COUNT: Final = struct.Struct("<I")  # records in a bucket, ahead of its compressed entries
-ENTRY: Final = struct.Struct("<HIq")  # id length, JSON length, mod revision
+ENTRY: Final = struct.Struct("<HIq")  # id length, record length, mod revision
 
 # Raw deflate, 32 KiB window, with a preset dictionary that gives the first record of a bucket
-# something to match. Part of the file format: changing it needs a new FORMAT_VERSION.
+# something to match: a serialized Session of common values. Part of the file format: changing
+# it needs a new FORMAT_VERSION.
 _WBITS: Final = -15
 _LEVEL: Final = 1
 _DICTIONARY: Final = (
-    b'example.com","connected","disconnected","1280x1024","2560x1440","3840x2160",'
-    b'{"v":1,"session_id":"","username":"","agent_hostname":"","agent_address":"",'
-    b'"display":1,"status":"running","connection_status":"connected",'
-    b'"created_at":"2025-01-01T00:00:00Z","last_connection_at":"2025-01-01T00:00:00.000Z",'
-    b'"last_client_address":"","terminal_id":"","framebuffer_size":"1920x1080",'
-    b'"session_pid":1,"subcluster":"","attributes":{}}'
+    b'2\x07running:\tconnectedb\t2560x14403840x2160'
+    b'\x12\x0c@example.com\x1a\x0c.example.com"\x0810.0.0.1(\n'
+    b'2\x07running:\x0cdisconnectedB\x06\x08\x80\xe2\xcf\xaa\x06J\x08\x08\x80\xe2\xcf\xaa\x06\x10'
+    b'\x01R\x0b192.168.0.1b\t1920x1080h\x01r\x07default'
 )
 
 
 @dataclass(frozen=True, slots=True)
 class StoredRecord:
-    """One record as etcd held it: its mod revision and the JSON value."""
+    """One record: its mod revision and the serialized ``Session`` (revision left out) of the
+    JSON value etcd holds."""
 
     revision: int
     raw: bytes
@@ -81,6 +82,10 @@ class RecordTable:
         if self._size is None:
             self._size = sum(_bucket_size(blob) for blob in self._buckets)
         return self._size
+
+    @property
+    def bucket_count(self) -> int:
+        return len(self._buckets)
 
     def bucket_list(self) -> list[bytes]:
         """A copy of the buckets (immutable bytes): a consistent image for a snapshot."""
@@ -116,6 +121,19 @@ class RecordTable:
             self._size += len(records) - before
         return deleted
 
+    def blob(self, index: int) -> bytes:
+        """Bucket ``index`` as it is packed now."""
+        return self._buckets[index]
+
+    def swap(self, index: int, old: bytes, new: bytes) -> bool:
+        """Put ``new`` in place of bucket ``index`` if it is still ``old`` (the same object):
+        for a bucket re-packed with the same records in another form, which must not undo a
+        change made meanwhile. Tells whether it did."""
+        if self._buckets[index] is not old:
+            return False
+        self._buckets[index] = new
+        return True
+
     def items(self) -> Iterator[tuple[str, StoredRecord]]:
         """Every record, bucket by bucket (no particular order)."""
         for blob in self._buckets:
@@ -146,6 +164,18 @@ class IdOrder:
         """Up to ``limit`` ids that sort after ``key``, in order."""
         first = bisect.bisect_right(range(len(self)), key, key=self._id)
         return [self._id(n).decode() for n in range(first, min(first + limit, len(self)))]
+
+
+def converted(blob: bytes, convert: Callable[[str, bytes], bytes | None]) -> bytes | None:
+    """The bucket ``blob`` with each record that ``convert`` gives another form (the same
+    record) in that form; None when none has one."""
+    records = _unpack(blob)
+    changed = False
+    for session_id, record in records.items():
+        if (new := convert(session_id, record.raw)) is not None:
+            records[session_id] = StoredRecord(record.revision, new)
+            changed = True
+    return _pack(records) if changed else None
 
 
 def _pack(records: dict[str, StoredRecord]) -> bytes:

@@ -11,10 +11,10 @@ it (calls per second, latency, the server's CPU per call) is what the gRPC layer
 on this machine, which bounds what any sidecar built on it can reach.
 
 The same for the reads: WatchSessions(start_revision=N) streams N SNAPSHOT events of one
-ready-made record and SNAPSHOT_DONE; ListSessions(page_size=N, page_token=T) answers N ready-
-made records (fewer when fewer than N of T are left) and T - N as the next page token. The
-time a client takes to read them is the floor under a snapshot or a paged listing of that many
-records.
+ready-made record (with snapshot_batch=B: N records, B an event) and SNAPSHOT_DONE;
+ListSessions(page_size=N, page_token=T) answers N ready-made records (fewer when fewer than N
+of T are left) and T - N as the next page token. The time a client takes to read them is the
+floor under a snapshot or a paged listing of that many records.
 """
 
 from __future__ import annotations
@@ -50,11 +50,18 @@ class Echo(session_pb2_grpc.SessionServiceServicer):
         request: session_pb2.WatchSessionsRequest,
         context: grpc.aio.ServicerContext[object, object],
     ) -> AsyncIterator[session_pb2.SessionEvent]:
+        snapshot, left = session_pb2.SESSION_EVENT_TYPE_SNAPSHOT, request.start_revision
         event = session_pb2.SessionEvent(
-            type=session_pb2.SESSION_EVENT_TYPE_SNAPSHOT, session_id=self.record.session_id,
-            revision=9, session=self.record)
-        for _ in range(request.start_revision):
-            yield event
+            type=snapshot, session_id=self.record.session_id, revision=9, session=self.record)
+        while left > 0:
+            if request.snapshot_batch:
+                count = min(left, request.snapshot_batch)
+                yield session_pb2.SessionEvent(type=snapshot, revision=9,
+                                               sessions=[self.record] * count)
+            else:
+                count = 1
+                yield event
+            left -= count
         yield session_pb2.SessionEvent(type=session_pb2.SESSION_EVENT_TYPE_SNAPSHOT_DONE,
                                        revision=9)
 

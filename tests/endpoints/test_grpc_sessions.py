@@ -4,6 +4,7 @@ reads while etcd is unreachable."""
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
@@ -258,6 +259,8 @@ def test_watch_sends_a_snapshot_then_changes_and_resumes_from_a_revision(pair: P
                 (SNAPSHOT, "w-2", at, second),
             ]
             assert snapshot[0].session.username == "alice"
+            # A client that does not know snapshot_batch gets today's shape, nothing in it.
+            assert [len(e.sessions) for e in snapshot] == [0, 0, 0]
             third = p.put(record("w-3"))
             deleted, _ = p.delete("w-1")
             live = events(call, 2)
@@ -291,6 +294,36 @@ def test_watch_sends_a_snapshot_then_changes_and_resumes_from_a_revision(pair: P
             ]
             later = p.put(record("w-4"))
             assert summary(next(call)) == (PUT, "w-4", later)
+        finally:
+            call.cancel()
+
+
+def test_a_batched_snapshot_sends_up_to_n_records_per_event_then_changes(pair: Pair) -> None:
+    """WatchSessions(0, snapshot_batch=2) of five records: SNAPSHOT events of two, two and one
+    records in `sessions` (no `session`, no `session_id`), each at the snapshot's revision and
+    each record with its own, every record once; then SNAPSHOT_DONE and live changes as
+    without batching."""
+    primary, standby = split(pair)
+    with Client(primary.control_address) as p, Client(standby.control_address) as s:
+        written = {f"b-{i}": p.put(record(f"b-{i}")) for i in range(5)}
+        wait_current(s, max(written.values()))
+        call = s.stub.WatchSessions(WatchSessionsRequest(start_revision=0, snapshot_batch=2),
+                                    timeout=30)
+        try:
+            snapshot = events(call, 4)
+            done = snapshot[-1]
+            assert done.type == SNAPSHOT_DONE
+            assert done.revision >= max(written.values())
+            assert [(e.type, len(e.sessions), e.revision) for e in snapshot[:-1]] == [
+                (SNAPSHOT, 2, done.revision), (SNAPSHOT, 2, done.revision),
+                (SNAPSHOT, 1, done.revision)]
+            assert [(e.HasField("session"), e.session_id) for e in snapshot[:-1]] == [
+                (False, "")] * 3
+            got = {x.session_id: x for e in snapshot[:-1] for x in e.sessions}
+            assert {i: x.revision for i, x in got.items()} == written
+            assert without_revision(got["b-3"]) == record("b-3")
+            later = p.put(record("b-5"))
+            assert summary(next(call)) == (PUT, "b-5", later)
         finally:
             call.cancel()
 
@@ -411,7 +444,8 @@ def test_a_page_of_large_records_ends_early_within_the_clients_receive_limit(
         pair: Pair) -> None:
     """Records may hold up to 64 KiB: 80 near that size are ~5 MB, past the 4 MiB a gRPC client
     accepts. A page asked for 100 of them stops short, at PAGE_BYTES, and says where to go on;
-    following the tokens still yields each record once."""
+    following the tokens still yields each record once. A snapshot batched by 100 stops each
+    SNAPSHOT event short the same way, and still sends each record once."""
     primary, _ = split(pair)
     big = {f"k{n:02d}": "x" * 1000 for n in range(60)}
     sent = [f"big-{i:02d}" for i in range(80)]
@@ -430,6 +464,16 @@ def test_a_page_of_large_records_ends_early_within_the_clients_receive_limit(
         assert listed == sent
         assert len(sizes) >= 3, sizes
         assert max(sizes) * 60_000 <= PAGE_BYTES + 64 * 1024, sizes
+        call = p.stub.WatchSessions(WatchSessionsRequest(start_revision=0, snapshot_batch=100),
+                                    timeout=30)
+        try:
+            snapshot = list(itertools.takewhile(lambda e: e.type == SNAPSHOT, call))
+        finally:
+            call.cancel()
+        assert sorted(x.session_id for e in snapshot for x in e.sessions) == sent
+        batches = [len(e.sessions) for e in snapshot]
+        assert len(batches) >= 3, batches
+        assert max(batches) * 60_000 <= PAGE_BYTES + 64 * 1024, batches
 
 
 def test_invalid_requests_get_invalid_argument_naming_the_field(pair: Pair) -> None:
@@ -454,6 +498,12 @@ def test_invalid_requests_get_invalid_argument_naming_the_field(pair: Pair) -> N
                 "start_revision",
                 p.stub.WatchSessions,
                 WatchSessionsRequest(start_revision=-1),
+            ),
+            (
+                "watch",
+                "snapshot_batch",
+                p.stub.WatchSessions,
+                WatchSessionsRequest(snapshot_batch=-1),
             ),
             ("list", "page_size", p.stub.ListSessions, ListSessionsRequest(page_size=-1)),
             ("list", "page_token", p.stub.ListSessions, ListSessionsRequest(page_token="a b")),

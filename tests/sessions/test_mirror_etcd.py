@@ -23,7 +23,7 @@ from sidecar.etcd.keys import Keys
 from sidecar.lab.localcluster import LocalEtcdCluster
 from sidecar.sessions import follower as follower_module
 from sidecar.sessions.follower import Follower
-from sidecar.sessions.record import encode_session
+from sidecar.sessions.record import decode_session, encode_session, merge_kept
 from sidecar.sessions.store import SessionStore
 from sidecar.sessions.writer import Writer, _Op
 
@@ -48,8 +48,24 @@ def etcd_sessions(client: Any, keys: Keys) -> dict[str, tuple[bytes, int]]:
     }
 
 
-def copy_of(store: SessionStore) -> dict[str, tuple[bytes, int]]:
-    return {session_id: (r.raw, r.revision) for session_id, r in store.snapshot().items()}
+def copy_of(store: SessionStore) -> dict[str, tuple[Session, int]]:
+    """The copy's records, read as messages (in whichever form it holds them), and revisions."""
+    held = {}
+    for session_id, r in store.snapshot().items():
+        session = Session()
+        merge_kept(session, session_id, r.raw)
+        held[session_id] = (session, r.revision)
+    return held
+
+
+def kept(held: dict[str, tuple[bytes, int]]) -> dict[str, tuple[Session, int]]:
+    """Records as etcd holds them (etcd_sessions), decoded as copy_of reads the copy's."""
+    return {i: (decode_session(raw, i), revision) for i, (raw, revision) in held.items()}
+
+
+def forms(store: SessionStore) -> set[bool]:
+    """Whether each record of the copy is still the JSON of a re-read (see kept_form)."""
+    return {record.raw[:1] == b"{" for record in store.snapshot().values()}
 
 
 def current_revision(client: Any) -> int:
@@ -277,7 +293,7 @@ def test_follower_applies_changes_and_skips_garbage(
             valid = {
                 k: v for k, v in etcd_sessions(etcd_client, keys).items() if k in ("two", "three")
             }
-            assert copy_of(follower.store) == valid
+            assert copy_of(follower.store) == kept(valid)
 
             # wait_current waits for a revision not reached yet, and returns once it is.
             waiting = asyncio.create_task(follower.wait_current(revision + 1))
@@ -345,7 +361,7 @@ def test_restarted_follower_resumes_from_its_stored_revision(
             assert 0 < second.revision == stopped_at
             await asyncio.wait_for(second.wait_current(current_revision(etcd_client)), WAIT)
             assert second.resyncs == 0
-            assert copy_of(second.store) == etcd_sessions(etcd_client, keys)
+            assert copy_of(second.store) == kept(etcd_sessions(etcd_client, keys))
             assert len(second.store) == 24
 
     run(body)
@@ -380,14 +396,23 @@ def test_follower_behind_a_compaction_re_reads_everything(
             async with following(s, tmp_path) as second:
                 await asyncio.wait_for(second.wait_current(current_revision(client)), WAIT)
                 assert second.resyncs == 1
-                assert copy_of(second.store) == etcd_sessions(client, keys)
+                assert copy_of(second.store) == kept(etcd_sessions(client, keys))
                 assert len(second.store) == 14
+                # The re-read's JSON is then converted, after its first flush, to the kept
+                # form, without changing a record.
+                for _ in range(int(WAIT / 0.05)):
+                    if forms(second.store) == {False}:
+                        break
+                    await asyncio.sleep(0.05)
+                assert forms(second.store) == {False}
+                assert copy_of(second.store) == kept(etcd_sessions(client, keys))
         return logs
 
     with fresh_etcd_cluster.client() as client:
         logs = run(lambda: body(client))
     events = [entry["event"] for entry in logs]
     assert "mirror_compacted" in events
+    assert "mirror_converted" in events
     assert events.index("mirror_compacted") < events.index("mirror_resynced")
 
 
@@ -432,7 +457,7 @@ def test_full_re_read_over_many_pages_skips_garbage_and_switches_at_once(
     assert seen == [(1, ["old"])] * 9
     valid = {k: v for k, v in etcd_sessions(etcd_client, keys).items() if v[0] != b"not json"}
     assert len(valid) == 55
-    assert copy_of(store) == valid
+    assert copy_of(store) == kept(valid)
     store.close()
 
 

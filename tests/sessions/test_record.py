@@ -422,17 +422,18 @@ def test_the_encoders_records_are_checked_as_text() -> None:
     """A record as encode_session writes it is accepted by matching its text, without parsing
     it as JSON; the same record pretty-printed is not matched, and left to the other checks."""
     raw = encode_session(make_session())
-    assert recordcheck._canonically_valid(raw, KEY_ID)
-    assert not recordcheck._canonically_valid(raw, "other:11")
+    assert recordcheck._canonical_match(raw, KEY_ID) is not None
+    assert recordcheck._canonical_match(raw, "other:11") is None
     pretty = json.dumps(json.loads(raw), indent=1).encode()
-    assert not recordcheck._canonically_valid(pretty, KEY_ID)
+    assert recordcheck._canonical_match(pretty, KEY_ID) is None
     assert _verdict(check_record, pretty) is None
 
 
 def test_the_texts_pattern_refuses_the_control_characters_of_the_rules() -> None:
     """The characters that a string matched as text may hold are exactly those the validation
     allows in text, less the quote and the backslash (which JSON escapes)."""
-    allowed = recordcheck._CANONICAL_RECORD.pattern.split('"username":"', 1)[1].split("{", 1)[0]
+    username = recordcheck._CANONICAL_RECORD.pattern.split('"username":"', 1)[1]
+    allowed = username.removeprefix("(?P<username>").split("{", 1)[0]
     for code in [*range(0x300), 0x2028, 0xFEFF, 0x10FFFF]:
         char = chr(code)
         expected = char not in '"\\' and validation._CONTROL.search(char) is None
@@ -679,7 +680,7 @@ def test_valid_sessions_are_checked_as_text_unless_escaped(session: Session) -> 
     quote or a backslash (escaped in JSON): the quick way is the common one."""
     raw = encode_session(session)
     escaped = b"\\" in raw
-    assert recordcheck._canonically_valid(raw, session.session_id) is not escaped
+    assert (recordcheck._canonical_match(raw, session.session_id) is not None) is not escaped
 
 
 def test_canonical_growth_bound_holds_at_the_limit() -> None:
@@ -699,13 +700,15 @@ def test_canonical_growth_bound_holds_at_the_limit() -> None:
 
 
 def _checked_decodes(raw: bytes, key_id: str = KEY_ID) -> None:
-    """A record the mirror's check accepts decodes the same through decode_checked (the way a
-    snapshot or a listing reads the copy) as through decode_session."""
+    """A record the mirror's check accepts decodes the same through decode_checked and through
+    the form the check returns (the serialized Session the copy keeps, which a snapshot or a
+    listing sends) as through decode_session."""
     try:
-        check_record(raw, key_id)
+        kept = check_record(raw, key_id)
     except SessionDecodeError:
         return
     expected = decode_session(raw, key_id)
+    assert Session.FromString(kept) == expected
     expected.revision = 42
     assert decode_checked(raw, key_id, 42) == expected
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import shutil
 import stat
 import subprocess
 import sys
@@ -11,11 +12,12 @@ import time
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from sidecar.api.session_pb2 import Session
 from sidecar.sessions import replacement as replacement_module
 from sidecar.sessions.journal import JOURNAL_NAME
-from sidecar.sessions.record import encode_session
+from sidecar.sessions.record import check_record, encode_session, kept_form
 from sidecar.sessions.replacement import Replacement
 from sidecar.sessions.snapshot import SNAPSHOT_NAME
 from sidecar.sessions.store import SessionStore, StoreError
@@ -25,7 +27,9 @@ from .. import builders
 
 
 def record(session_id: str, user: str = "alice") -> bytes:
-    return encode_session(builders.session(session_id, placed=False, username=user))
+    """A record in the form the copy keeps it (what the follower gives the store)."""
+    raw = encode_session(builders.session(session_id, placed=False, username=user))
+    return check_record(raw, session_id)
 
 
 def open_store(data_dir: Path, **options: int) -> SessionStore:
@@ -114,6 +118,67 @@ def test_reads(data_dir: Path) -> None:
             ("b", 1, "alice"),
             ("c", 2, "alice"),
         ]
+
+
+def test_a_copy_of_the_earlier_format_is_removed_and_re_read(data_dir: Path) -> None:
+    """A data directory written by the version before (format 1: JSON records; a stored
+    fixture) loads as an empty copy at revision 0, so the follower re-reads every record from
+    etcd, with one warning that says so; its files are gone, none quarantined, and the next
+    flush writes a copy of the current format that loads back."""
+    shutil.copytree(Path(__file__).parent / "fixtures" / "format1", data_dir)
+    with capture_logs() as logs:
+        store = SessionStore(data_dir)
+        report = store.load()
+    assert (report.records, report.revision, report.quarantined) == (0, 0, ())
+    assert [(e["event"], e["log_level"]) for e in logs] == [("store_format_old", "warning")]
+    assert "re-reading every record from etcd" in logs[0]["consequence"]
+    assert sorted(p.name for p in data_dir.iterdir()) == []
+    store.apply_put("d", record("d"), 9)
+    store.flush()
+    store.close()
+    with open_store(data_dir) as again:
+        assert contents(again) == {"d": (9, record("d"))}
+
+
+def test_records_of_a_re_read_are_converted_to_the_kept_form_in_place(data_dir: Path) -> None:
+    """A re-read may hand the store etcd's JSON; convert(kept_form) re-packs every record in
+    the kept form, each read the same message before and after, and the next flush writes the
+    converted copy, which loads back."""
+    taken = [(f"s{n}", encode_session(builders.session(f"s{n}", placed=False)), n + 1)
+             for n in range(40)]
+    with open_store(data_dir, buckets=8) as store:
+        store.replace_all(taken, 50)
+        before = store.sessions()
+        assert {record.raw[:1] for record in store.snapshot().values()} == {b"{"}
+        assert store.convert(kept_form) == 8
+        expected = {i: (revision, check_record(raw, i)) for i, raw, revision in taken}
+        assert contents(store) == expected
+        assert store.sessions() == before
+        assert store.convert(kept_form) == 0
+        store.flush()
+    with open_store(data_dir) as again:
+        assert contents(again) == expected
+
+
+def test_a_change_made_while_a_bucket_is_converted_is_kept(data_dir: Path) -> None:
+    """A record applied while convert() re-packs its bucket is not undone by the conversion:
+    that bucket is left as the change left it (its other records still JSON, read the same),
+    and the next pass converts them."""
+    taken = [(f"s{n}", encode_session(builders.session(f"s{n}", placed=False)), n + 1)
+             for n in range(4)]
+    with open_store(data_dir, buckets=1) as store:
+        store.replace_all(taken, 10)
+
+        def convert_after_a_change(session_id: str, raw: bytes) -> bytes | None:
+            if store.applied_revision == 10:
+                store.apply_put("s0", record("s0", user="bob"), 11)
+            return kept_form(session_id, raw)
+
+        assert store.convert(convert_after_a_change) == 0
+        assert store.get("s0") == StoredRecord(11, record("s0", user="bob"))
+        assert [s.username for s in store.sessions()] == ["bob", "alice", "alice", "alice"]
+        assert store.convert(kept_form) == 1
+        assert store.get("s3") == StoredRecord(4, check_record(taken[3][1], "s3"))
 
 
 def test_delete_tells_whether_the_record_was_held(data_dir: Path) -> None:
