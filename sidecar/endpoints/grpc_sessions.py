@@ -308,12 +308,7 @@ def _fit(records: list[tuple[str, StoredRecord]], page_size: int,
     """The first ``page_size`` records, or fewer (at least one) to stay within PAGE_BYTES: a
     record may hold up to 64 KiB, so a page counted in records alone could pass the client's
     receive limit."""
-    size = 0
-    for count, (_, record) in enumerate(records[:page_size]):
-        size += len(record.raw)
-        if size > PAGE_BYTES and count:
-            return records[:count]
-    return records[:page_size]
+    return next(_batches(records, page_size), [])
 
 
 def _page_token(token: str) -> None:
