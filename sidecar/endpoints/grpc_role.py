@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import inspect
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,8 @@ from .grpc_access import (
     AccessGuard,
     AccessPolicy,
     Behavior,
+    Handler,
+    WrappingInterceptor,
     prepare_socket,
     secure_socket,
     unix_path,
@@ -211,7 +213,7 @@ async def _refuse_undecodable(request: Any, context: grpc.aio.ServicerContext[An
                             f"request: not a valid message: {request.error}")
 
 
-class RequestGuard(grpc.aio.ServerInterceptor):
+class RequestGuard(WrappingInterceptor):
     """Answers INVALID_ARGUMENT to a request whose bytes do not parse (corrupt wire format,
     a string that is not UTF-8, a truncated message).
 
@@ -220,13 +222,8 @@ class RequestGuard(grpc.aio.ServerInterceptor):
     deserializer that returns a marker instead of raising, and a method that refuses the marker
     before the servicer sees it, for every service on the port."""
 
-    async def intercept_service(
-            self, continuation: Callable[[grpc.HandlerCallDetails],
-                                         Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
-            handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler = await continuation(handler_call_details)
-        if handler is None or handler.request_deserializer is None:
+    def wrap(self, method: str, handler: Handler) -> Handler | None:
+        if handler.request_deserializer is None:
             return handler
         for kind, make in HANDLER_MAKERS.items():
             behavior = getattr(handler, kind)
