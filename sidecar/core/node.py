@@ -97,7 +97,7 @@ class Node:
         self.handovers = 0
         self._unowned = UnownedLeader(etcd, self.election, settings.ttl)
         if view is not None:
-            view.bind(self.status)
+            view.bind(self._enforced)  # asked on every session write: no deadline copy
 
     # -- reading the role ------------------------------------------------------------------
 
@@ -105,6 +105,11 @@ class Node:
         """The current status, after enforcing the lease deadline."""
         self.enforce_deadline()
         return self._snapshot()
+
+    def _enforced(self) -> Status:
+        """:meth:`status` without the lease deadline copied in (role and epoch suffice)."""
+        self.enforce_deadline()
+        return self._status
 
     def _snapshot(self) -> Status:
         lease = self._lease
@@ -125,7 +130,7 @@ class Node:
 
     def primary_epoch(self) -> int:
         """The epoch to guard a write with; raises NotPrimary unless this node is PRIMARY."""
-        status = self.status()
+        status = self._enforced()
         if status.role is not Role.PRIMARY:
             raise NotPrimary(f"this node is {status.role.name}")
         return status.epoch
