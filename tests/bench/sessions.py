@@ -26,7 +26,12 @@ JSON, shaped like ThinLinc sessions. In order:
    also that exchange and a raw put in series, since a lone writer waits for both. The
    primary's CPU per write over that server's CPU per call is the ratio issue 17 sets goals on,
    net of what each sidecar uses idle (measured over 3 s with no writes before these runs: its
-   lease, member record and watches), which the do-nothing server does not have.
+   lease, member record and watches), which the do-nothing server does not have. Its floor
+   is printed beside it: the do-nothing server plus this program's CPU for one writer-shaped
+   etcd Txn on a grpc.aio channel (measured first, one at a time) divided by the writes per
+   transaction of that run. The standby's CPU per applied write is what following a write
+   costs (the primary follows its own writes the same way); its floor is the CPU of a process
+   that only reads the same watch with the follower's stream code (tests/bench/watch_floor.py).
 4. Full re-read: the standby is stopped, the sessions range is cleared and --records records
    are written straight to etcd in 128-put transactions; the standby is started again with an
    empty data dir. Time from its process start to its ``mirror_resynced`` log line (the log
@@ -62,6 +67,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from etcd3 import etcdrpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from sidecar import config
@@ -72,6 +78,7 @@ from sidecar.api.session_pb2 import (
     Session,
     WatchSessionsRequest,
 )
+from sidecar.etcd.aiokv import AioKV
 from sidecar.etcd.client import Etcd
 from sidecar.lab.etcdbinary import find_etcd_binary
 from sidecar.lab.localcluster import LocalEtcdCluster
@@ -134,7 +141,9 @@ class Bench:
         self.rows: list[Row] = []
         self.figures: dict[str, float] = {}  # for --json: the issue-17 ratios, as numbers
         self.idle: dict[str, float] = {}
+        self.txn_cpu = 0.0  # client CPU µs of one etcd Txn, one at a time
         self.echo: subprocess.Popen[str] | None = None
+        self.watcher: subprocess.Popen[str] | None = None
         self.echo_address = ""
         self.echo_tcp = ""
         self.prefix = f"/thinlinc-ha/{CLUSTER}/sessions/".encode()
@@ -167,9 +176,10 @@ class Bench:
     def close(self) -> None:
         for node in (self.primary, self.standby):
             node.close()
-        if self.echo is not None:
-            self.echo.kill()
-            self.echo.wait()
+        for process in (self.echo, self.watcher):
+            if process is not None:
+                process.kill()
+                process.wait()
 
     # -- 1. latency -------------------------------------------------------------------------------
 
@@ -295,6 +305,24 @@ class Bench:
 
     def throughput(self) -> None:
         self.idle = self._idle_cpu()
+        self.txn_cpu = self._txn_client_cpu()
+        self.row("one etcd Txn as the writer sends it (aio channel, one at a time): client CPU",
+                 f"{self.txn_cpu:.0f} µs")
+        # The standby's floor, for these runs only: a process that only reads the same watch.
+        self.watcher = subprocess.Popen(
+            [sys.executable, "-m", "tests.bench.watch_floor", self.etcd.endpoints_arg,
+             f"/thinlinc-ha/{CLUSTER}/"], stdout=subprocess.PIPE, text=True,
+        )
+        assert self.watcher.stdout is not None
+        self.watcher.stdout.readline()
+        try:
+            self._throughput_runs()
+        finally:
+            self.watcher.kill()
+            self.watcher.wait()
+            self.watcher = None
+
+    def _throughput_runs(self) -> None:
         for threads in self.args.writers:
             say(f"throughput: {threads} writer(s), {self.args.seconds} s each")
             sidecar, cpu, per_txn = self._measured(threads, self._sidecar_writer)
@@ -309,7 +337,7 @@ class Bench:
                 f">= {goal}" if goal else "",
                 ratio >= goal if goal else None,
             )
-            self._cpu_ratios(threads, cpu, echo_cpu, sidecar)
+            self._cpu_ratios(threads, cpu, echo_cpu, sidecar, per_txn)
             self.row(
                 f"CPU per write, {threads} writer(s): sidecar path (raw etcd put)",
                 f"client {cpu['client']:.0f} ({raw_cpu['client']:.0f}), primary "
@@ -334,13 +362,45 @@ class Bench:
                  f"{idle['primary'] * 1e3:.1f}, {idle['standby'] * 1e3:.1f} ms/s")
         return idle
 
+    def _txn_client_cpu(self, count: int = 500) -> float:
+        """CPU µs of this process per etcd Txn shaped like the writer's (a compare and a put
+        of a record) on a ``grpc.aio`` channel as the writer's, sent one at a time: what a
+        transaction costs the primary outside its gRPC server, however little it does."""
+        settings = config.build({"node_id": "bench", "etcd_endpoints": self.etcd.endpoints_arg})
+        key = b"/bench-txn/sequence"
+        request = etcdrpc.TxnRequest(
+            compare=[etcdrpc.Compare(key=key, target=etcdrpc.Compare.VERSION,
+                                     result=etcdrpc.Compare.GREATER, version=-1)],
+            success=[etcdrpc.RequestOp(request_put=etcdrpc.PutRequest(
+                key=key, value=encode_session(session("txn", 0))))])
+
+        async def measure() -> float:
+            kv = AioKV(settings)
+            try:
+                for _ in range(50):
+                    await kv.txn(request, 5, "bench txn")
+                before = time.process_time()
+                for _ in range(count):
+                    await kv.txn(request, 5, "bench txn")
+                return 1e6 * (time.process_time() - before) / count
+            finally:
+                await kv.close()
+
+        try:
+            return asyncio.run(measure())
+        finally:
+            with self.etcd.client() as client:
+                client.delete(key)
+
     def _cpu_ratios(self, threads: int, cpu: dict[str, float], echo_cpu: dict[str, float],
-                    rate: float) -> None:
+                    rate: float, per_txn: float) -> None:
         """The primary's CPU per write against the do-nothing server's CPU per call, both
         asked over a Unix socket in this run; and the standby's CPU per applied write. The
         ratio is of the CPU net of what the sidecar uses idle over the same time (the do-
         nothing server has no lease to keep), which at 1 writer (~200 writes/s) is most of it;
-        the gross figure is shown beside it."""
+        the gross figure is shown beside it. Beside them the floor of the ratio: the do-nothing
+        server's CPU per call plus the client CPU of one etcd Txn shared by the writes per
+        transaction of this run, over the do-nothing server's CPU per call."""
         idle = {name: 1e6 * self.idle[name] / rate for name in self.idle}  # µs per write
         primary, floor = cpu["primary"] - idle["primary"], echo_cpu["echo"]
         standby = cpu["standby"] - idle["standby"]
@@ -360,13 +420,24 @@ class Bench:
             f"<= {goal}" if goal else "",
             primary / floor <= goal if goal else None,
         )
-        if threads == 32:
-            self.row(
-                f"standby CPU per applied write (net of idle), {threads} writers",
-                f"{standby:.0f} µs (gross {cpu['standby']:.0f} µs)",
-                "<= 100 µs",
-                standby <= 100,
-            )
+        least = (floor + self.txn_cpu / per_txn) / floor
+        self.figures[f"cpu_ratio_floor_{threads}"] = least
+        self.row(
+            f"floor of that ratio, {threads} writer(s): (do-nothing server + one Txn's client "
+            f"CPU / writes per txn) / do-nothing server",
+            f"({floor:.0f} + {self.txn_cpu:.0f} / {per_txn:.1f}) / {floor:.0f} = {least:.2f}",
+        )
+        self.row(
+            f"standby CPU per applied write (net of idle), {threads} writer(s)",
+            f"{standby:.0f} µs (gross {cpu['standby']:.0f} µs)",
+            "<= 100 µs" if threads == 32 else "",
+            standby <= 100 if threads == 32 else None,
+        )
+        self.figures[f"watch_floor_cpu_{threads}"] = cpu["watcher"]
+        self.row(
+            f"floor of that, {threads} writer(s): a process that only reads the same watch",
+            f"{cpu['watcher']:.0f} µs per write",
+        )
 
     def _measured(
         self, threads: int, writer: Callable[[int, threading.Barrier, list[int]], None]
@@ -378,6 +449,7 @@ class Bench:
             "standby": [self.standby.pid],
             "etcd": [m.pid for m in self.etcd.members if m.pid is not None],
             "echo": [self.echo.pid] if self.echo is not None else [],
+            "watcher": [self.watcher.pid] if self.watcher is not None else [],
         }
         before = {name: sum(cpu_seconds(pid) for pid in pids) for name, pids in groups.items()}
         first = self._revision()
