@@ -105,20 +105,21 @@ class RecordTable:
         deleted = 0
         len(self)  # counted before the change, so the change can be added to it
         for index, ids in by_bucket.items():
-            records = _unpack(self._buckets[index])
-            before = len(records)
+            blob = self._buckets[index]
+            data, count = (_inflate(blob), _bucket_size(blob)) if blob else (b"", 0)
+            before = count
             for session_id in ids:
                 record = changes[session_id]
-                if record is not None:
-                    if session_id not in records:
-                        self.id_changes += 1
-                    records[session_id] = record
-                elif records.pop(session_id, None) is not None:
-                    deleted += 1
+                entry = None if record is None else \
+                    pack_entry(session_id.encode(), record.raw, record.revision)
+                data, change = _spliced(data, session_id.encode(), entry)
+                count += change
+                if change:
                     self.id_changes += 1
-            self._buckets[index] = _pack(records)
+                    deleted += change < 0
+            self._buckets[index] = COUNT.pack(count) + deflate(data) if count else b""
             assert self._size is not None
-            self._size += len(records) - before
+            self._size += count - before
         return deleted
 
     def blob(self, index: int) -> bytes:
@@ -206,6 +207,21 @@ def deflate(data: bytes) -> bytes:
 def _inflate(blob: bytes) -> bytes:
     inflate = zlib.decompressobj(_WBITS, _DICTIONARY)
     return inflate.decompress(memoryview(blob)[COUNT.size :]) + inflate.flush()
+
+
+def _spliced(data: bytes, key: bytes, entry: bytes | None) -> tuple[bytes, int]:
+    """Inflated bucket ``data`` with the entry of ``key`` replaced by ``entry`` in its place,
+    or removed (None), or ``entry`` added at the end when ``key`` has none; and the change in
+    the number of entries. The same bytes as unpacking the entries into a dict, changing it
+    and packing it again, without taking every entry out."""
+    offset, end = 0, len(data)
+    while offset < end:
+        id_length, raw_length, _ = ENTRY.unpack_from(data, offset)
+        following = offset + ENTRY.size + id_length + raw_length
+        if id_length == len(key) and data.startswith(key, offset + ENTRY.size):
+            return data[:offset] + (entry or b"") + data[following:], 0 if entry else -1
+        offset = following
+    return (data, 0) if entry is None else (data + entry, 1)
 
 
 def _find(blob: bytes, key: bytes) -> StoredRecord | None:
