@@ -16,7 +16,7 @@ import structlog
 from sidecar.api.session_pb2 import Session
 from sidecar.config import Settings
 from sidecar.core.node import Node
-from sidecar.core.roles import NotPrimary, Role
+from sidecar.core.roles import NotPrimary, Role, RoleView
 from sidecar.etcd.client import Etcd
 from sidecar.etcd.election import Election
 from sidecar.etcd.keys import Keys
@@ -520,5 +520,37 @@ def test_node_becomes_primary_only_once_its_copy_is_current(
                     stop.set()
                     await asyncio.wait_for(node_task, WAIT)
         store.close()
+
+    run(body)
+
+
+def test_a_write_after_the_lease_deadline_fences_the_node_and_is_refused(
+    etcd_cluster: LocalEtcdCluster, cluster_name: str
+) -> None:
+    """Rule 3 on the write path: the epoch a writer asks for is refused once the local lease
+    deadline has passed, even before the node's own watchdog has looked, and the asking turns
+    the node FENCED."""
+    s = builders.settings(cluster=cluster_name, etcd=etcd_cluster)
+
+    async def body() -> None:
+        async with opened(s) as control:
+            view = RoleView()
+            node = Node(s, control, view=view)
+            stop = asyncio.Event()
+            async with running(node.run(stop), "node") as node_task:
+                deadline = time.monotonic() + WAIT
+                while node.status().role is not Role.PRIMARY:
+                    assert time.monotonic() < deadline, node.status()
+                    await asyncio.sleep(0.02)
+                epoch = view.primary_epoch()
+                assert epoch == node.status().epoch
+                lease = node._lease
+                assert lease is not None
+                lease.deadline = time.monotonic() - 1.0  # no await between this and the ask
+                with pytest.raises(NotPrimary):
+                    view.primary_epoch()
+                assert node.status().role is Role.FENCED
+                stop.set()
+                await asyncio.wait_for(node_task, WAIT)
 
     run(body)
