@@ -209,18 +209,27 @@ def _inflate(blob: bytes) -> bytes:
     return inflate.decompress(memoryview(blob)[COUNT.size :]) + inflate.flush()
 
 
+def _locate(data: bytes, key: bytes) -> tuple[int, int, int] | None:
+    """Where the entry of ``key`` lies in inflated bucket ``data`` (its start, the start of
+    its record, its end), or None."""
+    offset, end = 0, len(data)
+    while offset < end:
+        id_length, raw_length, _ = ENTRY.unpack_from(data, offset)
+        record = offset + ENTRY.size + id_length
+        if id_length == len(key) and data.startswith(key, offset + ENTRY.size):
+            return offset, record, record + raw_length
+        offset = record + raw_length
+    return None
+
+
 def _spliced(data: bytes, key: bytes, entry: bytes | None) -> tuple[bytes, int]:
     """Inflated bucket ``data`` with the entry of ``key`` replaced by ``entry`` in its place,
     or removed (None), or ``entry`` added at the end when ``key`` has none; and the change in
     the number of entries. The same bytes as unpacking the entries into a dict, changing it
     and packing it again, without taking every entry out."""
-    offset, end = 0, len(data)
-    while offset < end:
-        id_length, raw_length, _ = ENTRY.unpack_from(data, offset)
-        following = offset + ENTRY.size + id_length + raw_length
-        if id_length == len(key) and data.startswith(key, offset + ENTRY.size):
-            return data[:offset] + (entry or b"") + data[following:], 0 if entry else -1
-        offset = following
+    if (found := _locate(data, key)) is not None:
+        start, _, end = found
+        return data[:start] + (entry or b"") + data[end:], 0 if entry else -1
     return (data, 0) if entry is None else (data + entry, 1)
 
 
@@ -230,15 +239,10 @@ def _find(blob: bytes, key: bytes) -> StoredRecord | None:
     if not blob:
         return None
     data = _inflate(blob)
-    offset = 0
-    while offset < len(data):
-        id_length, raw_length, revision = ENTRY.unpack_from(data, offset)
-        offset += ENTRY.size
-        if data[offset : offset + id_length] == key:
-            offset += id_length
-            return StoredRecord(revision, data[offset : offset + raw_length])
-        offset += id_length + raw_length
-    return None
+    if (found := _locate(data, key)) is None:
+        return None
+    start, record, end = found
+    return StoredRecord(ENTRY.unpack_from(data, start)[2], data[record:end])
 
 
 def _unpack(blob: bytes) -> dict[str, StoredRecord]:
