@@ -78,6 +78,7 @@ from sidecar.api.session_pb2 import (
     Session,
     WatchSessionsRequest,
 )
+from sidecar.config import Settings
 from sidecar.etcd.aiokv import AioKV
 from sidecar.etcd.client import Etcd
 from sidecar.lab.etcdbinary import find_etcd_binary
@@ -271,7 +272,7 @@ class Bench:
 
     async def _raw_watch_lag_async(self, count: int) -> list[float]:
         prefix = b"/bench-lag-raw/"
-        settings = config.build({"node_id": "bench", "etcd_endpoints": self.etcd.endpoints_arg})
+        settings = self._client_settings()
         etcd = Etcd(settings, timeout=5.0)
         acks: dict[bytes, float] = {}
         arrivals: dict[bytes, float] = {}
@@ -362,11 +363,15 @@ class Bench:
                  f"{idle['primary'] * 1e3:.1f}, {idle['standby'] * 1e3:.1f} ms/s")
         return idle
 
+    def _client_settings(self) -> Settings:
+        """Settings for this program's own etcd clients, on the benchmark's cluster."""
+        return config.build({"node_id": "bench", "etcd_endpoints": self.etcd.endpoints_arg})
+
     def _txn_client_cpu(self, count: int = 500) -> float:
         """CPU µs of this process per etcd Txn shaped like the writer's (a compare and a put
         of a record) on a ``grpc.aio`` channel as the writer's, sent one at a time: what a
         transaction costs the primary outside its gRPC server, however little it does."""
-        settings = config.build({"node_id": "bench", "etcd_endpoints": self.etcd.endpoints_arg})
+        settings = self._client_settings()
         key = b"/bench-txn/sequence"
         request = etcdrpc.TxnRequest(
             compare=[etcdrpc.Compare(key=key, target=etcdrpc.Compare.VERSION,
