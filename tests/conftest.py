@@ -14,6 +14,7 @@ import pytest
 from sidecar.lab.localcluster import LocalEtcdCluster
 from sidecar.lab.localnode import LocalSidecar
 
+from .debianetcd import crash_safe_etcd
 from .processes import running_children
 from .sidecars import PAIR_KEY, Pair, make_pair
 
@@ -49,6 +50,14 @@ def etcd_cluster() -> Iterator[LocalEtcdCluster]:
     """
     with LocalEtcdCluster() as cluster:
         yield cluster
+
+
+@pytest.fixture(scope="session")
+def crash_safe_etcd_binary() -> Path:
+    """Debian's etcd, which keeps committed writes when killed (see tests/debianetcd.py): for
+    tests that kill members under load and count lost writes, or that need an etcd release no
+    check fails on."""
+    return crash_safe_etcd()
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
-"""etcd releases and etcd-io/etcd#15247: which releases lack the fix, and what the guard costs.
+"""etcd releases: which lack the fix for etcd-io/etcd#15247 and what the guard costs, and which
+can lose committed writes (etcd's own advisories; nothing the sidecar can guard).
 
 Pure functions of a version string and the settings; the guard itself (the checks through
 another member, the takeover wait) is carried out by :mod:`sidecar.etcd.election`.
@@ -34,7 +35,9 @@ VERSION_RECHECK = 300.0
 _RELEASE = re.compile(r"v?(\d+)\.(\d+)\.(\d+)")
 
 
-def _release(version: str) -> tuple[int, int, int] | None:
+def release_numbers(version: str) -> tuple[int, int, int] | None:
+    """(major, minor, patch) of a version string such as ``3.5.1`` or ``v3.6.0-rc.1``; None
+    when it has none."""
     match = _RELEASE.match(version.strip())
     if match is None:
         return None
@@ -46,7 +49,7 @@ def affected_by_15247(version: str) -> bool:
     """Whether this etcd release lacks the fix for etcd-io/etcd#15247 (a resumed stale leader
     revokes leases early). Pre-release suffixes are ignored; an unreadable version counts as
     affected (the guard costs a little failover time, its absence a double primary)."""
-    release = _release(version)
+    release = release_numbers(version)
     if release is None:
         return True
     if release >= (3, 6, 0):
@@ -55,9 +58,38 @@ def affected_by_15247(version: str) -> bool:
     return fixed is None or release < fixed
 
 
+# -- releases that can lose committed writes --------------------------------------------------
+#
+# etcd's advisories name releases in which a member can end up without transactions the
+# cluster committed: writes the sidecar had acknowledged then differ between members, and a
+# standby that follows such a member holds what that member holds. The sidecar cannot undo
+# that; every release the #15247 fix asks for (upgrade_target) has these fixes too.
+# (first affected, first fixed, what happens)
+_LOSES_WRITES = (
+    ((3, 5, 0), (3, 5, 3), "a member killed under load can skip committed transactions "
+     "(etcd-io/etcd#13766)"),
+    ((3, 5, 0), (3, 5, 6), "a member that crashes while defragmenting can skip or re-apply "
+     "transactions (etcd-io/etcd#14685)"),
+    ((3, 4, 20), (3, 4, 22), "with authentication on, a member added to the cluster can "
+     "apply writes differently (etcd's advisory of November 2022)"),
+    ((3, 5, 5), (3, 5, 6), "with authentication on, a member added to the cluster can "
+     "apply writes differently (etcd's advisory of November 2022)"),
+)
+
+
+def write_loss(version: str) -> str | None:
+    """How this etcd release can lose committed writes, by etcd's advisories; None when
+    they name none. An unreadable version is not judged here (see affected_by_15247)."""
+    release = release_numbers(version)
+    if release is None:
+        return None
+    found = [what for first, fixed, what in _LOSES_WRITES if first <= release < fixed]
+    return "; ".join(found) or None
+
+
 def upgrade_target(version: str) -> str:
     """The first release with the fix in this version's series (3.5's for older ones)."""
-    release = _release(version)
+    release = release_numbers(version)
     if release is not None and release[:2] == (3, 4):
         return "3.4.31"
     return "3.5.13"

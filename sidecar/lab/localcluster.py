@@ -71,6 +71,7 @@ class LocalEtcdCluster:
         extra_args: Sequence[str] = (),
         keep: bool = False,
         tls: TlsFiles | None = None,
+        binary: Path | None = None,
     ) -> None:
         if size < 1:
             raise ValueError(f"size must be at least 1, not {size}")
@@ -82,6 +83,7 @@ class LocalEtcdCluster:
         self.command_prefix = tuple(command_prefix)
         self.keep = keep
         self.tls = tls
+        self.binary = binary  # the etcd executable; None: find_etcd_binary() at start
         # (user, password) the cluster's own clients use once enable_auth() ran.
         self._root: tuple[str, str] | None = None
         self._member_args = _timing_args(heartbeat_ms, election_ms) + tuple(extra_args)
@@ -139,7 +141,7 @@ class LocalEtcdCluster:
             raise EtcdClusterError(
                 "this cluster was started before (maybe in vain); make a new one"
             )
-        binary = find_etcd_binary()
+        binary = self.binary or find_etcd_binary()
         deadline = time.monotonic() + timeout
         for attempt in range(1, _START_ATTEMPTS + 1):
             # Assigned before any process starts, so close() finds them after a partial start.

