@@ -37,15 +37,13 @@ from ..etcd.errors import EtcdError
 from ..etcd.keys import Keys
 from ..etcd.records import MemberRecord, decode_member, load_json
 from ..etcd.retry import quiet, reconnect_policy
+from ..etcd.versions import affected_by_15247, release_numbers, upgrade_target, write_loss
 from ..settings import Settings
 from . import hiveconf
 
 log = structlog.get_logger(__name__)
 
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
-# etcd-io/etcd#15247 (a revoked lease's keys could outlive it after a leader change) is fixed
-# from these releases on.
-FIXED_RELEASES = {(3, 5): (3, 5, 13), (3, 4): (3, 4, 31)}
 CAP_NET_ADMIN, CAP_NET_RAW = 12, 13
 ETCD_TIMEOUT = 3.0
 
@@ -153,22 +151,17 @@ def local_names() -> set[str]:
 
 
 def version_check(version: str) -> Check:
-    """WARN for releases without the fix for etcd-io/etcd#15247, naming the one to take."""
-    try:
-        parts = [int(part) for part in version.split("-")[0].split(".")[:3]]
-    except ValueError:
+    """FAIL for releases that can lose committed writes (etcd's advisories: no session copy
+    survives that), WARN for releases without the fix for etcd-io/etcd#15247 (the sidecar
+    guards it); either names the release to take."""
+    if release_numbers(version) is None:
         return Check(WARN, f"etcd reports version {version!r}, which cannot be compared")
-    major, minor, patch = [*parts, 0, 0, 0][:3]
-    numbers = (major, minor, patch)
-    fixed = FIXED_RELEASES.get((major, minor))
-    if fixed is not None and numbers < fixed:
-        target = ".".join(map(str, fixed))
+    fix = f"upgrade etcd to {upgrade_target(version)} or later"
+    if (loss := write_loss(version)) is not None:
+        return Check(FAIL, f"etcd {version} can lose writes it acknowledged: {loss}", fix)
+    if affected_by_15247(version):
         return Check(WARN, f"etcd {version} lacks the fix for etcd-io/etcd#15247 (a revoked "
-                     "lease's keys may outlive it across an etcd leader change)",
-                     f"upgrade etcd to {target} or later")
-    if numbers < (3, 4):
-        return Check(WARN, f"etcd {version} is older than any release with the fix for "
-                     "etcd-io/etcd#15247", "upgrade etcd to 3.5.13 or later")
+                     "lease's keys may outlive it across an etcd leader change)", fix)
     return Check(OK, f"etcd version {version}")
 
 
@@ -186,8 +179,8 @@ async def watch_etcd_version(etcd: Etcd, interval: float = 3600.0) -> None:
             if check.status == OK:
                 log.info("etcd_version", version=version)
             else:
-                log.warning("etcd_version_old", version=version, problem=check.what,
-                            fix=check.fix)
+                level = log.error if check.status == FAIL else log.warning
+                level("etcd_version_old", version=version, problem=check.what, fix=check.fix)
             logged = version
         await asyncio.sleep(interval)
 

@@ -16,6 +16,7 @@ import pytest
 
 from sidecar.atomicfile import atomic_write
 from sidecar.etcd.client import Etcd
+from sidecar.etcd.versions import write_loss
 from sidecar.host import checkhost, hiveconf
 from sidecar.host.checkhost import FAIL, OK, WARN, Check
 from sidecar.lab.localcluster import LocalEtcdCluster
@@ -131,16 +132,38 @@ def test_an_unreadable_ha_flag_fails_naming_its_line() -> None:
 @pytest.mark.parametrize(("version", "status", "upgrade"), [
     ("3.5.12", WARN, "3.5.13"), ("3.5.13", OK, None), ("3.5.21", OK, None),
     ("3.4.30", WARN, "3.4.31"), ("3.4.31", OK, None), ("3.6.0", OK, None),
-    ("3.3.27", WARN, "3.5.13"), ("3.5.0-alpha.0", WARN, "3.5.13"), ("x.y", WARN, None),
+    ("3.3.27", WARN, "3.5.13"), ("3.5.6", WARN, "3.5.13"), ("3.4.22", WARN, "3.4.31"),
+    ("3.4.23", WARN, "3.4.31"), ("x.y", WARN, None), ("3.5", WARN, None),
+    ("3.5.0-alpha.0", FAIL, "3.5.13"), ("3.5.1", FAIL, "3.5.13"), ("3.5.5", FAIL, "3.5.13"),
+    ("3.4.20", FAIL, "3.4.31"), ("3.4.21", FAIL, "3.4.31"),
 ])
 def test_etcd_versions_without_the_15247_fix_warn_naming_the_upgrade(
         version: str, status: str, upgrade: str | None) -> None:
     """Before 3.5.13 on 3.5 and before 3.4.31 on 3.4 (and anything older): WARN, naming the
-    release to upgrade to."""
+    release to upgrade to; FAIL instead for the releases etcd's advisories say can lose
+    committed writes (3.5.0-3.5.5, 3.4.20-3.4.21)."""
     check = checkhost.version_check(version)
     assert check.status == status
     if upgrade is not None:
         assert upgrade in check.fix
+    if status == FAIL:
+        assert "can lose writes it acknowledged" in check.what
+
+
+@pytest.mark.parametrize(("version", "issues"), [
+    ("3.5.1", ["etcd-io/etcd#13766", "etcd-io/etcd#14685"]), ("3.5.3", ["etcd-io/etcd#14685"]),
+    ("3.5.5", ["etcd-io/etcd#14685", "November 2022"]), ("3.4.21", ["November 2022"]),
+    ("3.5.6", []), ("3.4.19", []), ("3.4.22", []), ("3.6.0", []), ("junk", []),
+])
+def test_each_release_that_can_lose_writes_names_why(version: str, issues: list[str]) -> None:
+    """Every advisory whose range holds the release is named; none for the others."""
+    loss = write_loss(version)
+    if not issues:
+        assert loss is None
+        return
+    assert loss is not None
+    assert [issue for issue in issues if issue in loss] == issues
+    assert loss.count(";") == len(issues) - 1
 
 
 @pytest.mark.etcd
@@ -259,11 +282,20 @@ def test_folders_the_sidecars_user_cannot_write_fail(shared_dir: Path) -> None:
 # -- the whole command ---------------------------------------------------------------------------
 
 
+@pytest.fixture
+def passing_etcd(crash_safe_etcd_binary: Path) -> Iterator[LocalEtcdCluster]:
+    """A cluster of an etcd release that no check fails on (Debian's 3.4.23: a WARN, for
+    etcd-io/etcd#15247). The bundled 3.5.1 fails the version check: it can lose writes."""
+    with LocalEtcdCluster(binary=crash_safe_etcd_binary) as cluster:
+        yield cluster
+
+
 @pytest.mark.etcd
 def test_check_host_exits_0_when_nothing_fails_and_1_otherwise(
-        etcd_cluster: LocalEtcdCluster, tmp_path: Path) -> None:
+        passing_etcd: LocalEtcdCluster, tmp_path: Path) -> None:
     """A host configured for replicated mode exits 0 with one line per check; the same host
     checked for on-primary mode (ThinLinc's sync still on) exits 1; --json says the same."""
+    etcd_cluster = passing_etcd
     conf = tmp_path / "conf.d"
     shutil.copytree(FIXTURES, conf)
     server = conf / "vsmserver.hconf"
@@ -358,10 +390,12 @@ def _unused_port() -> int:
 
 @pytest.mark.etcd
 def test_the_sidecar_logs_an_etcd_without_the_fix_at_start(pair: Pair) -> None:
-    """A running sidecar logs etcd's version at start: a WARN naming the upgrade when it lacks
-    the fix for etcd-io/etcd#15247 (the test cluster's 3.5.1 does)."""
+    """A running sidecar logs etcd's version at start, naming the upgrade: an error for the
+    test cluster's 3.5.1, which lacks the fix for etcd-io/etcd#15247 and can lose committed
+    writes when a member is killed (etcd-io/etcd#13766)."""
     node = pair.start_one("a", ttl=2)
     wait_for(lambda: "etcd_version_old" in node.log_tail(300), timeout=10, interval=0.1)
     line = next(x for x in node.log_tail(300).splitlines() if "etcd_version_old" in x)
     record = json.loads(line)
-    assert (record["level"], record["fix"]) == ("warning", "upgrade etcd to 3.5.13 or later")
+    assert (record["level"], record["fix"]) == ("error", "upgrade etcd to 3.5.13 or later")
+    assert "etcd-io/etcd#13766" in record["problem"]
