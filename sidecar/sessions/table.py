@@ -9,7 +9,8 @@ One bytes object per record, keyed by a str, would cost ~300 bytes a record even
 (the key, the dict entry and the object headers), ~30 MB for 100,000; the sidecar's libraries
 alone take ~53 MB of the 80 MB budget. A bucket of ~6 records compresses better too, since
 records in one cluster share agent names, addresses and attribute keys. The price is a
-re-pack of one bucket (~6 records) per change, ~30 µs (deflate level 1). The snapshot
+re-pack of one bucket (~6 records) per change, ~20 µs, and an inflate of one bucket per record
+read by id, ~4 µs (deflate level 1 with fixed Huffman codes: see :func:`deflate`). The snapshot
 (:mod:`sidecar.sessions.snapshot`) stores the buckets as they are, so a load decompresses
 nothing. (Figures: see :class:`~sidecar.sessions.store.SessionStore`.)
 
@@ -35,9 +36,10 @@ ENTRY: Final = struct.Struct("<HIq")  # id length, record length, mod revision
 
 # Raw deflate, 32 KiB window, with a preset dictionary that gives the first record of a bucket
 # something to match: a serialized Session of common values. Part of the file format: changing
-# it needs a new FORMAT_VERSION.
+# it needs a new FORMAT_VERSION. (The level and strategy are not: any deflate stream inflates.)
 _WBITS: Final = -15
 _LEVEL: Final = 1
+_STRATEGY: Final = zlib.Z_FIXED
 _DICTIONARY: Final = (
     b'2\x07running:\tconnectedb\t2560x14403840x2160'
     b'\x12\x0c@example.com\x1a\x0c.example.com"\x0810.0.0.1(\n'
@@ -198,9 +200,12 @@ def _compress(entries: list[bytes]) -> bytes:
 def deflate(data: bytes) -> bytes:
     # Level 1: every change re-packs its bucket, on the standby and on the primary (which
     # follows its own writes), and level 6 took ~48 µs a bucket against ~15 µs, for buckets
-    # ~10% smaller (the copy of 100,000 records: ~1.5 MB). Any level inflates the same way.
-    deflate = zlib.compressobj(_LEVEL, zlib.DEFLATED, _WBITS, 8, zlib.Z_DEFAULT_STRATEGY,
-                               _DICTIONARY)
+    # ~10% smaller (the copy of 100,000 records: ~1.5 MB). Fixed Huffman codes: a bucket is
+    # ~1.3 KB, too little for codes of its own to pay for the code tables that each inflate
+    # then reads and builds. With 100,000 records, per bucket: inflate ~4 µs against ~8 (a
+    # page of ListSessions inflates one bucket per record), deflate ~20 µs against ~24, and
+    # the buckets 7.4 MB against 7.0. Any level and strategy inflate the same way.
+    deflate = zlib.compressobj(_LEVEL, zlib.DEFLATED, _WBITS, 8, _STRATEGY, _DICTIONARY)
     return deflate.compress(data) + deflate.flush()
 
 

@@ -74,3 +74,35 @@ def test_a_change_spliced_into_its_bucket_is_what_unpacking_and_packing_gave(
         assert dict(table.items()) == model
         assert len(table) == len(model)
         assert all(table.get(i) == r for i, r in model.items())
+
+
+def _packed_as_before(records: dict[str, StoredRecord]) -> bytes:
+    """A bucket as releases before fixed Huffman codes packed it (dynamic codes): snapshots
+    written by them hold such buckets, and a copy loaded from one keeps them until changed."""
+    data = b"".join(packed.pack_entry(i.encode(), r.raw, r.revision) for i, r in records.items())
+    deflate = zlib.compressobj(1, zlib.DEFLATED, -15, 8, zlib.Z_DEFAULT_STRATEGY,
+                               packed._DICTIONARY)
+    return packed.COUNT.pack(len(records)) + deflate.compress(data) + deflate.flush()
+
+
+def test_buckets_packed_by_earlier_releases_are_read_and_changed_alike() -> None:
+    """The strategy is no part of the format: a table of dynamic-code buckets (an older
+    snapshot) reads every record, and a change re-packs just its bucket, with fixed codes."""
+    records = {f"s{n}": StoredRecord(n + 1, b"record %d " % n * 20) for n in range(40)}
+    buckets: list[list[str]] = [[] for _ in range(BUCKETS)]
+    for session_id in records:
+        buckets[zlib.crc32(session_id.encode()) % BUCKETS].append(session_id)
+    old = [_packed_as_before({i: records[i] for i in ids}) for ids in buckets]
+    table = RecordTable(list(old))
+    assert dict(table.items()) == records
+    assert all(table.get(i) == r for i, r in records.items())
+    changed = StoredRecord(99, b"changed")
+    table.update({"s3": changed, "s4": None})
+    expected = {**records, "s3": changed}
+    del expected["s4"]
+    assert dict(table.items()) == expected
+    touched = {zlib.crc32(i.encode()) % BUCKETS for i in ("s3", "s4")}
+    now = table.bucket_list()
+    assert [now[b] == old[b] for b in range(BUCKETS)] == [b not in touched
+                                                          for b in range(BUCKETS)]
+    assert all(now[b] != _packed_as_before(dict(packed._unpack(now[b]))) for b in touched)
