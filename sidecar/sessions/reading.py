@@ -106,8 +106,8 @@ class StoreReads:
             revision, table = self._revision, RecordTable(live.bucket_list())
             key = (live.serial, live.id_changes)
             order = self._order if self._order_key == key else None
-        if order is None:  # the first page since the set of ids changed: ~0.2 s for 100,000
-            order = IdOrder(session_id.encode() for session_id, _ in table.items())
+        if order is None:  # the first page since the set of ids changed: ~0.1 s for 100,000
+            order = IdOrder(table.ids())
             with self._lock:
                 if (self._table.serial, self._table.id_changes) == key:
                     self._order, self._order_key = order, key

@@ -72,6 +72,7 @@ def test_a_change_spliced_into_its_bucket_is_what_unpacking_and_packing_gave(
         assert deleted == sum(1 for i, r in changes.items() if r is None and i in held_before)
         assert table.id_changes - ids_before == len(held_before ^ set(model))
         assert dict(table.items()) == model
+        assert sorted(table.ids()) == sorted(i.encode() for i in model)
         assert len(table) == len(model)
         assert all(table.get(i) == r for i, r in model.items())
 
@@ -95,6 +96,7 @@ def test_buckets_packed_by_earlier_releases_are_read_and_changed_alike() -> None
     old = [_packed_as_before({i: records[i] for i in ids}) for ids in buckets]
     table = RecordTable(list(old))
     assert dict(table.items()) == records
+    assert sorted(table.ids()) == sorted(i.encode() for i in records)
     assert all(table.get(i) == r for i, r in records.items())
     changed = StoredRecord(99, b"changed")
     table.update({"s3": changed, "s4": None})
