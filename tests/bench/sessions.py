@@ -345,10 +345,35 @@ class Bench:
                 f"{cpu['primary']:.0f}, standby {cpu['standby']:.0f}, 3 etcd members "
                 f"{cpu['etcd']:.0f} ({raw_cpu['etcd']:.0f}) µs; {per_txn:.1f} writes per txn",
             )
+            self._throughput_floor(threads, cpu, raw_cpu, echo_cpu)
             self.row(
                 f"ceiling, {threads} writer(s): a PutSession that does nothing (gRPC alone)",
                 self._ceiling(threads, raw, echo, echo_cpu),
             )
+
+    def _throughput_floor(self, threads: int, cpu: dict[str, float], raw_cpu: dict[str, float],
+                          echo_cpu: dict[str, float]) -> None:
+        """On two shared cores the writes are CPU-bound: the throughput ratio is about the raw
+        put's CPU per write over the sidecar path's, every process that ran counted (the
+        watch-floor process ran in both). Its floor: the same with the primary and the
+        standby at their floors (the rows above)."""
+        shared = ("client", "etcd", "watcher")
+        raw = sum(raw_cpu[name] for name in shared)
+        path = sum(cpu[name] for name in (*shared, "primary", "standby"))
+        primary_floor = self.figures[f"cpu_ratio_floor_{threads}"] * echo_cpu["echo"]
+        least = path - cpu["primary"] - cpu["standby"] + primary_floor + cpu["watcher"]
+        self.figures[f"throughput_model_{threads}"] = raw / path
+        self.figures[f"throughput_floor_{threads}"] = raw / least
+        self.row(
+            f"throughput ratio, {threads} writer(s), as CPU per write predicts it: raw put's / "
+            "sidecar path's (client, etcd, watch floor, primary, standby)",
+            f"{raw:.0f} / {path:.0f} µs = {raw / path:.2f}",
+        )
+        self.row(
+            f"floor of the throughput ratio, {threads} writer(s): the same with the primary "
+            f"and the standby at their floors",
+            f"{raw:.0f} / {least:.0f} µs = {raw / least:.2f}",
+        )
 
     def _idle_cpu(self, seconds: float = 3.0) -> dict[str, float]:
         """CPU seconds per second each sidecar uses with no writes (keepalives, member
