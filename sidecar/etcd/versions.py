@@ -64,16 +64,16 @@ def affected_by_15247(version: str) -> bool:
 # cluster committed: writes the sidecar had acknowledged then differ between members, and a
 # standby that follows such a member holds what that member holds. The sidecar cannot undo
 # that; every release the #15247 fix asks for (upgrade_target) has these fixes too.
+_AUTH_MEMBER_ADDED = ("with authentication on, a member added to the cluster can apply writes "
+                      "differently (etcd's advisory of November 2022)")
 # (first affected, first fixed, what happens)
 _LOSES_WRITES = (
     ((3, 5, 0), (3, 5, 3), "a member killed under load can skip committed transactions "
      "(etcd-io/etcd#13766)"),
     ((3, 5, 0), (3, 5, 6), "a member that crashes while defragmenting can skip or re-apply "
      "transactions (etcd-io/etcd#14685)"),
-    ((3, 4, 20), (3, 4, 22), "with authentication on, a member added to the cluster can "
-     "apply writes differently (etcd's advisory of November 2022)"),
-    ((3, 5, 5), (3, 5, 6), "with authentication on, a member added to the cluster can "
-     "apply writes differently (etcd's advisory of November 2022)"),
+    ((3, 4, 20), (3, 4, 22), _AUTH_MEMBER_ADDED),
+    ((3, 5, 5), (3, 5, 6), _AUTH_MEMBER_ADDED),
 )
 
 

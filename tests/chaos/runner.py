@@ -89,7 +89,7 @@ from sidecar.lab.netns import free_subnet, netns_unavailable
 from sidecar.sessions.record import NOT_PRIMARY_METADATA_KEY, decode_session, encode_session
 
 from .. import builders
-from ..debianetcd import crash_safe_etcd
+from ..debianetcd import NoCrashSafeEtcd, crash_safe_etcd, etcd_version
 from ..sidecars import NoSplit, wait_split
 from ..vip_watch import Lifetimes, Probe, Sampler, held_spans, intersect, start_probe, start_sampler
 
@@ -1010,9 +1010,8 @@ def machine(etcd: Path) -> str:
     except OSError:
         model = platform.processor()
     try:
-        version = subprocess.run([str(etcd), "--version"], capture_output=True,
-                                 text=True, timeout=10).stdout.splitlines()[0]
-    except Exception:
+        version = f"etcd Version: {etcd_version(etcd)}"
+    except NoCrashSafeEtcd:  # it does not run, or says no version
         version = "etcd version unknown"
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True, cwd=Path(__file__).parent).stdout.strip() or "unknown"
